@@ -1,0 +1,44 @@
+"""hyperion_lock: run database init and migrations exactly once when many web workers start.
+
+Public API (everything else is private and may change):
+"""
+
+from ._compat import use_lock_for_workers
+from ._core import Coordinator, current_lease
+from ._errors import (
+    ConfigurationError,
+    HyperionLockError,
+    JobFailedError,
+    LeaseLostError,
+    RedisAuthError,
+    RedisUnavailableError,
+    WaitInterruptedError,
+    WaitTimeoutError,
+)
+from ._fastapi import OptionalRedis
+from ._keys import JobKeys
+from ._model import Holder, Lease, Outcome, Status
+from ._settings import Settings, redact_url
+
+__all__ = [
+    "ConfigurationError",
+    "Coordinator",
+    "Holder",
+    "HyperionLockError",
+    "JobFailedError",
+    "JobKeys",
+    "Lease",
+    "LeaseLostError",
+    "OptionalRedis",
+    "Outcome",
+    "RedisAuthError",
+    "RedisUnavailableError",
+    "Settings",
+    "Status",
+    "WaitInterruptedError",
+    "WaitTimeoutError",
+    "current_lease",
+    "redact_url",
+    "use_lock_for_workers",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,185 @@
+"""Single-host fallback when there is no Redis: an exclusive ``flock`` on a file is the lease.
+
+The kernel drops the lock when the holder's process dies, so a crashed leader needs no expiry: the next waiter
+gets the lock at once. Waiters block on the same lock in a daemon thread (no polling). Works across processes
+of one host only; several hosts need Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import math
+import os
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+from ._model import Event, Holder, Lease, Outcome, Probe, Status
+from ._settings import Settings
+
+
+class FileBackend:
+    holder_grace = math.inf  # the kernel tells us when the holder is gone
+
+    def __init__(self, key: str, settings: Settings) -> None:
+        self.key = key
+        self.settings = settings
+        self.generation = settings.generation
+        self.dir = Path(settings.lock_dir)
+        self._base = f"{settings.key_prefix}.{quote(key, safe='')}"
+        self._fd: int | None = None
+        self._held = False
+        self._closed = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._guard = threading.Lock()
+        self._thread_running = False
+
+    def _path(self, suffix: str) -> Path:
+        return self.dir / f"{self._base}.{suffix}"
+
+    def outcome_path(self, generation: str) -> Path:
+        return self._path(f"outcome.{quote(generation, safe='')}.json")
+
+    def describe(self) -> str:
+        return f"file locks in {self.dir}"
+
+    async def open(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._fd = os.open(self._path("lock"), os.O_RDWR | os.O_CREAT, 0o600)
+
+    async def reopen(self) -> None:
+        return None
+
+    def _write_atomic(self, path: Path, text: str) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    def read_outcome(self, generation: str) -> Outcome | None:
+        try:
+            return Outcome.from_json(self.outcome_path(generation).read_text())
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _read_holder(self) -> Holder | None:
+        try:
+            return Holder.from_mapping(json.loads(self._path("holder.json").read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def _release(self) -> None:
+        if self._held and self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._held = False
+
+    async def probe(self, token: str, *, try_acquire: bool) -> tuple[Probe, str | None]:
+        assert self._fd is not None, "open() first"
+        outcome = self.read_outcome(self.generation)
+        if outcome is not None and outcome.status is Status.DONE:
+            self._release()
+            return Probe(outcome, None), None
+        if try_acquire and not self._held:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._held = True
+            except BlockingIOError:
+                pass
+        if not self._held:
+            return Probe(outcome, self._read_holder()), None
+        fence_path = self._path("fence")
+        try:
+            fence = int(fence_path.read_text().strip() or 0) + 1
+        except (OSError, ValueError):
+            fence = 1
+        self._write_atomic(fence_path, str(fence))
+        record = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "generation": self.generation,
+            "since": int(time.time() * 1000),
+            "fence": fence,
+        }
+        text = json.dumps(record)
+        self._write_atomic(self._path("holder.json"), text)
+        return Probe(outcome, Holder.from_mapping(record), acquired=True), text
+
+    def _block_until_locked(self, fd: int, future: asyncio.Future[None], loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:  # pragma: no cover - fd closed under us
+            with self._guard:
+                self._thread_running = False
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_settle, future, exc)
+            return
+        with self._guard:
+            self._thread_running = False
+            if self._closed:  # nobody wants it any more: let the next process have it
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+                return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_settle, future, None)
+
+    async def next_event(self, timeout: float) -> Event | None:
+        assert self._fd is not None, "open() first"
+        if self._waiter is None:
+            loop = asyncio.get_running_loop()
+            self._waiter = loop.create_future()
+            self._thread_running = True
+            threading.Thread(
+                target=self._block_until_locked,
+                args=(self._fd, self._waiter, loop),
+                name=f"hyperion-lock-wait-{self.key}",
+                daemon=True,
+            ).start()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._waiter), timeout=max(0.0, timeout))
+        except TimeoutError:
+            return None
+        self._waiter = None
+        self._held = True
+        return Event(Status.RELEASED, self.generation)
+
+    async def renew(self, lease: Lease, record: str) -> int:
+        return 1  # a flock does not expire while its process lives
+
+    async def finish(self, lease: Lease, outcome: Outcome | None) -> bool:
+        if outcome is not None:
+            previous = self.read_outcome(self.generation)
+            if not (previous and previous.status is Status.DONE and outcome.status is not Status.DONE):
+                self._write_atomic(self.outcome_path(self.generation), outcome.to_json())
+        held = self._held
+        self._release()
+        return held
+
+    async def close(self) -> None:
+        with self._guard:
+            self._closed = True
+            pending = self._thread_running
+        if pending:  # the blocked thread owns the descriptor now and closes it when it wakes
+            self._held = False
+            self._fd = None
+            return
+        self._release()
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = None
+
+
+def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is None:
+        future.set_result(None)
+    else:
+        future.set_exception(exc)

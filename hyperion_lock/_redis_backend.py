@@ -1,0 +1,220 @@
+"""The Redis side of the coordinator: lease, fencing counter, outcome marker and wake-up channel of one job.
+
+The algorithm itself lives in :mod:`._core`; this module only turns its steps into Redis round trips. It works
+with an asyncio client directly and with a sync client through a worker thread, so the event loop never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import time
+from typing import Any, Protocol
+
+import redis
+import redis.asyncio as aredis
+
+from . import _scripts
+from ._connect import close_quietly
+from ._keys import JobKeys
+from ._model import Event, Holder, Lease, Outcome, Probe, Status
+from ._settings import Settings
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class _Ops(Protocol):
+    """The handful of Redis operations the backend needs, whatever the client flavour."""
+
+    async def run(self, script: str, keys: list[str], args: list[Any]) -> Any: ...
+    async def subscribe(self, channel: str) -> None: ...
+    async def get_message(self, timeout: float) -> Any: ...
+    async def close(self) -> None: ...
+
+
+class AsyncOps:
+    def __init__(self, client: aredis.Redis, *, owned: bool) -> None:
+        self._client = client
+        self._owned = owned
+        self._scripts: dict[str, Any] = {}
+        self._pubsub: Any = None
+
+    async def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        if script not in self._scripts:
+            self._scripts[script] = self._client.register_script(script)
+        return await self._scripts[script](keys=keys, args=args)
+
+    async def subscribe(self, channel: str) -> None:
+        if self._pubsub is not None:
+            await close_quietly(self._pubsub.aclose)
+        self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        await self._pubsub.subscribe(channel)
+
+    async def get_message(self, timeout: float) -> Any:
+        return await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=max(0.0, timeout))
+
+    async def close(self) -> None:
+        if self._pubsub is not None:
+            await close_quietly(self._pubsub.aclose)
+            self._pubsub = None
+        if self._owned:
+            await close_quietly(self._client.aclose)
+
+
+class SyncOps:
+    """Runs a sync ``redis.Redis`` in a worker thread per call so the caller's event loop keeps running."""
+
+    def __init__(self, client: redis.Redis, *, owned: bool) -> None:
+        self._client = client
+        self._owned = owned
+        self._scripts: dict[str, Any] = {}
+        self._pubsub: Any = None
+
+    async def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        if script not in self._scripts:
+            self._scripts[script] = self._client.register_script(script)
+        return await asyncio.to_thread(self._scripts[script], keys=keys, args=args)
+
+    async def subscribe(self, channel: str) -> None:
+        old, self._pubsub = self._pubsub, self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        if old is not None:
+            await asyncio.to_thread(old.close)
+        await asyncio.to_thread(self._pubsub.subscribe, channel)
+
+    async def get_message(self, timeout: float) -> Any:
+        # Short slices: an abandoned call (the waiter was interrupted) frees its thread within a second.
+        return await asyncio.to_thread(
+            self._pubsub.get_message, ignore_subscribe_messages=True, timeout=min(max(0.0, timeout), 1.0)
+        )
+
+    async def close(self) -> None:
+        if self._pubsub is not None:
+            pubsub, self._pubsub = self._pubsub, None
+            await asyncio.to_thread(pubsub.close)
+        if self._owned:
+            await asyncio.to_thread(self._client.close)
+
+
+class RedisBackend:
+    """One job's state in Redis; see :mod:`._keys` for the key layout and :mod:`._scripts` for each step."""
+
+    def __init__(self, ops: _Ops, keys: JobKeys, settings: Settings, where: str) -> None:
+        self.ops = ops
+        self.keys = keys
+        self.settings = settings
+        self.where = where
+        self.generation = settings.generation
+        # A waiter may only try to take over once no heartbeat was heard for a whole lease TTL.
+        self.holder_grace = settings.lease_ttl
+        self._ttl_ms = max(1, int(settings.lease_ttl * 1000))
+
+    def describe(self) -> str:
+        return f"Redis at {self.where}"
+
+    async def open(self) -> None:
+        """Subscribe first: an outcome published after this point cannot be missed by the next probe."""
+        await self.ops.subscribe(self.keys.channel)
+
+    async def reopen(self) -> None:
+        await self.ops.subscribe(self.keys.channel)
+
+    def holder_record(self) -> str:
+        return json.dumps(
+            {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "generation": self.generation,
+                "since": int(time.time() * 1000),
+            }
+        )
+
+    async def probe(self, token: str, *, try_acquire: bool) -> tuple[Probe, str | None]:
+        raw_outcome, raw_lease, taken = await self.ops.run(
+            _scripts.PROBE,
+            [self.keys.outcome(self.generation), self.keys.lease, self.keys.fence],
+            [token, self._ttl_ms, self.holder_record(), "1" if try_acquire else "0"],
+        )
+        outcome_text, lease_text = _text(raw_outcome), _text(raw_lease)
+        outcome = Outcome.from_json(outcome_text) if outcome_text else None
+        holder = Holder.from_mapping(json.loads(lease_text)) if lease_text else None
+        return Probe(outcome=outcome, holder=holder, acquired=bool(int(taken))), lease_text
+
+    async def next_event(self, timeout: float) -> Event | None:
+        """Wait up to ``timeout`` s for a message on the job's channel; ``None`` when none came."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                return None
+            message = await self.ops.get_message(left)
+            if message is None or message.get("type") != "message":
+                continue
+            data = _text(message.get("data"))
+            if data:
+                return self.parse_event(data)
+
+    @staticmethod
+    def parse_event(data: str) -> Event | None:
+        try:
+            payload = json.loads(data)
+            status = Status(payload["status"])
+        except (ValueError, KeyError, TypeError):
+            return None
+        generation = str(payload.get("generation", ""))
+        if status in (Status.DONE, Status.FAILED):
+            return Event(status, generation, outcome=Outcome.from_json(data))
+        return Event(status, generation, holder=Holder.from_mapping(payload))
+
+    def _holder_message(self, lease: Lease, status: Status) -> str:
+        h = lease.holder
+        return json.dumps(
+            {
+                "status": str(status),
+                "generation": self.generation,
+                "host": h.host,
+                "pid": h.pid,
+                "fence": h.fencing_token,
+                "since": int(h.since * 1000),
+            }
+        )
+
+    async def renew(self, lease: Lease, record: str) -> int:
+        """1 renewed, 2 re-created after it vanished, 0 lost to another owner."""
+        result = await self.ops.run(
+            _scripts.RENEW,
+            [self.keys.lease, self.keys.fence],
+            [
+                lease.token,
+                self._ttl_ms,
+                record,
+                lease.fencing_token,
+                self.keys.channel,
+                self._holder_message(lease, Status.RUNNING),
+            ],
+        )
+        return int(result)
+
+    async def finish(self, lease: Lease, outcome: Outcome | None) -> bool:
+        """Record ``outcome`` (``None``: give the job up), drop the lease, wake waiters. True if still held."""
+        held = await self.ops.run(
+            _scripts.FINISH,
+            [self.keys.lease, self.keys.outcome(self.generation)],
+            [
+                lease.token,
+                outcome.to_json() if outcome else "",
+                max(1, int(self.settings.result_ttl * 1000)),
+                self.keys.channel,
+                self._holder_message(lease, Status.RELEASED),
+            ],
+        )
+        return bool(int(held))
+
+    async def close(self) -> None:
+        await self.ops.close()

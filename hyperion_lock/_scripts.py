@@ -1,0 +1,77 @@
+"""Lua scripts: every compare-and-set on a lease, keyed on the owner token. Each runs atomically in Redis."""
+
+from __future__ import annotations
+
+# Look at a job, and take its lease when it is free and allowed.
+# KEYS[1] outcome key of this generation, KEYS[2] lease key, KEYS[3] fence counter
+# ARGV[1] owner token, ARGV[2] lease TTL (ms), ARGV[3] holder JSON (without token/fence), ARGV[4] "1" = may take
+# returns {outcome JSON or nil, lease JSON or nil (ours when taken), 1 if taken else 0}
+PROBE = """
+local outcome = redis.call('GET', KEYS[1])
+local lease = redis.call('GET', KEYS[2])
+if lease or ARGV[4] ~= '1' then return {outcome, lease, 0} end
+if outcome and cjson.decode(outcome).status == 'done' then return {outcome, false, 0} end
+local v = cjson.decode(ARGV[3])
+v.token = ARGV[1]
+v.fence = redis.call('INCR', KEYS[3])
+lease = cjson.encode(v)
+redis.call('SET', KEYS[2], lease, 'PX', ARGV[2])
+return {outcome, lease, 1}
+"""
+
+# Keep the lease alive; re-create it if it vanished (Redis restart without persistence), never steal it.
+# KEYS[1] lease key, KEYS[2] fence counter
+# ARGV[1] owner token, ARGV[2] lease TTL (ms), ARGV[3] our lease JSON, ARGV[4] our fencing token,
+# ARGV[5] channel, ARGV[6] heartbeat message
+# returns 1 renewed, 2 re-created, 0 lost (another owner holds it; nothing changed)
+RENEW = """
+local cur = redis.call('GET', KEYS[1])
+local status = 1
+if not cur then
+  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
+  if tonumber(redis.call('GET', KEYS[2]) or '0') < tonumber(ARGV[4]) then
+    redis.call('SET', KEYS[2], ARGV[4])
+  end
+  status = 2
+elseif cjson.decode(cur).token == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+else
+  return 0
+end
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+return status
+"""
+
+# Record the outcome (if any), drop our lease, wake every waiter.
+# KEYS[1] lease key, KEYS[2] outcome key of this generation
+# ARGV[1] owner token, ARGV[2] outcome JSON or '' (give up without an outcome), ARGV[3] outcome TTL (ms),
+# ARGV[4] channel, ARGV[5] release message (sent when there is no outcome)
+# returns 1 if we still held the lease, 0 if it had expired or belongs to someone else (left alone)
+FINISH = """
+local cur = redis.call('GET', KEYS[1])
+local held = cur and cjson.decode(cur).token == ARGV[1]
+if held then redis.call('DEL', KEYS[1]) end
+if ARGV[2] ~= '' then
+  local prev = redis.call('GET', KEYS[2])
+  if not (prev and cjson.decode(prev).status == 'done' and cjson.decode(ARGV[2]).status ~= 'done') then
+    redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+  end
+  redis.call('PUBLISH', ARGV[4], ARGV[2])
+elseif held then
+  redis.call('PUBLISH', ARGV[4], ARGV[5])
+end
+if held then return 1 end
+return 0
+"""
+
+# Clear a job's state for the CLI's reset.
+# KEYS[1] lease key, KEYS[2] outcome key, ARGV[1] "1" = also drop a live lease, ARGV[2] channel, ARGV[3] message
+# returns {1 if something was deleted else 0, lease JSON or nil (when a live lease blocked the reset)}
+RESET = """
+local lease = redis.call('GET', KEYS[1])
+if lease and ARGV[1] ~= '1' then return {0, lease} end
+local n = redis.call('DEL', KEYS[1], KEYS[2])
+if lease then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+if n > 0 then return {1, false} end
+return {0, false}
+"""

@@ -1,0 +1,86 @@
+"""Shared helpers for the tests. Server fixtures (redis_url, redis_server, postgres_url) come from the
+``hyperion_lock.testing`` pytest plugin."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Workers:
+    """Spawns real ``tests.proc_worker`` processes and reads what they logged."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.log = tmp_path / "events.jsonl"
+        self.log.touch()
+        self.procs: list[subprocess.Popen[str]] = []
+        self.outputs: dict[int, str] = {}
+
+    def spawn(self, n: int, **opts: Any) -> list[subprocess.Popen[str]]:
+        args = [sys.executable, "-m", "tests.proc_worker", "--log", str(self.log)]
+        for name, value in opts.items():
+            flag = "--" + name.replace("_", "-")
+            if value is True:
+                args.append(flag)
+            elif value is not None and value is not False:
+                args += [flag, str(value)]
+        started = [
+            subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            for _ in range(n)
+        ]
+        self.procs += started
+        return started
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        rows = [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+        return [r for r in rows if kind is None or r["event"] == kind]
+
+    def wait_for(self, kind: str, count: int = 1, timeout: float = 30.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rows = self.events(kind)
+            if len(rows) >= count:
+                return rows
+            time.sleep(0.02)
+        raise AssertionError(f"expected {count} {kind!r} events within {timeout} s, got {self.events()}")
+
+    def join(self, timeout: float = 60.0) -> list[int]:
+        deadline = time.monotonic() + timeout
+        codes = []
+        for proc in self.procs:
+            try:
+                out, _ = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, _ = proc.communicate()
+                self.outputs[proc.pid] = out
+                raise AssertionError(f"worker {proc.pid} hung; output:\n{out}") from None
+            self.outputs[proc.pid] = out
+            codes.append(proc.returncode)
+        return codes
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Workers]:
+    w = Workers(tmp_path)
+    try:
+        yield w
+    finally:
+        w.kill_all()
