@@ -3,6 +3,8 @@
 Public API (everything else is private and may change):
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ._compat import use_lock_for_workers
 from ._core import Coordinator, current_lease
 from ._errors import (
@@ -15,7 +17,6 @@ from ._errors import (
     WaitInterruptedError,
     WaitTimeoutError,
 )
-from ._fastapi import OptionalRedis
 from ._keys import JobKeys
 from ._model import Holder, Lease, Outcome, Status
 from ._settings import Settings, redact_url
@@ -42,3 +43,15 @@ __all__ = [
     "use_lock_for_workers",
 ]
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from ._fastapi import OptionalRedis
+
+
+def __getattr__(name: str) -> Any:
+    # FastAPI is imported only by code that asks for the dependency, keeping worker start-up and the CLI light.
+    if name == "OptionalRedis":
+        from ._fastapi import OptionalRedis
+
+        return OptionalRedis
+    raise AttributeError(f"module 'hyperion_lock' has no attribute {name!r}")
