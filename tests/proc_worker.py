@@ -38,6 +38,7 @@ def make_job(spec: str, log: str) -> Any:
             await asyncio.sleep(float(arg or 0))
         elif kind == "fail":
             await asyncio.sleep(float(arg or 0))
+            emit(log, event="job-failing")
             raise ValueError("migration 0002 exploded")
         elif kind == "check":  # sleep, then verify the lease is still ours before "writing"
             await asyncio.sleep(float(arg or 0))
