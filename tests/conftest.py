@@ -74,7 +74,9 @@ class Workers:
         for proc in self.procs:
             if proc.poll() is None:
                 proc.kill()
-                proc.communicate()
+            if proc.stdout is not None and not proc.stdout.closed:
+                out, _ = proc.communicate()
+                self.outputs.setdefault(proc.pid, out)
 
 
 @pytest.fixture

@@ -1,0 +1,266 @@
+"""Integration tests of the coordinator: real redis-server, real OS processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aredis
+
+from hyperion_lock import Coordinator, JobFailedError, JobKeys, Status, current_lease, use_lock_for_workers
+from hyperion_lock.testing import RedisServer
+
+pytestmark = pytest.mark.integration
+
+
+def _one_run(workers, n: int) -> dict:
+    ran = workers.events("ran")
+    assert len(ran) == 1, f"job ran {len(ran)} times: {ran}"
+    returned = workers.events("returned")
+    assert len(returned) == n
+    finished = workers.events("job-finished")
+    assert len(finished) == 1
+    # Every caller returned after the job completed, and all agree who ran it.
+    assert all(r["t"] >= finished[0]["t"] for r in returned)
+    assert {r["runner_pid"] for r in returned} == {ran[0]["pid"]}
+    assert sum(r["ran_here"] for r in returned) == 1
+    return ran[0]
+
+
+@pytest.mark.parametrize("client", ["url", "async", "sync"])
+def test_sixteen_processes_run_the_job_once(redis_url, workers, client):
+    workers.spawn(16, url=redis_url, job="sleep:1.5", generation=f"once-{client}", client=client)
+    assert workers.join() == [0] * 16
+    _one_run(workers, 16)
+
+
+def test_sync_api_and_sync_job(redis_url, workers):
+    workers.spawn(8, url=redis_url, job="syncsleep:1", generation="sync-api", client="sync", sync_api=True)
+    assert workers.join() == [0] * 8
+    _one_run(workers, 8)
+
+
+def test_lease_is_renewed_for_a_job_many_times_the_ttl(redis_url, workers):
+    workers.spawn(6, url=redis_url, job="check:3", ttl=0.5, generation="long-job")
+    assert workers.join() == [0] * 6
+    _one_run(workers, 6)
+
+
+def test_leader_sigkill_one_takeover_all_proceed(redis_url, workers):
+    ttl = 1.0
+    procs = workers.spawn(16, url=redis_url, job="sleep:3", ttl=ttl, generation="kill-leader")
+    first = workers.wait_for("ran")[0]
+    leader = next(p for p in procs if p.pid == first["pid"])
+    time.sleep(0.3)
+    leader.kill()
+    killed_at = time.time()
+    codes = workers.join()
+    assert codes.count(0) == 15 and codes.count(-signal.SIGKILL) == 1
+    ran = workers.events("ran")
+    assert len(ran) == 2, ran  # the killed leader, and exactly one successor
+    successor = ran[1]
+    assert successor["fence"] == first["fence"] + 1
+    # The successor started within one lease TTL (plus process scheduling slack) of the kill.
+    assert successor["t"] - killed_at < ttl + 1.0
+    returned = workers.events("returned")
+    assert len(returned) == 15 and {r["runner_pid"] for r in returned} == {successor["pid"]}
+
+
+def test_job_raises_every_waiter_raises_promptly(redis_url, workers):
+    workers.spawn(16, url=redis_url, job="fail:1.5", generation="failing")
+    codes = workers.join()
+    assert codes == [3] * 16
+    failing = workers.wait_for("job-failing")
+    assert len(failing) == 1 and len(workers.events("ran")) == 1
+    raised = workers.events("raised")
+    assert len(raised) == 16
+    waiters = [r for r in raised if r["pid"] != failing[0]["pid"]]
+    assert {r["error"] for r in waiters} == {"JobFailedError"}
+    assert all("migration 0002 exploded" in r["message"] and "ValueError" in r["message"] for r in waiters)
+    lag = max(r["t"] for r in waiters) - failing[0]["t"]
+    assert lag < 0.9, f"waiters raised {lag:.3f} s after the failure"
+    leader = next(r for r in raised if r["pid"] == failing[0]["pid"])
+    assert leader["error"] == "ValueError"  # the leader re-raises the job's own exception
+
+
+def test_failure_is_recorded_then_a_new_attempt_retries(redis_url, workers):
+    workers.spawn(3, url=redis_url, job="fail:0.5", generation="retry-after-failure")
+    assert workers.join() == [3, 3, 3]
+    # A restart of the same generation (after a fix) runs the job again instead of failing forever.
+    workers.spawn(3, url=redis_url, job="sleep:0.2", generation="retry-after-failure")
+    assert workers.join()[3:] == [0, 0, 0]
+    assert len(workers.events("job-finished")) == 1
+
+
+def test_same_generation_skips_new_generation_reruns(redis_url, workers):
+    workers.spawn(4, url=redis_url, job="sleep:0.3", generation="gen-a")
+    assert workers.join() == [0] * 4
+    workers.spawn(4, url=redis_url, job="sleep:0.3", generation="gen-a")  # respawned workers
+    workers.spawn(4, url=redis_url, job="sleep:0.3", generation="gen-b")  # a new deployment
+    assert workers.join() == [0] * 12
+    ran = workers.events("ran")
+    assert len(ran) == 2
+    fences = [r["fence"] for r in ran]
+    assert fences[1] > fences[0]
+    returned = workers.events("returned")
+    assert {r["generation"] for r in returned} == {"gen-a", "gen-b"}
+
+
+def test_redis_restart_mid_job_completes_with_one_runner(workers):
+    with RedisServer() as server:
+        workers.spawn(8, url=server.url, job="sleep:4", ttl=1.0, generation="restart")
+        workers.wait_for("ran")
+        time.sleep(0.5)
+        server.restart()  # no persistence: the lease and the fencing counter are gone
+        assert workers.join(timeout=60) == [0] * 8
+        ran = workers.events("ran")
+        assert len(ran) == 1, ran
+        assert len(workers.events("returned")) == 8
+        # The leader re-asserted its lease and fencing counter in the new server.
+        client = redis.Redis.from_url(server.url)
+        keys = JobKeys("hyperion_lock", "migrate")
+        assert int(client.get(keys.fence) or 0) >= ran[0]["fence"]
+        assert client.get(keys.outcome("restart")) is not None
+        client.close()
+
+
+def test_file_lock_single_host_runs_once_across_four_processes(workers, tmp_path):
+    workers.spawn(4, job="sleep:1", lock_dir=str(tmp_path / "locks"), generation="local")
+    assert workers.join() == [0] * 4
+    _one_run(workers, 4)
+
+
+def test_file_lock_leader_killed_next_takes_over_at_once(workers, tmp_path):
+    procs = workers.spawn(4, job="sleep:3", lock_dir=str(tmp_path / "locks"), generation="local-kill")
+    first = workers.wait_for("ran")[0]
+    time.sleep(0.2)
+    next(p for p in procs if p.pid == first["pid"]).kill()
+    killed_at = time.time()
+    codes = workers.join()
+    assert sorted(codes) == [-signal.SIGKILL, 0, 0, 0]
+    ran = workers.events("ran")
+    assert len(ran) == 2
+    assert ran[1]["t"] - killed_at < 1.0  # the kernel frees the flock: no TTL to wait for
+    assert ran[1]["fence"] == first["fence"] + 1
+
+
+def test_file_lock_failure_propagates(workers, tmp_path):
+    workers.spawn(4, job="fail:0.5", lock_dir=str(tmp_path / "locks"), generation="local-fail")
+    assert workers.join() == [3] * 4
+    assert len(workers.events("ran")) == 1
+    assert sorted(r["error"] for r in workers.events("raised")) == ["JobFailedError"] * 3 + ["ValueError"]
+
+
+def test_sigterm_ends_a_wait_promptly(redis_url, workers):
+    procs = workers.spawn(3, url=redis_url, job="sleep:20", generation="sigterm")
+    first = workers.wait_for("ran")[0]
+    waiters = [p for p in procs if p.pid != first["pid"]]
+    time.sleep(0.5)
+    sent = time.time()
+    for p in waiters:
+        p.send_signal(signal.SIGTERM)
+    for p in waiters:
+        p.wait(5)
+    assert time.time() - sent < 3
+    raised = workers.events("raised")
+    assert {r["error"] for r in raised} == {"WaitInterruptedError"}
+
+
+async def test_async_api_with_async_client_and_fencing(redis_url):
+    client = aredis.Redis.from_url(redis_url)
+    seen: list[int] = []
+
+    async def job() -> None:
+        lease = current_lease()
+        assert lease is not None
+        lease.ensure_held()
+        seen.append(lease.fencing_token)
+
+    try:
+        c1 = Coordinator(client, generation="fence-1", lease_ttl=1)
+        c2 = Coordinator(client, generation="fence-2", lease_ttl=1)
+        o1 = await c1.run_once("fencing", job)
+        o2 = await c2.run_once("fencing", job)
+        again = await c1.run_once("fencing", job)  # same generation: skipped
+    finally:
+        await client.aclose()
+    assert o1.ran_here and o2.ran_here and not again.ran_here
+    assert o1.status is Status.DONE and again.fencing_token == o1.fencing_token
+    assert seen == [o1.fencing_token, o2.fencing_token] and seen[1] == seen[0] + 1
+    assert current_lease() is None
+
+
+async def test_sync_client_does_not_block_the_event_loop(redis_url):
+    """A waiter with a sync redis.Redis keeps the loop responsive (ticks keep coming while it waits)."""
+    sync_client = redis.Redis.from_url(redis_url)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    async def slow_job() -> None:
+        await asyncio.sleep(1.0)
+
+    leader = Coordinator(redis_url, generation="nonblocking", lease_ttl=1)
+    follower = Coordinator(sync_client, generation="nonblocking", lease_ttl=1)
+    tick_task = asyncio.create_task(ticker())
+    try:
+        lead = asyncio.create_task(leader.run_once("nonblocking", slow_job))
+        await asyncio.sleep(0.2)
+        outcome = await follower.run_once("nonblocking", slow_job)
+        await lead
+    finally:
+        tick_task.cancel()
+        sync_client.close()
+    assert not outcome.ran_here
+    assert ticks > 40  # ~80 ticks in 0.8 s if the loop never blocked
+
+
+async def test_use_lock_for_workers_seed_signature(redis_url, monkeypatch, tmp_path):
+    import logging
+
+    log = logging.getLogger("seed")
+    calls: list[tuple[int, str]] = []
+
+    def job(x: int, label: str = "") -> None:
+        calls.append((x, label))
+
+    monkeypatch.setenv("HYPERION_LOCK_GENERATION", "seed-compat")
+    client = aredis.Redis.from_url(redis_url)
+    try:
+        await use_lock_for_workers(job, "seed-job", client, 4, log, "seed-job-unlock", 7, label="a")
+        await use_lock_for_workers(job, "seed-job", client, 4, log, "seed-job-unlock", 7, label="a")
+        # Without unlock_key a non-leader returns at once while the holder still runs.
+        started = asyncio.Event()
+
+        async def slow() -> None:
+            started.set()
+            await asyncio.sleep(1.0)
+
+        holder = asyncio.create_task(use_lock_for_workers(slow, "no-unlock", client, 4, log))
+        await started.wait()
+        t0 = time.monotonic()
+        await use_lock_for_workers(slow, "no-unlock", client, 4, log)
+        assert time.monotonic() - t0 < 0.5
+        await holder
+    finally:
+        await client.aclose()
+    assert calls == [(7, "a")]
+    # Dev mode: no Redis, one worker: run directly.
+    monkeypatch.setenv("HYPERION_LOCK_LOCK_DIR", str(tmp_path))
+    await use_lock_for_workers(job, "dev", None, 1, log, None, 1)
+    assert calls[-1] == (1, "")
+
+
+def test_process_pid_is_reported(redis_url):
+    outcome = Coordinator(redis_url, generation="pid-check").run_once_sync("pid", lambda: None)
+    assert outcome.runner_pid == os.getpid() and outcome.ran_here
+    assert Path("/proc").exists()
