@@ -12,7 +12,7 @@ import pytest
 import redis
 import redis.asyncio as aredis
 
-from hyperion_lock import Coordinator, JobFailedError, JobKeys, Status, current_lease, use_lock_for_workers
+from hyperion_lock import Coordinator, JobKeys, Status, current_lease, use_lock_for_workers
 from hyperion_lock.testing import RedisServer
 
 pytestmark = pytest.mark.integration
