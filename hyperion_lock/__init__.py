@@ -17,6 +17,14 @@ from ._errors import (
     WaitInterruptedError,
     WaitTimeoutError,
 )
+from ._gunicorn import (
+    gunicorn_bind,
+    gunicorn_logconfig_dict,
+    gunicorn_on_starting,
+    gunicorn_post_fork,
+    gunicorn_workers,
+    new_generation,
+)
 from ._keys import JobKeys
 from ._model import Holder, Lease, Outcome, Status
 from ._settings import Settings, redact_url
@@ -39,6 +47,12 @@ __all__ = [
     "WaitInterruptedError",
     "WaitTimeoutError",
     "current_lease",
+    "gunicorn_bind",
+    "gunicorn_logconfig_dict",
+    "gunicorn_on_starting",
+    "gunicorn_post_fork",
+    "gunicorn_workers",
+    "new_generation",
     "redact_url",
     "use_lock_for_workers",
 ]

@@ -1,0 +1,140 @@
+"""The reference FastAPI app: init exactly once per deploy, then serve.
+
+    gunicorn -c gunicorn.conf.py        # 4 UvicornWorker processes, see hyperion_lock._gunicorn
+
+Startup timeline of each worker (the lifespan, after gunicorn forked it):
+
+1. Connect Redis through :class:`~hyperion_lock.OptionalRedis` when ``HYPERION_LOCK_REDIS_URL`` is set (an
+   unreachable Redis fails the startup within ``HYPERION_LOCK_CONNECT_TIMEOUT``); without it the workers of
+   this host coordinate through file locks. Create the SQLAlchemy engine (``DATABASE_URL``, default SQLite
+   ``./var/demo.sqlite3``). Nothing is connected at import time.
+2. ``run_once("migrate")`` then ``run_once("seed")``: one worker runs each job, the others wait for its
+   outcome. If the runner dies, a waiter takes over after the lease TTL (Redis) or at once (file lock).
+3. If a job fails, every worker's lifespan raises: uvicorn reports "Application startup failed", the worker
+   exits with code 3 and the gunicorn master halts the deploy with a non-zero exit status.
+4. Serve. ``GET /health`` is 200 from here on (503 before and during shutdown); ``GET /startup`` reports the
+   jobs' outcomes, identical in every worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import redis.asyncio as aredis
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import Engine, select
+
+from .._core import Coordinator
+from .._fastapi import OptionalRedis
+from .._gunicorn import WORKERS_ENV
+from .._model import Outcome
+from .._settings import Settings
+from . import jobs
+from .db import database_url, describe_url, make_engine
+from .models import Item
+
+logger = logging.getLogger(__name__)
+
+
+class StartupState:
+    """What this worker knows about its own startup (read by /health and /startup)."""
+
+    def __init__(self) -> None:
+        self.finished = False
+        self.generation = ""
+        self.jobs: dict[str, dict[str, Any]] = {}
+
+
+def outcome_report(outcome: Outcome) -> dict[str, Any]:
+    return {
+        "runner_pid": outcome.runner_pid,
+        "runner_host": outcome.runner_host,
+        "fencing_token": outcome.fencing_token,
+        "outcome": str(outcome.status),
+        "duration_s": round(outcome.duration_s, 3),
+    }
+
+
+async def initialise(coordinator: Coordinator, state: StartupState, url: str, engine: Engine) -> None:
+    """Run the init jobs in order through the coordinator, recording their outcomes in ``state``."""
+    steps: list[tuple[str, Any, tuple[Any, ...]]] = [("migrate", jobs.migrate, (url,)), ("seed", jobs.seed, (engine,))]
+    for name, job, args in steps:
+        state.jobs[name] = {"runner_pid": None, "fencing_token": None, "outcome": "running", "duration_s": 0.0}
+        outcome = await coordinator.run_once(name, job, *args)
+        state.jobs[name] = outcome_report(outcome)
+        logger.info(
+            "worker pid %d: job %r %s (runner %s, fencing token %d, %.2f s)", os.getpid(), name,
+            "ran here" if outcome.ran_here else "was done by another worker", outcome.runner,
+            outcome.fencing_token, outcome.duration_s,
+        )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app. Only configuration is read here; Redis and the database are connected in the lifespan."""
+    base = settings or Settings.from_env()
+    optional_redis = OptionalRedis(settings=base)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state: StartupState = app.state.startup
+        current = Settings.from_env() if settings is None else settings  # the gunicorn master may have set env
+        state.generation = current.generation
+        url = database_url()
+        logger.info(
+            "worker pid %d starting: generation %s, %s worker(s), database %s, Redis %s",
+            os.getpid(), current.generation, os.environ.get(WORKERS_ENV, "?"), describe_url(url),
+            describe_url(current.redis_url) if current.redis_url else "none (file locks on this host)",
+        )
+        async with optional_redis.lifespan(app) as client:
+            engine = make_engine(url)
+            app.state.engine = engine
+            try:
+                try:
+                    await initialise(Coordinator(client, settings=current), state, url, engine)
+                except Exception as exc:
+                    logger.error("worker pid %d: startup failed, this worker will exit: %s: %s",
+                                 os.getpid(), type(exc).__name__, exc)
+                    raise
+                state.finished = True
+                logger.info("worker pid %d: startup finished; serving", os.getpid())
+                yield
+            finally:
+                state.finished = False
+                engine.dispose()
+
+    app = FastAPI(title="hyperion_lock reference app", lifespan=lifespan)
+    app.state.startup = StartupState()
+    RedisDep = Annotated[aredis.Redis | None, Depends(optional_redis)]
+
+    @app.get("/health")
+    def health(request: Request) -> JSONResponse:
+        ready = request.app.state.startup.finished
+        return JSONResponse({"status": "ok" if ready else "starting", "pid": os.getpid()},
+                            status_code=200 if ready else 503)
+
+    @app.get("/startup")
+    def startup(request: Request) -> dict[str, Any]:
+        state: StartupState = request.app.state.startup
+        return {"pid": os.getpid(), "generation": state.generation, "jobs": state.jobs}
+
+    @app.get("/items")
+    def items(request: Request) -> list[str]:
+        engine: Engine = request.app.state.engine
+        with engine.connect() as conn:
+            return list(conn.scalars(select(Item.name).order_by(Item.name)))
+
+    @app.get("/redis")
+    async def redis_info(client: RedisDep) -> dict[str, Any]:
+        if client is None:
+            return {"redis": None}
+        return {"redis": "ok" if await client.ping() else "no answer"}
+
+    return app
+
+
+app = create_app()

@@ -1,0 +1,86 @@
+"""The reference app's run-once jobs: ``migrate`` (Alembic to head) and ``seed`` (idempotent, fenced).
+
+Both are plain sync functions: the Coordinator runs them in a worker thread while it keeps the lease alive.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from .._core import current_lease
+from .._errors import LeaseLostError
+from .._model import Lease
+from .db import upgrade_to_head
+from .models import Item, JobFence, SeedRun
+
+logger = logging.getLogger(__name__)
+
+SEED_ITEMS = ("alpha", "beta", "gamma")
+
+
+def migrate(url: str) -> bool:
+    """``alembic upgrade head`` under the database guard (see :mod:`.db`). True if something was applied."""
+    lease = current_lease()
+    if lease is not None:
+        lease.ensure_held()
+    return upgrade_to_head(url)
+
+
+def check_fence(recorded: JobFence | None, token: int, lease_since: float) -> None:
+    """Refuse to write when a higher fencing token already wrote for this job.
+
+    A higher token that wrote *after* our leadership began means a successor took over (we were paused or
+    cut off past our lease): raise :class:`LeaseLostError`. A higher token recorded *before* our leadership
+    began cannot come from a successor (tokens grow with time): the token counter was reset (Redis lost its
+    data, or the lock directory was cleared), so we log it and go on. Host clocks must roughly agree.
+    """
+    if recorded is None or recorded.fencing_token <= token:
+        return
+    if recorded.written_at >= lease_since:
+        raise LeaseLostError(
+            f"refusing to write: fencing token {recorded.fencing_token} (pid {recorded.pid}, generation "
+            f"{recorded.generation}) already wrote for {recorded.name!r} after this worker's lease with token "
+            f"{token} began",
+            key=recorded.name, generation=recorded.generation,
+        )
+    logger.warning(
+        "%s: recorded fencing token %d is higher than ours (%d) but older than our lease: the token counter was "
+        "reset (Redis data loss or a new lock directory); writing anyway", recorded.name, recorded.fencing_token,
+        token,
+    )
+
+
+def seed(engine: Engine, lease: Lease | None = None, *, name: str = "seed") -> int:
+    """Make sure the seed rows exist (idempotent) and log this run; return how many items were inserted.
+
+    The job's fencing token (``current_lease().fencing_token``) is recorded in ``job_fences`` inside the same
+    transaction, under a row lock, and a lower token is refused (:func:`check_fence`), so a worker that lost its
+    lease cannot write after its successor did. Outside a run-once job (no lease) the token is 0.
+    """
+    lease = lease if lease is not None else current_lease()
+    token = lease.fencing_token if lease else 0
+    generation = lease.generation if lease else "manual"
+    since = lease.holder.since if lease else time.time()
+    with Session(engine) as session, session.begin():
+        recorded = session.get(JobFence, name, with_for_update=True)
+        check_fence(recorded, token, since)
+        now = time.time()
+        if recorded is None:
+            session.add(JobFence(name=name, fencing_token=token, generation=generation, pid=os.getpid(),
+                                 written_at=now))
+        else:
+            recorded.fencing_token = token
+            recorded.generation, recorded.pid, recorded.written_at = generation, os.getpid(), now
+        existing = set(session.scalars(select(Item.name)))
+        missing = [n for n in SEED_ITEMS if n not in existing]
+        session.add_all(Item(name=n, seeded_with_token=token) for n in missing)
+        session.add(SeedRun(fencing_token=token, generation=generation, pid=os.getpid(), ran_at=now))
+        if lease is not None:
+            lease.ensure_held()  # last local check before the commit
+    logger.info("seed: pid %d inserted %d item(s) with fencing token %d", os.getpid(), len(missing), token)
+    return len(missing)
