@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+from typing import Annotated
 
 import pytest
 import redis
@@ -168,7 +169,7 @@ async def test_optional_redis_connects_and_closes(redis_url):
     app = FastAPI()
 
     @app.get("/ping")
-    async def ping(r: Redis | None = Depends(dep)) -> dict[str, object]:
+    async def ping(r: Annotated[Redis | None, Depends(dep)]) -> dict[str, object]:
         assert r is not None
         return {"pong": await r.ping()}
 
