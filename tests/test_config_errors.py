@@ -1,6 +1,5 @@
 """Bad input gets a clear error within a bounded time, and never leaks a password."""
 
-from __future__ import annotations
 
 import socket
 import time
