@@ -1,0 +1,374 @@
+"""``hyperion-lock``: look at, reset and use run-once jobs from a shell, with the same keys as the app.
+
+    hyperion-lock status [--json] [--generation G] [--key K ...]
+    hyperion-lock reset KEY [--generation G] [--force]
+    hyperion-lock run --key K [--generation G] -- CMD [ARG ...]
+
+Where the state lives: ``--url`` or ``HYPERION_LOCK_REDIS_URL``; without either, the file locks of this host in
+``HYPERION_LOCK_LOCK_DIR``. ``--prefix`` / ``HYPERION_LOCK_KEY_PREFIX`` select the key prefix.
+
+Exit codes (usable by a health check):
+
+``status``  0 every job done · 1 a job failed (its latest outcome failed and nothing runs it now) · 2 a job is
+            running, or a job named with ``--key`` has not run (for ``--generation``) · 3 Redis unreachable or
+            refusing the credentials · 64 bad usage
+``reset``   0 cleared (or nothing to clear) · 1 refused: a live lease exists (``--force`` drops it) · 3 · 64
+``run``     where the command ran: its exit code; elsewhere: 0 once it succeeded somewhere, its exit code when it
+            failed there · 3 Redis unreachable · 64 bad usage (e.g. no generation) · 130 interrupted while waiting
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote
+
+import redis
+
+from . import _scripts
+from ._connect import sync_client_from_url
+from ._core import Coordinator
+from ._errors import (
+    HyperionLockError,
+    JobFailedError,
+    RedisAuthError,
+    RedisUnavailableError,
+    WaitInterruptedError,
+)
+from ._keys import JobKeys
+from ._model import Holder, Outcome, Status
+from ._settings import Settings, redact_url, validate_name
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_RUNNING, EXIT_UNREACHABLE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3, 64, 130
+_STATUS_RE = re.compile(r"command exited with status (-?\d+)")
+
+
+@dataclass
+class JobState:
+    """One job as ``status`` reports it (also the ``--json`` shape)."""
+
+    key: str
+    state: str  # running | done | failed | pending
+    holder: str | None = None  # host:pid of the lease holder, else of the runner of the reported outcome
+    generation: str | None = None
+    fencing_token: int | None = None
+    lease_left_s: float | None = None
+    last_error: str | None = None
+    outcomes: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _outcome_row(o: Outcome) -> dict[str, Any]:
+    return {"generation": o.generation, "status": str(o.status), "runner": o.runner, "fencing_token": o.fencing_token,
+            "finished_at": o.finished_at, "duration_s": round(o.duration_s, 3),
+            "error": f"{o.error_type}: {o.error_message}" if o.error_type else None}
+
+
+def judge(key: str, holder: Holder | None, lease_left: float | None, outcomes: list[Outcome],
+          generation: str | None) -> JobState:
+    """Turn what was found for one job into its reported state."""
+    outcomes = sorted(outcomes, key=lambda o: o.finished_at)
+    relevant = [o for o in outcomes if generation is None or o.generation == generation]
+    failures = [o for o in relevant if o.status is Status.FAILED]
+    last_error = f"{failures[-1].error_type}: {failures[-1].error_message}" if failures else None
+    job = JobState(key=key, state="pending", last_error=last_error, outcomes=[_outcome_row(o) for o in outcomes])
+    if holder is not None:
+        job.state, job.holder, job.generation = "running", holder.runner, holder.generation
+        job.fencing_token, job.lease_left_s = holder.fencing_token, lease_left
+    elif relevant:
+        last = relevant[-1]
+        job.state = "done" if last.status is Status.DONE else "failed"
+        job.holder, job.generation, job.fencing_token = last.runner, last.generation, last.fencing_token
+    return job
+
+
+def exit_code(jobs: Sequence[JobState]) -> int:
+    states = {j.state for j in jobs}
+    if "failed" in states:
+        return EXIT_FAILED
+    if states & {"running", "pending"}:
+        return EXIT_RUNNING
+    return EXIT_OK
+
+
+# -- Redis ---------------------------------------------------------------------------------------------------
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def redis_jobs(client: redis.Redis, prefix: str, generation: str | None) -> list[JobState]:
+    found: dict[str, dict[str, Any]] = {}
+    for raw in client.scan_iter(match=JobKeys.scan_pattern(prefix), count=500):
+        parsed = JobKeys.parse(prefix, _text(raw) or "")
+        if parsed is None:
+            continue
+        job, kind, gen = parsed
+        entry = found.setdefault(job, {"outcome_keys": []})
+        if kind == "outcome" and gen:
+            entry["outcome_keys"].append(_text(raw))
+    jobs = []
+    for key in sorted(found):
+        keys = JobKeys(prefix, key)
+        lease_raw, pttl = _text(client.get(keys.lease)), int(client.pttl(keys.lease))
+        holder = Holder.from_mapping(json.loads(lease_raw)) if lease_raw else None
+        outcomes = []
+        for okey in found[key]["outcome_keys"]:
+            text = _text(client.get(okey))
+            if text:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    outcomes.append(Outcome.from_json(text))
+        jobs.append(judge(key, holder, pttl / 1000.0 if holder and pttl > 0 else None, outcomes, generation))
+    return jobs
+
+
+def redis_reset(client: redis.Redis, prefix: str, key: str, generation: str | None, force: bool) -> tuple[bool, str]:
+    """Clear ``key``'s outcome(s) (and with ``force`` a live lease) with the RESET script; (refused, message)."""
+    keys = JobKeys(prefix, key)
+    if generation is not None:
+        outcome_keys = [keys.outcome(generation)]
+    else:
+        outcome_keys = [_text(k) or "" for k in client.scan_iter(match=f"{keys.base}:outcome:*", count=500)]
+    script = client.register_script(_scripts.RESET)
+    release = json.dumps({"status": str(Status.RELEASED), "generation": generation or "", "host": "hyperion-lock",
+                          "pid": os.getpid(), "fence": 0, "since": int(time.time() * 1000)})
+    deleted = 0
+    for okey in outcome_keys or [keys.outcome(generation or "-")]:
+        done, lease = script(keys=[keys.lease, okey], args=["1" if force else "0", keys.channel, release])
+        if _text(lease):
+            holder = Holder.from_mapping(json.loads(_text(lease) or "{}"))
+            return True, (f"refused: {key} is running in {holder.runner} (generation {holder.generation}, fencing "
+                          f"token {holder.fencing_token}); wait for it, or use --force if that process is gone")
+        deleted += int(done)
+    return False, f"{key}: cleared {deleted} key(s)" if deleted else f"{key}: nothing to clear"
+
+
+# -- file locks (no Redis) -----------------------------------------------------------------------------------
+def _lock_held(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops our shared lock, if we got it
+    return False
+
+
+def file_jobs(lock_dir: Path, prefix: str, generation: str | None) -> list[JobState]:
+    found: dict[str, list[Path]] = {}
+    head = prefix + "."
+    for path in sorted(lock_dir.glob(f"{prefix}.*")) if lock_dir.is_dir() else []:
+        rest = path.name[len(head):]
+        if ".outcome." in rest:
+            found.setdefault(unquote(rest.split(".outcome.", 1)[0]), []).append(path)
+        elif rest.endswith(".lock"):
+            found.setdefault(unquote(rest[: -len(".lock")]), [])
+    jobs = []
+    for key, outcome_paths in sorted(found.items()):
+        base = lock_dir / f"{prefix}.{quote(key, safe='')}"
+        holder = None
+        if _lock_held(Path(f"{base}.lock")):
+            try:
+                holder = Holder.from_mapping(json.loads(Path(f"{base}.holder.json").read_text()))
+            except (OSError, ValueError):
+                holder = Holder(host="?", pid=0, generation="?", fencing_token=0, since=0.0)
+        outcomes = []
+        for path in outcome_paths:
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                outcomes.append(Outcome.from_json(path.read_text()))
+        jobs.append(judge(key, holder, None, outcomes, generation))
+    return jobs
+
+
+def file_reset(lock_dir: Path, prefix: str, key: str, generation: str | None, force: bool) -> tuple[bool, str]:
+    base = lock_dir / f"{prefix}.{quote(key, safe='')}"
+    if _lock_held(Path(f"{base}.lock")) and not force:
+        return True, f"refused: {key} is running on this host (its lock file is held); wait, or use --force"
+    pattern = f"{base.name}.outcome.{quote(generation, safe='') if generation else '*'}.json"
+    removed = 0
+    for path in lock_dir.glob(pattern):
+        path.unlink(missing_ok=True)
+        removed += 1
+    return False, f"{key}: removed {removed} outcome file(s)" if removed else f"{key}: nothing to clear"
+
+
+# -- commands ------------------------------------------------------------------------------------------------
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(redis_url=args.url, key_prefix=args.prefix)
+
+
+def _client(settings: Settings) -> redis.Redis:
+    assert settings.redis_url
+    return sync_client_from_url(settings.redis_url, connect_timeout=settings.connect_timeout,
+                                socket_timeout=settings.connect_timeout)
+
+
+def _where(settings: Settings) -> str:
+    return str(redact_url(settings.redis_url)) if settings.redis_url else f"file locks in {settings.lock_dir}"
+
+
+def _unreachable(settings: Settings, exc: Exception) -> int:
+    print(f"hyperion-lock: cannot use Redis at {_where(settings)}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return EXIT_UNREACHABLE
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    generation = args.generation and validate_name(args.generation, "generation")
+    try:
+        if settings.redis_url:
+            client = _client(settings)
+            try:
+                jobs = redis_jobs(client, settings.key_prefix, generation)
+            finally:
+                client.close()
+        else:
+            jobs = file_jobs(Path(settings.lock_dir), settings.key_prefix, generation)
+    except (redis.RedisError, OSError) as exc:
+        return _unreachable(settings, exc)
+    names = {j.key for j in jobs}
+    jobs += [JobState(key=k, state="pending") for k in args.key or [] if k not in names]
+    if args.key:
+        jobs = [j for j in jobs if j.key in set(args.key)]
+    code = exit_code(jobs)
+    if args.json:
+        print(json.dumps({"where": _where(settings), "prefix": settings.key_prefix, "generation": generation,
+                          "exit_code": code, "jobs": [asdict(j) for j in jobs]}, indent=2))
+        return code
+    print(f"{_where(settings)}, prefix {settings.key_prefix!r}" + (f", generation {generation}" if generation else ""))
+    if not jobs:
+        print("no run-once jobs found")
+    for j in jobs:
+        left = f"{j.lease_left_s:.1f}s" if j.lease_left_s is not None else "-"
+        print(f"{j.key:<20} {j.state:<8} holder={j.holder or '-'} generation={j.generation or '-'} "
+              f"token={j.fencing_token if j.fencing_token is not None else '-'} lease_left={left}"
+              + (f" last_error={j.last_error}" if j.last_error else ""))
+    return code
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    key = validate_name(args.job_key, "job key")
+    generation = args.generation and validate_name(args.generation, "generation")
+    try:
+        if settings.redis_url:
+            client = _client(settings)
+            try:
+                refused, message = redis_reset(client, settings.key_prefix, key, generation, args.force)
+            finally:
+                client.close()
+        else:
+            refused, message = file_reset(Path(settings.lock_dir), settings.key_prefix, key, generation, args.force)
+    except (redis.RedisError, OSError) as exc:
+        return _unreachable(settings, exc)
+    print(message, file=sys.stderr if refused else sys.stdout)
+    return EXIT_FAILED if refused else EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        print("hyperion-lock run: give the command after '--'", file=sys.stderr)
+        return EXIT_USAGE
+    generation = args.generation or os.environ.get("HYPERION_LOCK_GENERATION", "").strip()
+    if not generation:
+        print("hyperion-lock run: set --generation (or HYPERION_LOCK_GENERATION): the command runs once per "
+              "generation, e.g. the release id", file=sys.stderr)
+        return EXIT_USAGE
+    settings = _settings(args).with_(generation=generation)
+    coordinator = Coordinator(None, settings=settings)
+    ran: list[int] = []
+
+    def job() -> None:
+        # One argument: a shell command line; several: an argv run without a shell.
+        rc = subprocess.call(command[0], shell=True) if len(command) == 1 else subprocess.call(command)
+        ran.append(rc)
+        if rc != 0:
+            raise JobFailedError(f"command exited with status {rc}: {shlex.join(command)}", key=args.key,
+                                 generation=generation)
+
+    try:
+        outcome = coordinator.run_once_sync(args.key, job)
+    except JobFailedError as exc:
+        if ran:
+            return ran[0]
+        print(f"hyperion-lock run: {exc}", file=sys.stderr)
+        match = _STATUS_RE.search(exc.error_message or "")
+        return (int(match.group(1)) % 256 or EXIT_FAILED) if match else EXIT_FAILED
+    except (RedisUnavailableError, RedisAuthError) as exc:
+        return _unreachable(settings, exc)
+    except WaitInterruptedError as exc:
+        print(f"hyperion-lock run: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if not outcome.ran_here:
+        print(f"hyperion-lock run: {args.key} already done for generation {generation} by {outcome.runner}",
+              file=sys.stderr)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=None, help="Redis URL (default: $HYPERION_LOCK_REDIS_URL; none: file locks)")
+    common.add_argument("--prefix", default=None,
+                        help="key prefix (default: $HYPERION_LOCK_KEY_PREFIX or hyperion_lock)")
+    common.add_argument("-v", "--verbose", action="store_true", help="log the coordinator's steps to stderr")
+    parser = argparse.ArgumentParser(prog="hyperion-lock", description=__doc__.split("\n\n")[0],
+                                     epilog="exit codes: see `python -m pydoc hyperion_lock._cli`")
+    sub = parser.add_subparsers(dest="command_name", required=True)
+    status = sub.add_parser("status", parents=[common], help="state of every run-once job (exit 0/1/2/3)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--generation", default=None, help="judge the outcomes of this generation only")
+    status.add_argument("--key", action="append", help="only these jobs; a missing one counts as pending")
+    status.set_defaults(func=cmd_status)
+    reset = sub.add_parser("reset", parents=[common], help="clear a job's recorded outcome(s)")
+    reset.add_argument("job_key", metavar="KEY")
+    reset.add_argument("--generation", default=None, help="only this generation's outcome (default: all)")
+    reset.add_argument("--force", action="store_true", help="also drop a live lease (its holder must be gone)")
+    reset.set_defaults(func=cmd_reset)
+    run = sub.add_parser("run", parents=[common], help="run a command once across all workers and hosts")
+    run.add_argument("--key", required=True, help="job key shared by every caller (e.g. migrate)")
+    run.add_argument("--generation", default=None, help="default: $HYPERION_LOCK_GENERATION (required)")
+    run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARG ...]")
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return EXIT_OK if exc.code == 0 else EXIT_USAGE
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
+    try:
+        code: int = args.func(args)
+    except HyperionLockError as exc:  # bad configuration (URL, key, generation, ...)
+        print(f"hyperion-lock: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
