@@ -48,25 +48,24 @@ def client_kwargs(connect_timeout: float, socket_timeout: float) -> dict[str, An
     }
 
 
-def async_client_from_url(url: str, *, connect_timeout: float, socket_timeout: float) -> aredis.Redis:
-    """An asyncio client for ``url``; a malformed URL raises :class:`ConfigurationError` (password redacted)."""
+def _from_url(factory: Callable[..., T], url: str, connect_timeout: float, socket_timeout: float) -> T:
     try:
-        return aredis.Redis.from_url(url, **client_kwargs(connect_timeout, socket_timeout))
+        return factory(url, **client_kwargs(connect_timeout, socket_timeout))
     except (ValueError, TypeError) as exc:
         raise ConfigurationError(
             f"invalid Redis URL {redact_url(url)!r}: {exc}. Expected redis://[[user]:password@]host[:port][/db], "
             "rediss://... or unix:///path/to/socket"
         ) from None
+
+
+def async_client_from_url(url: str, *, connect_timeout: float, socket_timeout: float) -> aredis.Redis:
+    """An asyncio client for ``url``; a malformed URL raises :class:`ConfigurationError` (password redacted)."""
+    return _from_url(aredis.Redis.from_url, url, connect_timeout, socket_timeout)
 
 
 def sync_client_from_url(url: str, *, connect_timeout: float, socket_timeout: float) -> redis.Redis:
-    try:
-        return redis.Redis.from_url(url, **client_kwargs(connect_timeout, socket_timeout))
-    except (ValueError, TypeError) as exc:
-        raise ConfigurationError(
-            f"invalid Redis URL {redact_url(url)!r}: {exc}. Expected redis://[[user]:password@]host[:port][/db], "
-            "rediss://... or unix:///path/to/socket"
-        ) from None
+    """A sync client for ``url``; a malformed URL raises :class:`ConfigurationError` (password redacted)."""
+    return _from_url(redis.Redis.from_url, url, connect_timeout, socket_timeout)
 
 
 def describe_client(client: object) -> str:

@@ -13,9 +13,6 @@ import socket
 import time
 from typing import Any, Protocol
 
-import redis
-import redis.asyncio as aredis
-
 from . import _scripts
 from ._connect import close_quietly
 from ._keys import JobKeys
@@ -38,17 +35,23 @@ class _Ops(Protocol):
     async def close(self) -> None: ...
 
 
-class AsyncOps:
-    def __init__(self, client: aredis.Redis, *, owned: bool) -> None:
+class _OpsBase:
+    def __init__(self, client: Any, *, owned: bool) -> None:
         self._client = client
-        self._owned = owned
+        self._owned = owned  # close the client with the backend (we made it from a URL)
         self._scripts: dict[str, Any] = {}
         self._pubsub: Any = None
 
-    async def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
+    def _script(self, script: str) -> Any:
+        """redis-py Script objects: EVALSHA, falling back to SCRIPT LOAD once per server (NOSCRIPT)."""
         if script not in self._scripts:
             self._scripts[script] = self._client.register_script(script)
-        return await self._scripts[script](keys=keys, args=args)
+        return self._scripts[script]
+
+
+class AsyncOps(_OpsBase):
+    async def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        return await self._script(script)(keys=keys, args=args)
 
     async def subscribe(self, channel: str) -> None:
         if self._pubsub is not None:
@@ -67,19 +70,11 @@ class AsyncOps:
             await close_quietly(self._client.aclose)
 
 
-class SyncOps:
+class SyncOps(_OpsBase):
     """Runs a sync ``redis.Redis`` in a worker thread per call so the caller's event loop keeps running."""
 
-    def __init__(self, client: redis.Redis, *, owned: bool) -> None:
-        self._client = client
-        self._owned = owned
-        self._scripts: dict[str, Any] = {}
-        self._pubsub: Any = None
-
     async def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
-        if script not in self._scripts:
-            self._scripts[script] = self._client.register_script(script)
-        return await asyncio.to_thread(self._scripts[script], keys=keys, args=args)
+        return await asyncio.to_thread(self._script(script), keys=keys, args=args)
 
     async def subscribe(self, channel: str) -> None:
         old, self._pubsub = self._pubsub, self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
