@@ -77,7 +77,7 @@ class SyncOps(_OpsBase):
         return await asyncio.to_thread(self._script(script), keys=keys, args=args)
 
     async def subscribe(self, channel: str) -> None:
-        old, self._pubsub = self._pubsub, self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        old, self._pubsub = self._pubsub, self._client.pubsub(ignore_subscribe_messages=True)
         if old is not None:
             await asyncio.to_thread(old.close)
         await asyncio.to_thread(self._pubsub.subscribe, channel)
