@@ -1,0 +1,179 @@
+"""Helpers for the deployment tests: a real gunicorn master with the reference app, and database checks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+from sqlalchemy import make_url
+
+from hyperion_lock.testing import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+_OURS = ("HYPERION_LOCK_", "HYPERION_DEMO_")
+_CLEARED = {"DATABASE_URL", "WEB_CONCURRENCY", "PORT", "HOST", "GUNICORN_CMD_ARGS", "LOG_LEVEL"}
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_OURS) and k not in _CLEARED}
+    env.update(PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+class Gunicorn:
+    """``gunicorn -c gunicorn.conf.py`` in its own session (so the whole tree can be killed), logging to a file."""
+
+    def __init__(self, tmp_path: Path, *, workers: int = 4, **env: str) -> None:
+        self.dir = tmp_path
+        self.port = free_port()
+        self.log_path = tmp_path / f"gunicorn-{self.port}.log"
+        self.env = clean_env(PORT=str(self.port), HOST="127.0.0.1", WEB_CONCURRENCY=str(workers),
+                             HYPERION_LOCK_LOCK_DIR=str(tmp_path / "locks"), **env)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Gunicorn:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py")],
+                cwd=self.dir, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        self.started = time.monotonic()
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, path: str, timeout: float = 5.0) -> httpx.Response:
+        # A fresh connection per request, so the kernel hands it to any worker.
+        with httpx.Client(timeout=timeout, limits=httpx.Limits(max_keepalive_connections=0)) as client:
+            return client.get(self.base + path, headers={"Connection": "close"})
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gunicorn exited with {self.proc.returncode}; log:\n{self.log()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if self.get("/health", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise AssertionError(f"no healthy worker within {timeout} s; log:\n{self.log()}")
+
+    def startup_reports(self, distinct: int = 4, timeout: float = 60.0, max_requests: int = 2000) -> dict[int, Any]:
+        """Hit /health and /startup until ``distinct`` worker pids answered (bounded in time and requests)."""
+        seen: dict[int, Any] = {}
+        sent = 0
+        deadline = time.monotonic() + timeout
+
+        def one(_: int) -> tuple[int, Any] | None:
+            try:
+                health = self.get("/health")
+                report = self.get("/startup")
+            except httpx.HTTPError:
+                return None
+            if health.status_code != 200 or report.status_code != 200:
+                return None
+            return int(report.json()["pid"]), report.json()
+
+        with ThreadPoolExecutor(8) as pool:
+            while len(seen) < distinct and time.monotonic() < deadline and sent < max_requests:
+                for item in pool.map(one, range(16)):
+                    if item is not None:
+                        seen[item[0]] = item[1]
+                sent += 16
+        assert len(seen) >= distinct, f"saw only pids {sorted(seen)} after {sent} requests; log:\n{self.log()}"
+        return seen
+
+    def wait_exit(self, timeout: float) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"gunicorn still running after {timeout} s; log:\n{self.log()}") from None
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(20)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # stray workers of this master's session, if any
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+
+
+@contextlib.contextmanager
+def running(g: Gunicorn) -> Iterator[Gunicorn]:
+    try:
+        yield g.start()
+    finally:
+        g.stop()
+
+
+def libpq_url(sqlalchemy_url: str) -> str:
+    return make_url(sqlalchemy_url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@contextlib.contextmanager
+def fresh_database(postgres_url: str) -> Iterator[str]:
+    """A new, empty database on the test server; dropped afterwards. Yields its SQLAlchemy URL."""
+    name = f"demo_{uuid.uuid4().hex[:12]}"
+    admin = libpq_url(postgres_url)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def pg_query(url: str, sql: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(libpq_url(url)) as conn:
+        return list(conn.execute(sql).fetchall())
+
+
+def pg_table_exists(url: str, table: str) -> bool:
+    return bool(pg_query(url, f"SELECT to_regclass('public.{table}') IS NOT NULL")[0][0])
+
+
+def sqlite_query(path: Path, sql: str) -> list[tuple[Any, ...]]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return list(conn.execute(sql).fetchall())
+
+
+def assert_same_jobs(reports: dict[int, Any]) -> dict[str, Any]:
+    """Every worker reports the same jobs (same runner, token, outcome); return them."""
+    jobs = [r["jobs"] for r in reports.values()]
+    assert all(j == jobs[0] for j in jobs), jobs
+    assert set(jobs[0]) == {"migrate", "seed"}
+    for job in jobs[0].values():
+        assert job["outcome"] == "done"
+        assert isinstance(job["runner_pid"], int) and job["runner_pid"] > 0
+        assert isinstance(job["fencing_token"], int) and job["fencing_token"] >= 1
+        assert isinstance(job["duration_s"], float)
+    generations = {r["generation"] for r in reports.values()}
+    assert len(generations) == 1, generations
+    return dict(jobs[0])
+

@@ -1,0 +1,202 @@
+"""End-to-end: the reference app under a real ``gunicorn -c gunicorn.conf.py`` with 4 workers.
+
+Against a real PostgreSQL and Redis (the deployment of compose.yaml) and on the embedded default (SQLite file,
+file locks, no Redis). Every spawned process is killed in ``finally``; every loop is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from hyperion_lock import JobKeys
+
+from ._deploy import (
+    ROOT,
+    Gunicorn,
+    assert_same_jobs,
+    clean_env,
+    fresh_database,
+    pg_query,
+    pg_table_exists,
+    running,
+    sqlite_query,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+
+
+def test_postgres_and_redis_four_workers_init_once(tmp_path: Path, postgres_url: str, redis_server) -> None:
+    with fresh_database(postgres_url) as db, running(Gunicorn(
+        tmp_path, DATABASE_URL=db, HYPERION_LOCK_REDIS_URL=redis_server.url,
+    )) as g:
+        g.wait_healthy()
+        reports = g.startup_reports(4)
+        jobs = assert_same_jobs(reports)
+        # Exactly once, as recorded in the database itself.
+        assert pg_query(db, "SELECT count(*) FROM migration_audit") == [(1,)]
+        assert pg_query(db, "SELECT version_num FROM alembic_version") == [("0002",)]
+        seed_token = jobs["seed"]["fencing_token"]
+        assert pg_query(db, "SELECT count(*), max(fencing_token) FROM seed_runs") == [(1, seed_token)]
+        assert pg_query(db, "SELECT fencing_token FROM job_fences WHERE name = 'seed'") == [
+            (jobs["seed"]["fencing_token"],)]
+        assert pg_query(db, "SELECT count(*) FROM items") == [(3,)]
+        assert g.get("/items").json() == ["alpha", "beta", "gamma"]
+        # The runners were workers of this master, and the log says who ran what.
+        log = g.log()
+        for name in ("migrate", "seed"):
+            runner = jobs[name]["runner_pid"]
+            assert f"{name}: pid {runner} leads generation" in log
+            assert f"worker pid {runner}: job '{name}' ran here" in log
+            assert log.count(f"job '{name}' was done by another worker") >= 3
+        assert "generation" in log and "4 worker(s)" in log
+        # The Redis key layout is the one the CLI reads.
+        client = redis.Redis.from_url(redis_server.url)
+        try:
+            gen = next(iter(reports.values()))["generation"]
+            raw = client.get(JobKeys("hyperion_lock", "migrate").outcome(gen))
+            assert raw is not None and json.loads(raw)["status"] == "done"
+        finally:
+            client.close()
+
+
+def test_embedded_default_sqlite_four_workers_then_restart(tmp_path: Path) -> None:
+    """No DATABASE_URL, no Redis: ./var/demo.sqlite3 and file locks. A restart (new generation) re-runs the jobs,
+    but the migration finds the database at head and does nothing."""
+    db = tmp_path / "var" / "demo.sqlite3"
+    with running(Gunicorn(tmp_path)) as g:
+        g.wait_healthy()
+        first = assert_same_jobs(g.startup_reports(4))
+        assert "Redis none (file locks on this host)" in g.log()
+    assert db.is_file()
+    assert sqlite_query(db, "SELECT count(*) FROM migration_audit") == [(1,)]
+    assert sqlite_query(db, "SELECT count(*) FROM seed_runs") == [(1,)]
+    assert sqlite_query(db, "SELECT version_num FROM alembic_version") == [("0002",)]
+
+    with running(Gunicorn(tmp_path, workers=2)) as g2:
+        g2.wait_healthy()
+        second = assert_same_jobs(g2.startup_reports(2))
+        assert "already at head 0002: nothing to migrate" in g2.log()
+    assert second["seed"]["fencing_token"] > first["seed"]["fencing_token"]
+    assert sqlite_query(db, "SELECT count(*) FROM migration_audit") == [(1,)]
+    assert sqlite_query(db, "SELECT count(*), count(DISTINCT generation) FROM seed_runs") == [(2, 2)]
+    assert sqlite_query(db, "SELECT count(*) FROM items") == [(3,)]
+
+
+def test_sigkill_of_the_migrating_worker_is_taken_over(tmp_path: Path, postgres_url: str, redis_server) -> None:
+    delay = 3.0
+    with fresh_database(postgres_url) as db, running(Gunicorn(
+        tmp_path, DATABASE_URL=db, HYPERION_LOCK_REDIS_URL=redis_server.url, HYPERION_LOCK_LEASE_TTL="2",
+        HYPERION_DEMO_MIGRATION_DELAY=str(delay),
+    )) as g:
+        # Wait until revision 0002 sleeps inside its transaction, then kill the lease holder.
+        deadline = time.monotonic() + 60
+        victim = None
+        while victim is None and time.monotonic() < deadline:
+            found = re.search(r"revision 0002: pid (\d+) sleeping", g.log())
+            if found:
+                victim = int(found.group(1))
+            time.sleep(0.05)
+        assert victim is not None, g.log()
+        client = redis.Redis.from_url(redis_server.url)
+        try:
+            lease = client.get(JobKeys("hyperion_lock", "migrate").lease)
+        finally:
+            client.close()
+        assert lease is not None and json.loads(lease)["pid"] == victim
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+
+        g.wait_healthy(timeout=90)
+        took = time.monotonic() - killed_at
+        reports = g.startup_reports(4)
+        assert victim not in reports
+        jobs = assert_same_jobs(reports)
+        assert jobs["migrate"]["runner_pid"] != victim
+        assert jobs["migrate"]["fencing_token"] >= 2  # a new leadership
+        assert pg_query(db, "SELECT count(*) FROM migration_audit") == [(1,)]
+        assert pg_query(db, "SELECT version_num FROM alembic_version") == [("0002",)]
+        assert pg_query(db, "SELECT count(*) FROM seed_runs") == [(1,)]
+        log = g.log()
+        assert f"Worker (pid:{victim}) was sent SIGKILL" in log
+        assert took < 60, f"take-over took {took:.1f} s"
+        assert g.proc is not None and g.proc.poll() is None
+
+
+def test_failing_migration_stops_gunicorn_promptly(tmp_path: Path, postgres_url: str, redis_server) -> None:
+    graceful_timeout = 60  # a halt that waited for it would blow the bound below
+    with fresh_database(postgres_url) as db, running(Gunicorn(
+        tmp_path, DATABASE_URL=db, HYPERION_LOCK_REDIS_URL=redis_server.url, HYPERION_DEMO_MIGRATION_FAIL="1",
+        GUNICORN_CMD_ARGS=f"--graceful-timeout {graceful_timeout}",
+    )) as g:
+        code = g.wait_exit(timeout=graceful_timeout)
+        elapsed = time.monotonic() - g.started
+        log = g.log()
+        assert code != 0, log
+        assert elapsed < graceful_timeout / 2, f"gunicorn took {elapsed:.1f} s to exit; log:\n{log}"
+        assert "DeliberateMigrationFailure" in log and "HYPERION_DEMO_MIGRATION_FAIL=1" in log
+        assert "startup failed, this worker will exit" in log
+        assert "Worker failed to boot" in log
+        with pytest.raises(OSError), socket.create_connection(("127.0.0.1", g.port), timeout=1):
+            pass
+        # The failed revision was rolled back; revision 0001 (its own transaction) stayed.
+        assert not pg_table_exists(db, "migration_audit")
+        assert pg_query(db, "SELECT version_num FROM alembic_version") == [("0001",)]
+        # The CLI sees the failure, for a health check (exit 1), with the cause.
+        status = subprocess.run(
+            [sys.executable, "-m", "hyperion_lock._cli", "status", "--json", "--url", redis_server.url],
+            check=False, capture_output=True, text=True, timeout=30, env=clean_env(),
+        )
+        assert status.returncode == 1, status
+        report = json.loads(status.stdout)
+        migrate = next(j for j in report["jobs"] if j["key"] == "migrate")
+        assert migrate["state"] == "failed" and "DeliberateMigrationFailure" in migrate["last_error"]
+
+
+def test_cli_run_twice_and_a_booting_app_run_the_command_once(
+    tmp_path: Path, postgres_url: str, redis_server
+) -> None:
+    generation = "release-42"
+    marker = tmp_path / "marker.txt"
+    cli = shutil.which("hyperion-lock")
+    assert cli, "the console script is installed by pip install -e ."
+    command = (f"echo $$ >> {marker}; sleep 1; "
+               f"{sys.executable} -m alembic -c {ROOT / 'alembic.ini'} upgrade head")
+    with fresh_database(postgres_url) as db:
+        env = clean_env(DATABASE_URL=db, HYPERION_LOCK_REDIS_URL=redis_server.url)
+        argv = ["run", "--key", "migrate", "--generation", generation, "--", command]
+        procs: list[subprocess.Popen[str]] = []
+        try:
+            with running(Gunicorn(tmp_path, DATABASE_URL=db, HYPERION_LOCK_REDIS_URL=redis_server.url,
+                                  HYPERION_LOCK_GENERATION=generation)) as g:
+                procs.append(subprocess.Popen([cli, *argv], env=env, cwd=tmp_path, text=True,
+                                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+                procs.append(subprocess.Popen([sys.executable, "-m", "hyperion_lock._cli", *argv], env=env,
+                                              cwd=tmp_path, text=True, stdout=subprocess.PIPE,
+                                              stderr=subprocess.STDOUT))
+                outputs = [p.communicate(timeout=90)[0] for p in procs]
+                assert [p.returncode for p in procs] == [0, 0], outputs
+                g.wait_healthy()
+                jobs = assert_same_jobs(g.startup_reports(4))
+                assert jobs["migrate"]["outcome"] == "done"
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.communicate()
+        cli_runs = marker.read_text().split() if marker.exists() else []
+        app_ran = jobs["migrate"]["runner_pid"] not in {p.pid for p in procs}
+        assert len(cli_runs) + int(app_ran) == 1, (cli_runs, jobs, outputs)
+        assert pg_query(db, "SELECT count(*) FROM migration_audit") == [(1,)]
+        assert pg_query(db, "SELECT version_num FROM alembic_version") == [("0002",)]
