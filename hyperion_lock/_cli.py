@@ -10,8 +10,10 @@ Where the state lives: ``--url`` or ``HYPERION_LOCK_REDIS_URL``; without either,
 Exit codes (usable by a health check):
 
 ``status``  0 every job done · 1 a job failed (its latest outcome failed and nothing runs it now) · 2 a job is
-            running, or a job named with ``--key`` has not run (for ``--generation``) · 3 Redis unreachable or
-            refusing the credentials · 64 bad usage
+            running, or a job named with ``--key`` has no outcome (for ``--generation``) yet · 3 Redis unreachable
+            or refusing the credentials · 64 bad usage. Jobs found without any outcome (reset, or outcomes
+            expired after the result TTL) show as ``idle`` and count as fine unless named with ``--key``: a
+            health check should name its jobs, e.g. ``status --key migrate --key seed --generation "$G"``.
 ``reset``   0 cleared (or nothing to clear) · 1 refused: a live lease exists (``--force`` drops it) · 3 · 64
 ``run``     where the command ran: its exit code; elsewhere: 0 once it succeeded somewhere, its exit code when it
             failed there · 3 Redis unreachable · 64 bad usage (e.g. no generation) · 130 interrupted while waiting
@@ -63,7 +65,7 @@ class JobState:
     """One job as ``status`` reports it (also the ``--json`` shape)."""
 
     key: str
-    state: str  # running | done | failed | pending
+    state: str  # running | done | failed | idle (nothing recorded) | pending (idle, but asked for with --key)
     holder: str | None = None  # host:pid of the lease holder, else of the runner of the reported outcome
     generation: str | None = None
     fencing_token: int | None = None
@@ -85,7 +87,7 @@ def judge(key: str, holder: Holder | None, lease_left: float | None, outcomes: l
     relevant = [o for o in outcomes if generation is None or o.generation == generation]
     failures = [o for o in relevant if o.status is Status.FAILED]
     last_error = f"{failures[-1].error_type}: {failures[-1].error_message}" if failures else None
-    job = JobState(key=key, state="pending", last_error=last_error, outcomes=[_outcome_row(o) for o in outcomes])
+    job = JobState(key=key, state="idle", last_error=last_error, outcomes=[_outcome_row(o) for o in outcomes])
     if holder is not None:
         job.state, job.holder, job.generation = "running", holder.runner, holder.generation
         job.fencing_token, job.lease_left_s = holder.fencing_token, lease_left
@@ -245,10 +247,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             jobs = file_jobs(Path(settings.lock_dir), settings.key_prefix, generation)
     except (redis.RedisError, OSError) as exc:
         return _unreachable(settings, exc)
-    names = {j.key for j in jobs}
-    jobs += [JobState(key=k, state="pending") for k in args.key or [] if k not in names]
     if args.key:
+        names = {j.key for j in jobs}
+        jobs += [JobState(key=k, state="idle") for k in args.key if k not in names]
         jobs = [j for j in jobs if j.key in set(args.key)]
+        for j in jobs:  # a job the caller requires that has no outcome: not done yet
+            j.state = "pending" if j.state == "idle" else j.state
     code = exit_code(jobs)
     if args.json:
         print(json.dumps({"where": _where(settings), "prefix": settings.key_prefix, "generation": generation,
