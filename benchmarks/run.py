@@ -1,0 +1,518 @@
+"""Measured comparison of hyperion_lock against the usual run-once patterns, on a private loopback redis-server.
+
+    python -m benchmarks.run                   # N = 8, 32, 128; job 2 s; 1 ms proxy variant at N = 32 (~10 min)
+    python -m benchmarks.run --quick           # N = 8, 32; job 1 s; proxy at N = 8; fewer boots (< 2 min)
+    python -m benchmarks.run --n 8,32 --job-seconds 2 --ttl 2 --proxy-n 8 --boot-reps 3 --output FILE
+
+For every (N, implementation) one set of N real processes (``benchmarks.worker``) is started; each imports its
+library and connects, then reports ready (the start barrier). The set then runs three rounds: the pub/sub *floor*
+(one PUBLISH to N blocked subscribers), a *release* round (one leader runs the job; every other process waits and
+resumes; Redis commands counted with CONFIG RESETSTAT + INFO commandstats and split with MONITOR into top-level
+vs inside-Lua), and a *takeover* round (the first leader is SIGKILLed mid-job). Results go to stdout and ``--output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from hyperion_lock.testing import RedisServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+IMPLS = ("hyperion", "polling", "redis-py-lock", "python-redis-lock")
+ADMIN_COMMANDS = {"info", "config|resetstat", "config", "echo", "monitor", "ping", "client|setinfo"}
+OUT: list[str] = []
+
+
+def say(line: str = "") -> None:
+    print(line, flush=True)
+    OUT.append(line)
+
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def ms(value: float | None) -> str:
+    if value is None or math.isnan(value):
+        return "-"
+    return f"{value * 1000:.1f}"
+
+
+@dataclass
+class Result:
+    via: str
+    n: int
+    impl: str
+    floor: list[float] = field(default_factory=list)
+    lags: list[float] = field(default_factory=list)
+    runs: int = 0
+    barrier_ok: bool = True
+    stats_total: int = 0
+    stats_eval: int = 0
+    top_level: int = 0
+    in_lua: int = 0
+    renewals: int = 0
+    top_by_cmd: dict[str, int] = field(default_factory=dict)
+    publish_seen: float | None = None
+    takeover: float | None = None
+    takeover_bound: float = 0.0
+    takeover_runs: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+class Pool:
+    """N benchmark processes of one implementation, driven line by line through their stdin."""
+
+    def __init__(self, impl: str, n: int, url: str, ttl: float, job: float, workdir: Path, tag: str) -> None:
+        self.n = n
+        self.log = workdir / f"{tag}.jsonl"
+        self.log.touch()
+        self.errlog = (workdir / f"{tag}.stderr").open("w")
+        self._offset = 0
+        self._rows: list[dict[str, Any]] = []
+        cmd = [sys.executable, "-m", "benchmarks.worker", "--impl", impl, "--url", url, "--ttl", str(ttl),
+               "--job-seconds", str(job), "--log", str(self.log), "--tag", tag, "--jitter", str(min(1.0, job / 2))]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.procs = [
+            subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self.errlog,
+                             text=True, env=env)
+            for _ in range(n)
+        ]
+
+    def rows(self) -> list[dict[str, Any]]:
+        with self.log.open() as fh:
+            fh.seek(self._offset)
+            chunk = fh.read()
+        complete, _, _ = chunk.rpartition("\n")
+        if complete:
+            self._offset += len(complete) + 1
+            self._rows += [json.loads(line) for line in complete.splitlines() if line.strip()]
+        return self._rows
+
+    def events(self, event: str, key: str | None = None) -> list[dict[str, Any]]:
+        return [r for r in self.rows() if r["event"] == event and (key is None or r.get("key") == key)]
+
+    def wait(self, event: str, count: int, timeout: float, key: str | None = None) -> list[dict[str, Any]] | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = self.events(event, key)
+            if len(rows) >= count:
+                return rows
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.02)
+
+    def send(self, line: str) -> None:
+        for proc in self.procs:
+            if proc.poll() is None and proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    proc.stdin.write(line + "\n")
+                    proc.stdin.flush()
+
+    def close(self) -> None:
+        self.send("exit")
+        deadline = time.monotonic() + 5
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.05, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+            if proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()
+        self.errlog.close()
+
+
+class CommandMonitor:
+    """MONITOR in a thread: counts commands sent by clients vs run inside Lua scripts, until a stop marker."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.top: Counter[str] = Counter()
+        self.lua: Counter[str] = Counter()
+        self.marker = f"bench-monitor-stop-{os.getpid()}-{time.monotonic_ns()}"
+        self.done_published: float | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        client = redis.Redis.from_url(self.url, driver_info=None)
+        with client.monitor() as mon:
+            self._ready.set()
+            for cmd in mon.listen():
+                text = str(cmd.get("command", ""))
+                if self.marker in text:
+                    return
+                name = text.split(" ", 1)[0].lower()
+                if name == "publish" and self.done_published is None and "done" in text:
+                    self.done_published = float(cmd["time"])
+                (self.lua if cmd.get("client_type") == "lua" else self.top)[name] += 1
+
+    def __enter__(self) -> CommandMonitor:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        redis.Redis.from_url(self.url, driver_info=None).echo(self.marker)
+        self._thread.join(30)
+
+
+def floor_round(pool: Pool, admin: redis.Redis, channel: str) -> list[float]:
+    pool.send(f"floor {channel}")
+    if pool.wait("subscribed", pool.n, 120, channel) is None:
+        raise RuntimeError(f"floor: not every process subscribed to {channel}")
+    time.sleep(0.5)  # let every subscriber block in its read
+    published = time.time()
+    admin.publish(channel, "go")
+    woke = pool.wait("woke", pool.n, 60, channel) or pool.events("woke", channel)
+    pool.wait("floor-done", pool.n, 30, channel)
+    return [r["t"] - published for r in woke]
+
+
+def release_round(pool: Pool, admin: redis.Redis, url: str, key: str, job: float, res: Result) -> None:
+    admin.config_resetstat()
+    with CommandMonitor(url) as mon:
+        pool.send(f"release {key}")
+        done = pool.wait("resumed", pool.n, job + 120, key)
+    stats: dict[str, Any] = admin.info("commandstats")
+    if done is None:
+        res.notes.append(f"release: only {len(pool.events('resumed', key))}/{pool.n} resumed within {job + 120} s")
+    ends = pool.events("job-end", key)
+    res.runs = len(pool.events("lead", key))
+    if ends:
+        end_t = ends[0]["t"]
+        # hyperion: the moment run_once returned inside the event loop (where a lifespan proceeds); the others
+        # return from a plain function call.
+        resumed = "returned-in-loop" if res.impl == "hyperion" else "resumed"
+        res.lags = [r["t"] - end_t for r in pool.events(resumed, key) if not r["ran"]]
+        if res.impl == "hyperion":
+            late = [r["t"] - end_t for r in pool.events("resumed", key) if not r["ran"]]
+            res.notes.append(f"incl. asyncio.run teardown: p50 {ms(pct(late, 50))} p99 {ms(pct(late, 99))} ms")
+            if mon.done_published is not None:
+                res.publish_seen = mon.done_published - end_t
+                res.notes.append(f"outcome PUBLISHed (Redis clock, MONITOR) {ms(res.publish_seen)} ms after the job "
+                                 "end")
+        res.barrier_ok = max(r["t"] for r in pool.events("entered", key)) < end_t
+    calls = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+    res.stats_total = sum(c for name, c in calls.items() if name not in ADMIN_COMMANDS)
+    res.stats_eval = sum(c for name, c in calls.items() if name.startswith("eval"))
+    top = {name: c for name, c in mon.top.items() if name not in ADMIN_COMMANDS}
+    res.top_by_cmd = dict(sorted(top.items(), key=lambda kv: -kv[1]))
+    res.top_level = sum(top.values())
+    res.in_lua = sum(mon.lua.values())
+    if res.impl == "hyperion":
+        res.renewals = mon.lua.get("pexpire", 0)  # PEXPIRE only appears in the RENEW script
+
+
+def takeover_round(pool: Pool, key: str, ttl: float, res: Result) -> None:
+    pool.send(f"takeover {key}")
+    first = pool.wait("lead", 1, 60, key)
+    if first is None:
+        res.notes.append("takeover: nobody led")
+        return
+    time.sleep(min(1.0, ttl / 2) + 0.05)  # mid-job, after at least one renewal/heartbeat
+    os.kill(int(first[0]["pid"]), signal.SIGKILL)
+    killed = time.time()
+    res.takeover_bound = 2 * ttl + 3
+    second = pool.wait("lead", 2, res.takeover_bound, key)
+    if second is not None:
+        res.takeover = second[1]["t"] - killed
+        pool.wait("resumed", pool.n - 1, 60, key)
+    res.takeover_runs = len(pool.events("lead", key))
+
+
+def scenario(impl: str, n: int, url: str, admin: redis.Redis, args: argparse.Namespace, via: str,
+             workdir: Path) -> Result:
+    tag = f"{via.split(maxsplit=1)[0]}-{impl}-{n}"
+    res = Result(via=via, n=n, impl=impl)
+    t0 = time.monotonic()
+    pool = Pool(impl, n, url, args.ttl, args.job_seconds, workdir, tag)
+    try:
+        if pool.wait("ready", n, 240) is None:
+            raise RuntimeError(f"{tag}: only {len(pool.events('ready'))}/{n} processes became ready")
+        boot = time.monotonic() - t0
+        res.floor = floor_round(pool, admin, f"bench:floor:{tag}")
+        release_round(pool, admin, url, f"rel-{tag}", args.job_seconds, res)
+        takeover_round(pool, f"tko-{tag}", args.ttl, res)
+    finally:
+        pool.close()
+    say(f"  {via:<9} N={n:<4} {impl:<18} floor p50 {ms(pct(res.floor, 50))} ms, lag p50 {ms(pct(res.lags, 50))} "
+        f"p99 {ms(pct(res.lags, 99))} ms, runs {res.runs}, top-level cmds {res.top_level}, takeover "
+        f"{'never' if res.takeover is None else f'{res.takeover:.2f} s'} (set up in {boot:.1f} s, "
+        f"total {time.monotonic() - t0:.1f} s){' ' + '; '.join(res.notes) if res.notes else ''}")
+    return res
+
+
+# -- boot overhead ---------------------------------------------------------------------------------------------
+def boot_once(url: str, init: bool, generation: str, workdir: Path, workers: int) -> float:
+    log = workdir / f"boot-{generation}-{int(init)}.log"
+    log.touch()
+    env = {**os.environ, "BENCH_BOOT_LOG": str(log), "BENCH_BOOT_INIT": "1" if init else "0",
+           "BENCH_BOOT_REDIS_URL": url, "BENCH_BOOT_GENERATION": generation}
+    gunicorn = shutil.which("gunicorn") or "gunicorn"
+    cmd = [gunicorn, "-k", "uvicorn_worker.UvicornWorker", "-w", str(workers), "-b", f"127.0.0.1:{free_port()}",
+           "--log-level", "warning", "benchmarks.bootapp:app"]
+    started = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            lines = log.read_text().splitlines()
+            if len(lines) >= workers:
+                return max(float(line.split()[1]) for line in lines) - started
+            if proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {proc.returncode}")
+            time.sleep(0.005)
+        raise RuntimeError("gunicorn workers not ready within 60 s")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def boot_bench(url: str, reps: int, workers: int, workdir: Path) -> tuple[list[float], list[float]]:
+    plain: list[float] = []
+    coordinated: list[float] = []
+    boot_once(url, False, "warmup", workdir, workers)  # page cache, bytecode
+    for i in range(reps):
+        plain.append(boot_once(url, False, f"p{i}", workdir, workers))
+        coordinated.append(boot_once(url, True, f"boot{i}-{time.time_ns()}", workdir, workers))
+    return plain, coordinated
+
+
+# -- report ----------------------------------------------------------------------------------------------------
+def machine_info(server: RedisServer) -> list[str]:
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    version = subprocess.run([server.binary, "--version"], check=False, capture_output=True, text=True).stdout.strip()
+    import redis_lock
+
+    return [
+        f"- nproc: {os.cpu_count()} ({len(os.sched_getaffinity(0))} usable); CPU: {cpu}",
+        f"- Python {platform.python_version()} on {platform.platform()}",
+        f"- {version}",
+        f"- redis-py {redis.__version__}, python-redis-lock {redis_lock.__version__}",
+        f"- load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+    ]
+
+
+def lua_counted(admin: redis.Redis) -> bool:
+    """Does INFO commandstats count the commands a Lua script runs? (checked, not assumed)"""
+    admin.config_resetstat()
+    admin.eval("redis.call('GET', KEYS[1]) return 1", 1, "bench:lua-probe")
+    stats: dict[str, Any] = admin.info("commandstats")
+    return "cmdstat_get" in stats
+
+
+def table(results: list[Result], ttl: float) -> list[str]:
+    lines = [
+        "| via | N | implementation | runs | floor p50 / p99 (ms) | lag p50 | lag p99 | lag max | p50 x floor | "
+        "p99 x floor | p50 x best alt. | cmds (commandstats, incl. Lua) | EVAL/EVALSHA | top-level cmds | "
+        "top-level per worker | takeover after SIGKILL |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        alts = [a for a in results if a.via == r.via and a.n == r.n and a.impl != "hyperion" and a.lags]
+        best = min((pct(a.lags, 50) for a in alts), default=math.nan)
+        p50, p99 = pct(r.lags, 50), pct(r.lags, 99)
+        f50, f99 = pct(r.floor, 50), pct(r.floor, 99)
+        if r.takeover is not None:
+            tko = f"{r.takeover:.2f} s"
+        elif r.impl == "polling":
+            tko = f"never (> {r.takeover_bound:.0f} s bound; lock has EX 120)"
+        else:
+            tko = f"none within {r.takeover_bound:.0f} s"
+        lines.append(
+            f"| {r.via} | {r.n} | {r.impl} | {r.runs} | {ms(f50)} / {ms(f99)} | {ms(p50)} | {ms(p99)} | "
+            f"{ms(max(r.lags, default=math.nan))} | {p50 / f50:.2f} | {p99 / f99:.2f} | "
+            f"{'-' if r.impl != 'hyperion' else f'{p50 / best:.3f}'} | {r.stats_total} | {r.stats_eval} | "
+            f"{r.top_level} | {r.top_level / r.n:.2f} | {tko} |"
+        )
+    return lines
+
+
+def targets(results: list[Result], ttl: float) -> list[str]:
+    lines = []
+    for r in results:
+        if r.impl != "hyperion":
+            continue
+        p50, p99 = pct(r.lags, 50), pct(r.lags, 99)
+        f50, f99 = pct(r.floor, 50), pct(r.floor, 99)
+        startup_cmds = r.top_level - r.renewals
+        limit = 4 * r.n + 8
+        checks = [
+            (f"lag p50 {ms(p50)} ms <= 1.5 x floor {ms(f50)} ms", p50 <= 1.5 * f50),
+            (f"lag p99 {ms(p99)} ms <= 1.5 x floor {ms(f99)} ms", p99 <= 1.5 * f99),
+            (f"top-level commands excl. {r.renewals} renewals {startup_cmds} <= 4N+8 = {limit}",
+             startup_cmds <= limit),
+            (f"top-level excl. renewals and {r.top_by_cmd.get('hello', 0)} HELLO connection handshakes "
+             f"{startup_cmds - r.top_by_cmd.get('hello', 0)} <= 4N+8 = {limit}",
+             startup_cmds - r.top_by_cmd.get("hello", 0) <= limit),
+            (f"commandstats total incl. Lua {r.stats_total - 4 * r.renewals} (excl. renewals) <= 4N+8 = {limit}",
+             r.stats_total - 4 * r.renewals <= limit),
+            (f"takeover {'-' if r.takeover is None else f'{r.takeover:.2f}'} s <= TTL + 0.5 = {ttl + 0.5} s",
+             r.takeover is not None and r.takeover <= ttl + 0.5),
+            (f"exactly one run (release {r.runs}, takeover round {r.takeover_runs} leaders incl. the killed one)",
+             r.runs == 1 and r.takeover_runs == 2),
+        ]
+        for text, ok in checks:
+            lines.append(f"- {r.via} N={r.n}: {'PASS' if ok else 'MISS'} {text}")
+    return lines
+
+
+@contextlib.contextmanager
+def delay_proxy(target_port: int, delay_ms: float) -> Iterator[int]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.delayproxy", "--listen", f"127.0.0.1:{port}",
+         "--target", f"127.0.0.1:{target_port}", "--delay-ms", str(delay_ms)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(redis.RedisError):
+                redis.Redis(port=port, socket_timeout=1, driver_info=None).ping()
+                break
+            time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def run_all(args: argparse.Namespace, server: RedisServer, workdir: Path) -> None:
+    admin = redis.Redis.from_url(server.url, driver_info=None)
+    say("# hyperion_lock benchmark results")
+    say()
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    say(f"Run: `python -m benchmarks.run {' '.join(sys.argv[1:])}` at {when}")
+    say()
+    say("## Machine")
+    for line in machine_info(server):
+        say(line)
+    counted = lua_counted(admin)
+    say(f"- INFO commandstats counts commands run inside Lua scripts: {'yes' if counted else 'no'} (checked with "
+        "an EVAL that runs one GET); MONITOR splits top-level vs in-Lua commands below")
+    say()
+    say(f"Settings: lease TTL {args.ttl} s, job {args.job_seconds} s, N = {args.n}, proxy N = {args.proxy_n} "
+        f"({args.delay_ms} ms each way)")
+    say()
+    say("## Progress")
+    results: list[Result] = []
+    variants: list[tuple[str, list[int], Callable[[], contextlib.AbstractContextManager[str]]]] = [
+        ("direct", args.n, lambda: contextlib.nullcontext(server.url)),
+    ]
+    if args.proxy_n:
+
+        @contextlib.contextmanager
+        def proxied() -> Iterator[str]:
+            with delay_proxy(server.port, args.delay_ms) as port:
+                yield f"redis://127.0.0.1:{port}/0"
+
+        variants.append((f"proxy {args.delay_ms:g}ms", args.proxy_n, proxied))
+    for via, ns, make_url in variants:
+        with make_url() as url:
+            for n in ns:
+                for impl in args.impls.split(","):
+                    results.append(scenario(impl, n, url, admin, args, via, workdir))
+    say()
+    say("## Release lag, Redis commands and takeover")
+    say()
+    say("Lag = waiter's `time.time()` on resuming minus the leader's `time.time()` when its job body ended (same "
+        "host). Floor = the same N processes blocked on one pub/sub subscription, one PUBLISH. Ratios use the floor "
+        "measured by the same process set. `p50 x best alt.` compares hyperion's p50 with the best alternative's.")
+    say()
+    for line in table(results, args.ttl):
+        say(line)
+    say()
+    say("Top-level commands by name (hyperion):")
+    for r in results:
+        if r.impl == "hyperion":
+            say(f"- {r.via} N={r.n}: {r.top_by_cmd}; in Lua {r.in_lua}; renewals {r.renewals}; "
+                f"barrier ok (all entered before the job ended): {r.barrier_ok}")
+    say()
+    say("## Targets (hyperion_lock)")
+    for line in targets(results, args.ttl):
+        say(line)
+    if args.boot_reps:
+        say()
+        say(f"## Boot overhead: `gunicorn -k uvicorn_worker.UvicornWorker -w {args.boot_workers}`, trivial job")
+        plain, coordinated = boot_bench(server.url, args.boot_reps, args.boot_workers, workdir)
+        overhead = statistics.median(coordinated) - statistics.median(plain)
+        say(f"- without init step: {', '.join(f'{x:.3f}' for x in plain)} s (median {statistics.median(plain):.3f})")
+        say(f"- with Coordinator.run_once: {', '.join(f'{x:.3f}' for x in coordinated)} s "
+            f"(median {statistics.median(coordinated):.3f})")
+        say(f"- overhead (median difference): {overhead * 1000:.0f} ms -> "
+            f"{'PASS' if overhead <= 0.05 else 'MISS'} target <= 50 ms")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", default=None, help="comma-separated process counts (default 8,32,128)")
+    parser.add_argument("--job-seconds", type=float, default=None)
+    parser.add_argument("--ttl", type=float, default=2.0, help="lease TTL in seconds (default 2)")
+    parser.add_argument("--proxy-n", default=None, help="process counts for the delay-proxy variant ('' = none)")
+    parser.add_argument("--delay-ms", type=float, default=1.0)
+    parser.add_argument("--boot-reps", type=int, default=None)
+    parser.add_argument("--boot-workers", type=int, default=8)
+    parser.add_argument("--impls", default=",".join(IMPLS), help="subset of implementations (comma-separated)")
+    parser.add_argument("--quick", action="store_true", help="N = 8,32, 1 s job, proxy at N = 8, 2 boots")
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    args = parser.parse_args()
+    args.n = [int(x) for x in (args.n or ("8,32" if args.quick else "8,32,128")).split(",") if x]
+    proxy = args.proxy_n if args.proxy_n is not None else ("8" if args.quick else "32")
+    args.proxy_n = [int(x) for x in proxy.split(",") if x]
+    args.job_seconds = args.job_seconds or (1.0 if args.quick else 2.0)
+    args.boot_reps = args.boot_reps if args.boot_reps is not None else (2 if args.quick else 5)
+    workdir = Path(tempfile.mkdtemp(prefix="hyperion-bench-"))
+    started = time.monotonic()
+    try:
+        with RedisServer() as server:
+            run_all(args, server, workdir)
+    finally:
+        say()
+        say(f"Total benchmark time: {time.monotonic() - started:.0f} s")
+        if args.output:
+            Path(args.output).write_text("\n".join(OUT) + "\n")
+            print(f"results written to {args.output}", flush=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
