@@ -158,14 +158,15 @@ class CommandMonitor:
         self.lua: Counter[str] = Counter()
         self.marker = f"bench-monitor-stop-{os.getpid()}-{time.monotonic_ns()}"
         self.done_published: float | None = None
+        self.error: str | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        client = redis.Redis.from_url(self.url, driver_info=None)
+        client = redis.Redis.from_url(self.url, driver_info=None, socket_timeout=None)
         with client.monitor() as mon:
             self._ready.set()
-            for cmd in mon.listen():
+            for cmd in self._listen(mon):
                 text = str(cmd.get("command", ""))
                 if self.marker in text:
                     return
@@ -173,6 +174,16 @@ class CommandMonitor:
                 if name == "publish" and self.done_published is None and "done" in text:
                     self.done_published = float(cmd["time"])
                 (self.lua if cmd.get("client_type") == "lua" else self.top)[name] += 1
+
+    def _listen(self, mon: Any) -> Iterator[dict[str, Any]]:
+        while True:
+            try:
+                yield mon.next_command()
+            except redis.TimeoutError:
+                continue
+            except redis.RedisError as exc:
+                self.error = f"{type(exc).__name__}: {exc}"
+                return
 
     def __enter__(self) -> CommandMonitor:
         self._thread.start()
@@ -202,6 +213,8 @@ def release_round(pool: Pool, admin: redis.Redis, url: str, key: str, job: float
         pool.send(f"release {key}")
         done = pool.wait("resumed", pool.n, job + 120, key)
     stats: dict[str, Any] = admin.info("commandstats")
+    if mon.error:
+        res.notes.append(f"MONITOR failed: {mon.error}")
     if done is None:
         res.notes.append(f"release: only {len(pool.events('resumed', key))}/{pool.n} resumed within {job + 120} s")
     ends = pool.events("job-end", key)
@@ -499,6 +512,7 @@ def main() -> int:
     args.proxy_n = [int(x) for x in proxy.split(",") if x]
     args.job_seconds = args.job_seconds or (1.0 if args.quick else 2.0)
     args.boot_reps = args.boot_reps if args.boot_reps is not None else (2 if args.quick else 5)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanups (servers, pools) on SIGTERM
     workdir = Path(tempfile.mkdtemp(prefix="hyperion-bench-"))
     started = time.monotonic()
     try:

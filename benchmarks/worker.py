@@ -101,7 +101,8 @@ def _renewing(every: float, renew: Callable[[], object]) -> Callable[[], None]:
 
 def run_redis_py_lock(log: Log, r: redis.Redis, url: str, key: str, ttl: float, secs: Callable[[], float]) -> bool:
     """redis-py's Lock as run-once: blocking acquire (polls every 0.1 s), check a done key, renew by hand."""
-    lock = r.lock(f"{key}:lock", timeout=ttl, sleep=0.1, blocking=True)
+    # thread_local=False: the renewal thread must see the token the main thread acquired with.
+    lock = r.lock(f"{key}:lock", timeout=ttl, sleep=0.1, blocking=True, thread_local=False)
     lock.acquire()
     try:
         if r.get(f"{key}:done") is not None:
