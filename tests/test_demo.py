@@ -171,3 +171,17 @@ def test_gunicorn_conf_values() -> None:
     assert values == {"workers": 3, "bind": ["0.0.0.0:8080"], "worker_class": "uvicorn_worker.UvicornWorker",
                       "wsgi_app": "hyperion_lock.demo.app:app", "preload_app": False, "timeout": 30,
                       "graceful_timeout": 30}
+
+
+async def test_health_is_503_until_startup_finished() -> None:
+    """Without the lifespan having run (httpx's ASGI transport does not run it), the worker is not ready."""
+    import httpx
+
+    from hyperion_lock.demo.app import create_app
+
+    app = create_app()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as client:
+        health = await client.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "starting"
+        report = (await client.get("/startup")).json()
+        assert report["pid"] == os.getpid() and report["jobs"] == {}

@@ -200,3 +200,33 @@ def test_cli_run_twice_and_a_booting_app_run_the_command_once(
         assert len(cli_runs) + int(app_ran) == 1, (cli_runs, jobs, outputs)
         assert pg_query(db, "SELECT count(*) FROM migration_audit") == [(1,)]
         assert pg_query(db, "SELECT version_num FROM alembic_version") == [("0002",)]
+
+
+def test_sigterm_during_a_slow_migration_stops_without_waiting_for_graceful_timeout(
+    tmp_path: Path, postgres_url: str, redis_server
+) -> None:
+    """Waiting workers end their wait on SIGTERM at once; the migrating worker finishes its revision (or would be
+    killed at graceful_timeout) and gunicorn exits long before graceful_timeout."""
+    delay, graceful_timeout = 3.0, 60
+    with fresh_database(postgres_url) as db, running(Gunicorn(
+        tmp_path, DATABASE_URL=db, HYPERION_LOCK_REDIS_URL=redis_server.url,
+        HYPERION_DEMO_MIGRATION_DELAY=str(delay), GUNICORN_CMD_ARGS=f"--graceful-timeout {graceful_timeout}",
+    )) as g:
+        deadline = time.monotonic() + 60
+        while "revision 0002: pid" not in g.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "revision 0002: pid" in g.log(), g.log()
+        waiting_deadline = time.monotonic() + 30
+        while g.log().count("waiting for it") < 3 and time.monotonic() < waiting_deadline:
+            time.sleep(0.05)
+        assert g.proc is not None
+        g.proc.send_signal(signal.SIGTERM)
+        stopped_at = time.monotonic()
+        code = g.wait_exit(timeout=graceful_timeout)
+        took = time.monotonic() - stopped_at
+        log = g.log()
+        assert took < delay + 10, f"gunicorn needed {took:.1f} s to stop; log:\n{log}"
+        assert log.count("stop requested while waiting for init; exiting") >= 3, log
+        # A requested stop is a clean shutdown, not a boot failure.
+        assert code == 0, log
+        assert "HaltServer" not in log and "Worker failed to boot" not in log

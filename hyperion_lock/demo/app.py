@@ -10,7 +10,8 @@ Startup timeline of each worker (the lifespan, after gunicorn forked it):
    ``./var/demo.sqlite3``). Nothing is connected at import time.
 2. ``run_once("migrate")`` then ``run_once("seed")``: one worker runs each job, the others wait for its
    outcome. If the runner dies, a waiter takes over after the lease TTL (Redis) or at once (file lock).
-3. If a job fails, every worker's lifespan raises: uvicorn reports "Application startup failed", the worker
+3. SIGTERM/SIGINT while waiting ends the wait at once; the worker then stops without serving (exit 0).
+   If a job fails, every worker's lifespan raises: uvicorn reports "Application startup failed", the worker
    exits with code 3 and the gunicorn master halts the deploy with a non-zero exit status.
 4. Serve. ``GET /health`` is 200 from here on (503 before and during shutdown); ``GET /startup`` reports the
    jobs' outcomes, identical in every worker.
@@ -30,6 +31,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import Engine, select
 
 from .._core import Coordinator
+from .._errors import WaitInterruptedError
 from .._fastapi import OptionalRedis
 from .._gunicorn import WORKERS_ENV
 from .._model import Outcome
@@ -96,6 +98,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             try:
                 try:
                     await initialise(Coordinator(client, settings=current), state, url, engine)
+                except WaitInterruptedError:
+                    # Asked to stop (SIGTERM/SIGINT) while another worker ran a job: not a boot failure. Finish
+                    # the lifespan without serving (health stays 503); uvicorn sees its exit flag and stops,
+                    # the worker exits 0, and the master's shutdown is not turned into a "failed to boot" halt.
+                    logger.info("worker pid %d: stop requested while waiting for init; exiting", os.getpid())
+                    yield
+                    return
                 except Exception as exc:
                     logger.error("worker pid %d: startup failed, this worker will exit: %s: %s",
                                  os.getpid(), type(exc).__name__, exc)
