@@ -19,8 +19,10 @@ from pathlib import Path
 
 import pytest
 import redis
+from sqlalchemy import make_url
 
 from hyperion_lock import JobKeys
+from hyperion_lock.testing import RedisServer
 
 from ._deploy import (
     ROOT,
@@ -37,8 +39,10 @@ from ._deploy import (
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 
-def test_postgres_and_redis_four_workers_init_once(tmp_path: Path, postgres_url: str, redis_server) -> None:
-    with fresh_database(postgres_url) as db, running(Gunicorn(
+def test_postgres_and_redis_four_workers_init_once(tmp_path: Path, postgres_url: str) -> None:
+    """The compose deployment without Docker: password-protected Redis, PostgreSQL, gunicorn with 4 workers."""
+    redis_password = "compose-like-Redis-pw"
+    with RedisServer(password=redis_password) as redis_server, fresh_database(postgres_url) as db, running(Gunicorn(
         tmp_path, DATABASE_URL=db, HYPERION_LOCK_REDIS_URL=redis_server.url,
     )) as g:
         g.wait_healthy()
@@ -61,6 +65,10 @@ def test_postgres_and_redis_four_workers_init_once(tmp_path: Path, postgres_url:
             assert f"worker pid {runner}: job '{name}' ran here" in log
             assert log.count(f"job '{name}' was done by another worker") >= 3
         assert "generation" in log and "4 worker(s)" in log
+        # Passwords never reach the log (URLs are redacted).
+        pg_password = make_url(db).password
+        assert pg_password and str(pg_password) not in log and redis_password not in log
+        assert "redis://:***@127.0.0.1" in log
         # The Redis key layout is the one the CLI reads.
         client = redis.Redis.from_url(redis_server.url)
         try:
