@@ -15,8 +15,10 @@ Exit codes (usable by a health check):
             expired after the result TTL) show as ``idle`` and count as fine unless named with ``--key``: a
             health check should name its jobs, e.g. ``status --key migrate --key seed --generation "$G"``.
 ``reset``   0 cleared (or nothing to clear) · 1 refused: a live lease exists (``--force`` drops it) · 3 · 64
-``run``     where the command ran: its exit code; elsewhere: 0 once it succeeded somewhere, its exit code when it
-            failed there · 3 Redis unreachable · 64 bad usage (e.g. no generation) · 130 interrupted while waiting
+``run``     where the command ran: its exit code (128+N when killed by signal N; SIGTERM/SIGINT are passed on
+            to the command's process group, whose exit is recorded as the outcome); elsewhere: 0 once it
+            succeeded somewhere, its exit code when it failed there · 3 Redis unreachable · 64 bad usage (e.g.
+            no generation) · 130 interrupted while waiting
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import logging
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -303,15 +306,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args).with_(generation=generation)
     coordinator = Coordinator(None, settings=settings)
     ran: list[int] = []
+    children: list[subprocess.Popen[bytes]] = []
 
     def job() -> None:
         # One argument: a shell command line; several: an argv run without a shell.
-        rc = subprocess.call(command[0], shell=True) if len(command) == 1 else subprocess.call(command)
+        # Its own process group, so a signal reaches a whole shell pipeline, not just the shell.
+        child = (subprocess.Popen(command[0], shell=True, start_new_session=True) if len(command) == 1
+                 else subprocess.Popen(command, start_new_session=True))
+        children.append(child)
+        rc = child.wait()
+        rc = 128 - rc if rc < 0 else rc  # killed by signal N: 128 + N, like a shell
         ran.append(rc)
         if rc != 0:
             raise JobFailedError(f"command exited with status {rc}: {shlex.join(command)}", key=args.key,
                                  generation=generation)
 
+    def forward(signum: int, frame: object) -> None:
+        # SIGTERM/SIGINT while the command runs here: pass it on and keep the lease until the command exits, so
+        # it never runs twice; its exit status is then recorded as the outcome. While waiting, the coordinator
+        # ends the wait itself (exit 130).
+        for child in children:
+            if child.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(child.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         outcome = coordinator.run_once_sync(args.key, job)
     except JobFailedError as exc:
@@ -325,6 +344,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except WaitInterruptedError as exc:
         print(f"hyperion-lock run: {exc}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if not outcome.ran_here:
         print(f"hyperion-lock run: {args.key} already done for generation {generation} by {outcome.runner}",
               file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -153,3 +154,30 @@ def test_file_locks_without_redis(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     assert cli("run", "--key", "seed", "--generation", "g1", "--", f"touch {marker}", env=env).returncode == 0
     assert not marker.exists()
+
+
+def test_sigterm_reaches_the_command_and_its_exit_is_recorded(secured_redis: RedisServer, tmp_path: Path) -> None:
+    """SIGTERM to the caller running the command is passed on; the lease is held until the command exits (it
+    cannot run twice), and the failure is recorded with the signal's status (128 + 15)."""
+    url = secured_redis.url
+    started = tmp_path / "started"
+    leader = subprocess.Popen(
+        [sys.executable, "-m", "hyperion_lock._cli", "run", "--url", url, "--key", "long", "--generation", "g1", "--",
+         f"touch {started}; sleep 60; echo not-reached"],
+        env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_for_lease(url, "long")
+        deadline = time.monotonic() + 30
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started.exists()
+        leader.send_signal(signal.SIGTERM)
+        _, err = leader.communicate(timeout=30)
+        assert leader.returncode == 143, err
+    finally:
+        if leader.poll() is None:
+            leader.kill()
+            leader.communicate()
+    report = json.loads(cli("status", "--json", "--url", url, "--key", "long").stdout)
+    assert report["jobs"][0]["state"] == "failed" and "status 143" in report["jobs"][0]["last_error"]
