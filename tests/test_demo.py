@@ -185,3 +185,17 @@ async def test_health_is_503_until_startup_finished() -> None:
         assert health.status_code == 503 and health.json()["status"] == "starting"
         report = (await client.get("/startup")).json()
         assert report["pid"] == os.getpid() and report["jobs"] == {}
+
+
+def test_failed_revision_rolls_back_its_ddl_on_sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each revision is one transaction, DDL included (env.py takes BEGIN over from pysqlite): a failing revision
+    leaves no half-made table, and the next run applies it cleanly."""
+    db = tmp_path / "db.sqlite3"
+    monkeypatch.setenv("HYPERION_DEMO_MIGRATION_FAIL", "1")
+    with pytest.raises(Exception, match="failed on purpose"):
+        upgrade_to_head(f"sqlite:///{db}")
+    assert sqlite_query(db, "SELECT version_num FROM alembic_version") == [("0001",)]
+    assert sqlite_query(db, "SELECT count(*) FROM sqlite_master WHERE name = 'migration_audit'") == [(0,)]
+    monkeypatch.delenv("HYPERION_DEMO_MIGRATION_FAIL")
+    assert upgrade_to_head(f"sqlite:///{db}") is True
+    assert sqlite_query(db, "SELECT count(*) FROM migration_audit") == [(1,)]
