@@ -257,3 +257,77 @@ def test_second_deploy_while_first_migrates(workers: Workers, redis_server: Redi
     (_s1, e1, _p1), (s2, _e2, _p2) = intervals
     assert s2 >= e1, f"job intervals overlap: {intervals}"
     assert ran[1]["fence"] > ran[0]["fence"]
+
+
+def _stored_outcome(url: str, key: str = "migrate", generation: str = "g1") -> dict[str, Any] | None:
+    import json
+
+    import redis
+
+    raw = redis.Redis.from_url(url).get(f"hyperion_lock:{{{key}}}:outcome:{generation}")
+    return json.loads(raw) if raw else None
+
+
+def test_leader_paused_while_successor_runs(workers: Workers, redis_server: RedisServer, report: Any) -> None:
+    """The leader process stalls (SIGSTOP: GC pause, VM freeze) longer than the lease; a successor takes over and
+    is still running when the old leader wakes up. The old leader must see LeaseLostError; everyone else must
+    proceed on the successor's outcome (nobody may fail because of the stale leader)."""
+    old = workers.spawn(1, url=redis_server.url, ttl=TTL, job="check:4")[0]
+    workers.wait_for("ran", 1, timeout=30)
+    workers.spawn(2, url=redis_server.url, ttl=TTL, job="check:3")
+    workers.wait_for("started", 3, timeout=30)
+    time.sleep(0.3)
+    old.send_signal(signal.SIGSTOP)
+    stopped = time.time()
+    try:
+        workers.wait_for("ran", 2, timeout=TTL + 10)
+        time.sleep(max(0.0, stopped + 2.5 - time.time()))
+    finally:
+        old.send_signal(signal.SIGCONT)
+    codes = workers.join(timeout=60)
+    ran = workers.events("ran")
+    raised = by_pid(workers.events("raised"))
+    outcome = _stored_outcome(redis_server.url)
+    report("leader SIGSTOP 2.5 s (> lease), successor still running on SIGCONT",
+           f"{len(ran)} runs fences {[r['fence'] for r in ran]}; raised "
+           f"{ {p: r['error'] for p, r in raised.items()} }; stored fence {outcome and outcome['fencing_token']}",
+           time.time() - stopped)
+    assert len(ran) == 2 and ran[1]["fence"] > ran[0]["fence"], ran
+    assert raised.get(old.pid, {}).get("error") == "LeaseLostError", workers.events()
+    others = [(p.pid, c) for p, c in zip(workers.procs, codes, strict=True) if p.pid != old.pid]
+    assert all(c == 0 for _, c in others), (
+        f"workers failed because the stale leader gave up while the successor ran: {others}; {workers.events()}"
+    )
+    assert outcome is not None and outcome["status"] == "done" and outcome["fencing_token"] == ran[1]["fence"]
+
+
+def test_leader_paused_until_successor_finished(workers: Workers, redis_server: RedisServer, report: Any) -> None:
+    """Like above, but the successor has finished (lease deleted, outcome recorded) before the old leader wakes.
+    The old leader must still learn that it lost the lease (the fencing counter moved past its token)."""
+    old = workers.spawn(1, url=redis_server.url, ttl=TTL, job="check:6")[0]
+    workers.wait_for("ran", 1, timeout=30)
+    workers.spawn(2, url=redis_server.url, ttl=TTL, job="check:1")
+    workers.wait_for("started", 3, timeout=30)
+    time.sleep(0.3)
+    old.send_signal(signal.SIGSTOP)
+    stopped = time.time()
+    try:
+        workers.wait_for("returned", 2, timeout=TTL + 15)
+    finally:
+        old.send_signal(signal.SIGCONT)
+    codes = workers.join(timeout=60)
+    ran = workers.events("ran")
+    raised = by_pid(workers.events("raised"))
+    outcome = _stored_outcome(redis_server.url)
+    report("leader SIGSTOP until the successor finished, then SIGCONT",
+           f"{len(ran)} runs fences {[r['fence'] for r in ran]}; old leader "
+           f"{raised.get(old.pid, {}).get('error', 'returned normally')}; stored fence "
+           f"{outcome and outcome['fencing_token']}",
+           time.time() - stopped)
+    assert len(ran) == 2 and ran[1]["fence"] > ran[0]["fence"], ran
+    others = [c for p, c in zip(workers.procs, codes, strict=True) if p.pid != old.pid]
+    assert others == [0, 0], workers.events()
+    assert raised.get(old.pid, {}).get("error") == "LeaseLostError", (
+        f"the stale leader (fence {ran[0]['fence']}) was not told it lost the lease: {workers.events()}"
+    )
+    assert outcome is not None and outcome["fencing_token"] == ran[1]["fence"], outcome
