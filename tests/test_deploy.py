@@ -214,7 +214,7 @@ def test_sigterm_during_a_slow_migration_stops_without_waiting_for_graceful_time
     tmp_path: Path, postgres_url: str, redis_server
 ) -> None:
     """Waiting workers end their wait on SIGTERM at once; the migrating worker finishes its revision (or would be
-    killed at graceful_timeout) and gunicorn exits long before graceful_timeout."""
+    killed at graceful_timeout), starts no further job, and gunicorn exits long before graceful_timeout."""
     delay, graceful_timeout = 3.0, 60
     with fresh_database(postgres_url) as db, running(Gunicorn(
         tmp_path, DATABASE_URL=db, HYPERION_LOCK_REDIS_URL=redis_server.url,
@@ -234,7 +234,12 @@ def test_sigterm_during_a_slow_migration_stops_without_waiting_for_graceful_time
         took = time.monotonic() - stopped_at
         log = g.log()
         assert took < delay + 10, f"gunicorn needed {took:.1f} s to stop; log:\n{log}"
-        assert log.count("stop requested while waiting for init; exiting") >= 3, log
+        assert log.count("; exiting without serving") == 4, log
+        assert log.count("stop requested (SIGTERM/SIGINT) while waiting for the job; exiting") == 3, log
+        # The migrating worker finished its job but started no new one.
+        assert "stop requested before job 'seed'" in log and "seed: pid" not in log
+        assert pg_query(db, "SELECT version_num FROM alembic_version") == [("0002",)]
+        assert pg_query(db, "SELECT count(*) FROM seed_runs") == [(0,)]
         # A requested stop is a clean shutdown, not a boot failure.
         assert code == 0, log
         assert "HaltServer" not in log and "Worker failed to boot" not in log

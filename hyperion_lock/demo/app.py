@@ -19,6 +19,7 @@ Startup timeline of each worker (the lifespan, after gunicorn forked it):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -36,6 +37,7 @@ from .._fastapi import OptionalRedis
 from .._gunicorn import WORKERS_ENV
 from .._model import Outcome
 from .._settings import Settings
+from .._signals import stop_requested_event
 from . import jobs
 from .db import database_url, describe_url, make_engine
 from .models import Item
@@ -65,15 +67,23 @@ def outcome_report(outcome: Outcome) -> dict[str, Any]:
 async def initialise(coordinator: Coordinator, state: StartupState, url: str, engine: Engine) -> None:
     """Run the init jobs in order through the coordinator, recording their outcomes in ``state``."""
     steps: list[tuple[str, Any, tuple[Any, ...]]] = [("migrate", jobs.migrate, (url,)), ("seed", jobs.seed, (engine,))]
-    for name, job, args in steps:
-        state.jobs[name] = {"runner_pid": None, "fencing_token": None, "outcome": "running", "duration_s": 0.0}
-        outcome = await coordinator.run_once(name, job, *args)
-        state.jobs[name] = outcome_report(outcome)
-        logger.info(
-            "worker pid %d: job %r %s (runner %s, fencing token %d, %.2f s)", os.getpid(), name,
-            "ran here" if outcome.ran_here else "was done by another worker", outcome.runner,
-            outcome.fencing_token, outcome.duration_s,
-        )
+    with stop_requested_event(asyncio.get_running_loop()) as stop:
+        for name, job, args in steps:
+            if stop.is_set():  # SIGTERM arrived during the previous job: start no new one
+                raise WaitInterruptedError(f"stop requested before job {name!r}", key=name,
+                                           generation=coordinator.settings.generation)
+            await _run_step(coordinator, state, name, job, args)
+
+
+async def _run_step(coordinator: Coordinator, state: StartupState, name: str, job: Any, args: tuple[Any, ...]) -> None:
+    state.jobs[name] = {"runner_pid": None, "fencing_token": None, "outcome": "running", "duration_s": 0.0}
+    outcome = await coordinator.run_once(name, job, *args)
+    state.jobs[name] = outcome_report(outcome)
+    logger.info(
+        "worker pid %d: job %r %s (runner %s, fencing token %d, %.2f s)", os.getpid(), name,
+        "ran here" if outcome.ran_here else "was done by another worker", outcome.runner,
+        outcome.fencing_token, outcome.duration_s,
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -98,11 +108,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             try:
                 try:
                     await initialise(Coordinator(client, settings=current), state, url, engine)
-                except WaitInterruptedError:
+                except WaitInterruptedError as exc:
                     # Asked to stop (SIGTERM/SIGINT) while another worker ran a job: not a boot failure. Finish
                     # the lifespan without serving (health stays 503); uvicorn sees its exit flag and stops,
                     # the worker exits 0, and the master's shutdown is not turned into a "failed to boot" halt.
-                    logger.info("worker pid %d: stop requested while waiting for init; exiting", os.getpid())
+                    logger.info("worker pid %d: %s; exiting without serving", os.getpid(), exc.message)
                     yield
                     return
                 except Exception as exc:
