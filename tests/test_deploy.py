@@ -22,7 +22,7 @@ import redis
 from sqlalchemy import make_url
 
 from hyperion_lock import JobKeys
-from hyperion_lock.testing import RedisServer
+from hyperion_lock.testing import RedisServer, free_port
 
 from ._deploy import (
     ROOT,
@@ -243,3 +243,19 @@ def test_sigterm_during_a_slow_migration_stops_without_waiting_for_graceful_time
         # A requested stop is a clean shutdown, not a boot failure.
         assert code == 0, log
         assert "HaltServer" not in log and "Worker failed to boot" not in log
+
+
+def test_unreachable_redis_fails_the_deploy_with_a_redacted_cause(tmp_path: Path) -> None:
+    """A wrong HYPERION_LOCK_REDIS_URL must not come up silently on file locks: every worker fails its startup
+    within the connect timeout and gunicorn exits non-zero, naming the (redacted) URL."""
+    port = free_port()
+    with running(Gunicorn(tmp_path, HYPERION_LOCK_REDIS_URL=f"redis://:hunter2-secret@127.0.0.1:{port}/0",
+                          HYPERION_LOCK_CONNECT_TIMEOUT="1")) as g:
+        code = g.wait_exit(timeout=60)
+        log = g.log()
+        assert code != 0, log
+        assert "RedisUnavailableError" in log and f"redis://:***@127.0.0.1:{port}/0" in log
+        assert "hunter2-secret" not in log
+        assert not (tmp_path / "var" / "demo.sqlite3").exists() or sqlite_query(
+            tmp_path / "var" / "demo.sqlite3", "SELECT count(*) FROM sqlite_master WHERE name = 'alembic_version'"
+        ) == [(0,)]
