@@ -290,9 +290,7 @@ class Coordinator:
                 if done is not None:
                     return self._skipped(key, done, started)
                 if probe.acquired:
-                    assert probe.holder is not None and record is not None
-                    return await self._lead(backend, key, where, Lease(
-                        key=key, generation=gen, token=token, holder=probe.holder), record, job, args, kwargs)
+                    break  # lead outside the signal hook: a SIGTERM while leading keeps its usual meaning
                 if probe.holder is not None:
                     if holder is None or holder.fencing_token != probe.holder.fencing_token:
                         self.log.info(
@@ -343,6 +341,14 @@ class Coordinator:
                     # Released, or finished for another generation: the lease is free now.
                     may_take_at = self._clock()
                     break
+        assert probe.holder is not None and record is not None
+        lease = Lease(key=key, generation=gen, token=token, holder=probe.holder)
+        if stop.is_set():  # asked to stop while the winning probe was in flight: hand the lease straight on
+            await self._finish(backend, key, where, lease, None)
+            raise WaitInterruptedError(
+                "stop requested (SIGTERM/SIGINT) before the job started", key=key, generation=gen
+            )
+        return await self._lead(backend, key, where, lease, record, job, args, kwargs)
 
     async def _next_event(self, backend: _Backend, timeout: float, stop: asyncio.Event, key: str) -> Event | None:
         if stop.is_set():

@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -138,7 +139,7 @@ class PostgresServer:
     """A throwaway PostgreSQL cluster (``initdb`` + ``postgres``) on a free loopback port.
 
     PostgreSQL refuses to run as root: when we are root, every server command runs as the ``postgres`` user
-    (``runuser -u postgres``), and the data directory is made owned by it inside a world-traversable temp dir.
+    (``Popen(user="postgres")``), and the data directory is made owned by it inside a world-traversable temp dir.
     """
 
     def __init__(self, *, bindir: str | None = None) -> None:
@@ -152,10 +153,12 @@ class PostgresServer:
         self.password = "hyperion-test-pw"
         self.database = "hyperion"
 
-    def _as_owner(self, args: list[str]) -> list[str]:
-        if os.geteuid() == 0:
-            return ["runuser", "-u", "postgres", "--", *args]
-        return args
+    def _owner(self) -> dict[str, Any]:
+        """Popen arguments that run a server command as ``postgres`` when we are root (signals then reach it
+        directly, unlike through ``runuser``)."""
+        if os.geteuid() != 0:
+            return {}
+        return {"user": "postgres", "group": "postgres", "extra_groups": [], "env": {**os.environ, "HOME": self.root}}
 
     @property
     def url(self) -> str:
@@ -170,19 +173,19 @@ class PostgresServer:
         Path(pwfile).write_text(self.password + "\n")
         os.chmod(pwfile, 0o644)
         subprocess.run(
-            self._as_owner([
+            [
                 os.path.join(self.bindir, "initdb"), "-D", self.data, "-U", self.user, "--pwfile", pwfile,
                 "-A", "scram-sha-256", "-E", "UTF8", "--no-sync",
-            ]),
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            ],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=self.root, **self._owner(),
         )
         self.proc = subprocess.Popen(
-            self._as_owner([
+            [
                 os.path.join(self.bindir, "postgres"), "-D", self.data, "-p", str(self.port),
                 "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.root}",
                 "-c", "fsync=off", "-c", "max_connections=200",
-            ]),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.root, **self._owner(),
         )
         _wait_port(self.port, 30, self.proc)
         self._create_database()

@@ -264,3 +264,26 @@ def test_process_pid_is_reported(redis_url):
     outcome = Coordinator(redis_url, generation="pid-check").run_once_sync("pid", lambda: None)
     assert outcome.runner_pid == os.getpid() and outcome.ran_here
     assert Path("/proc").exists()
+
+
+def test_sigterm_while_leading_keeps_its_default_meaning(tmp_path):
+    """In a plain script (SIGTERM at its default action) a SIGTERM during the job still terminates the process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import time\n"
+        "from hyperion_lock import Coordinator\n"
+        f"c = Coordinator(None, generation='g', lock_dir={str(tmp_path)!r})\n"
+        "print('leading', flush=True)\n"
+        "c.run_once_sync('k', lambda: time.sleep(30))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "leading"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(5) == -signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.communicate()
