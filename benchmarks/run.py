@@ -1,7 +1,7 @@
 """Measured comparison of hyperion_lock against the usual run-once patterns, on a private loopback redis-server.
 
     python -m benchmarks.run                   # N = 8, 32, 128; job 2 s; 1 ms proxy variant at N = 32 (~10 min)
-    python -m benchmarks.run --quick           # N = 8, 32; job 1 s; proxy at N = 8; fewer boots (< 2 min)
+    python -m benchmarks.run --quick           # N = 8, 32; job 1 s; TTL 1 s; proxy at N = 8; 1 boot (< 2 min)
     python -m benchmarks.run --n 8,32 --job-seconds 2 --ttl 2 --proxy-n 8 --boot-reps 3 --output FILE
 
 For every (N, implementation) one set of N real processes (``benchmarks.worker``) is started; each imports its
@@ -136,7 +136,7 @@ class Pool:
 
     def close(self) -> None:
         self.send("exit")
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 1.5  # polling waiters of a killed leader never read "exit": kill them
         for proc in self.procs:
             try:
                 proc.wait(timeout=max(0.05, deadline - time.monotonic()))
@@ -253,7 +253,7 @@ def takeover_round(pool: Pool, key: str, ttl: float, res: Result) -> None:
     time.sleep(min(1.0, ttl / 2) + 0.05)  # mid-job, after at least one renewal/heartbeat
     os.kill(int(first[0]["pid"]), signal.SIGKILL)
     killed = time.time()
-    res.takeover_bound = 2 * ttl + 3
+    res.takeover_bound = 2 * ttl + 1
     second = pool.wait("lead", 2, res.takeover_bound, key)
     if second is not None:
         res.takeover = second[1]["t"] - killed
@@ -505,21 +505,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", default=None, help="comma-separated process counts (default 8,32,128)")
     parser.add_argument("--job-seconds", type=float, default=None)
-    parser.add_argument("--ttl", type=float, default=2.0, help="lease TTL in seconds (default 2)")
+    parser.add_argument("--ttl", type=float, default=None, help="lease TTL in seconds (default 2; --quick 1)")
     parser.add_argument("--proxy-n", default=None, help="process counts for the delay-proxy variant ('' = none)")
     parser.add_argument("--delay-ms", type=float, default=1.0)
     parser.add_argument("--boot-reps", type=int, default=None)
     parser.add_argument("--boot-workers", type=int, default=8)
     parser.add_argument("--impls", default=",".join(IMPLS), help="subset of implementations (comma-separated)")
     parser.add_argument("--boot-only", action="store_true", help="only the gunicorn boot-overhead measurement")
-    parser.add_argument("--quick", action="store_true", help="N = 8,32, 1 s job, proxy at N = 8, 2 boots")
+    parser.add_argument("--quick", action="store_true", help="N = 8,32, 1 s job, TTL 1 s, proxy at N = 8, 1 boot")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     args = parser.parse_args()
     args.n = [int(x) for x in (args.n or ("8,32" if args.quick else "8,32,128")).split(",") if x]
     proxy = args.proxy_n if args.proxy_n is not None else ("8" if args.quick else "32")
     args.proxy_n = [int(x) for x in proxy.split(",") if x]
     args.job_seconds = args.job_seconds or (1.0 if args.quick else 2.0)
-    args.boot_reps = args.boot_reps if args.boot_reps is not None else (2 if args.quick else 5)
+    args.boot_reps = args.boot_reps if args.boot_reps is not None else (1 if args.quick else 5)
+    args.ttl = args.ttl or (1.0 if args.quick else 2.0)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanups (servers, pools) on SIGTERM
     workdir = Path(tempfile.mkdtemp(prefix="hyperion-bench-"))
     started = time.monotonic()
