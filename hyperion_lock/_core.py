@@ -39,7 +39,7 @@ import redis
 import redis.asyncio as aredis
 
 from ._connect import async_client_from_url, describe_client, is_transient, with_retries
-from ._errors import ConfigurationError, JobFailedError, WaitInterruptedError, WaitTimeoutError
+from ._errors import ConfigurationError, JobFailedError, LeaseLostError, WaitInterruptedError, WaitTimeoutError
 from ._file_backend import FileBackend
 from ._keys import JobKeys
 from ._model import Event, Holder, Lease, Outcome, Probe, Status
@@ -69,7 +69,7 @@ class _Backend(Protocol):
     async def probe(self, token: str, *, try_acquire: bool) -> tuple[Probe, str | None]: ...
     async def next_event(self, timeout: float) -> Event | None: ...
     async def renew(self, lease: Lease, record: str) -> int: ...
-    async def finish(self, lease: Lease, outcome: Outcome | None) -> bool: ...
+    async def finish(self, lease: Lease, outcome: Outcome | None) -> int: ...
     async def close(self) -> None: ...
 
 
@@ -421,7 +421,8 @@ class Coordinator:
             failed = outcome(Status.FAILED, exc)
             self.log.error("%s: job failed after %.2f s: %s: %s", key, failed.duration_s, failed.error_type, exc)
             await stop_renewer()
-            await self._finish(backend, key, where, lease, failed)
+            if await self._finish(backend, key, where, lease, failed) and not isinstance(exc, LeaseLostError):
+                raise self._superseded(lease) from exc
             raise
         except BaseException:
             self.log.warning("%s: job interrupted; releasing the lease so another worker can take over", key)
@@ -432,23 +433,40 @@ class Coordinator:
             _CURRENT_LEASE.reset(ctx_token)
         done = outcome(Status.DONE)
         await stop_renewer()
-        await self._finish(backend, key, where, lease, done)
+        if await self._finish(backend, key, where, lease, done):
+            raise self._superseded(lease)
         self.log.info("%s: job done in %.2f s (fencing token %d)", key, done.duration_s, lease.fencing_token)
         return replace(done, ran_here=True)
 
-    async def _finish(self, backend: _Backend, key: str, where: str, lease: Lease, outcome: Outcome | None) -> None:
+    def _superseded(self, lease: Lease) -> LeaseLostError:
+        lease.lost = True
+        return LeaseLostError(
+            f"another worker took over the job while this one (fencing token {lease.fencing_token}) was stalled; "
+            "its outcome is the one recorded, this run's is discarded",
+            key=lease.key, generation=lease.generation,
+        )
+
+    async def _finish(self, backend: _Backend, key: str, where: str, lease: Lease, outcome: Outcome | None) -> bool:
+        """Record the outcome; True when a newer leader superseded this one (nothing was recorded)."""
         budget = self.settings.reconnect_timeout if outcome is not None else min(2.0, self.settings.reconnect_timeout)
         try:
-            held = await self._retry(lambda: backend.finish(lease, outcome), "record the outcome", where, key, budget)
+            result = await self._retry(lambda: backend.finish(lease, outcome), "record the outcome", where, key, budget)
         except Exception as exc:
             self.log.error("%s: could not record the outcome (%s); waiters will take over after the lease TTL",
                            key, exc)
-            return
-        if not held and outcome is not None:
+            return False
+        if result == 0:
             self.log.warning(
-                "%s: the lease (fencing token %d) had expired or been taken before the job finished; "
-                "outcome recorded anyway", key, lease.fencing_token,
+                "%s: superseded: a newer leader took the job over from fencing token %d; nothing recorded",
+                key, lease.fencing_token,
             )
+            return True
+        if result == 2 and outcome is not None:
+            self.log.warning(
+                "%s: the lease (fencing token %d) had expired before the job finished, but nobody took over; "
+                "outcome recorded", key, lease.fencing_token,
+            )
+        return False
 
     async def _renew_loop(
         self, backend: _Backend, key: str, lease: Lease, record: str, stop: asyncio.Event

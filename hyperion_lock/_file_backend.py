@@ -153,14 +153,14 @@ class FileBackend:
     async def renew(self, lease: Lease, record: str) -> int:
         return 1  # a flock does not expire while its process lives
 
-    async def finish(self, lease: Lease, outcome: Outcome | None) -> bool:
+    async def finish(self, lease: Lease, outcome: Outcome | None) -> int:
+        """Always 1 (held): a flock cannot be taken over while its process lives."""
         if outcome is not None:
             previous = self.read_outcome(self.generation)
             if not (previous and previous.status is Status.DONE and outcome.status is not Status.DONE):
                 self._write_atomic(self.outcome_path(self.generation), outcome.to_json())
-        held = self._held
         self._release()
-        return held
+        return 1
 
     async def close(self) -> None:
         with self._guard:

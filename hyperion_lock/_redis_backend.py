@@ -196,20 +196,23 @@ class RedisBackend:
         )
         return int(result)
 
-    async def finish(self, lease: Lease, outcome: Outcome | None) -> bool:
-        """Record ``outcome`` (``None``: give the job up), drop the lease, wake waiters. True if still held."""
-        held = await self.ops.run(
+    async def finish(self, lease: Lease, outcome: Outcome | None) -> int:
+        """Record ``outcome`` (``None``: give the job up), drop the lease, wake waiters.
+
+        1 still held, 2 expired but nobody took over (recorded anyway), 0 superseded (nothing written)."""
+        result = await self.ops.run(
             _scripts.FINISH,
-            [self.keys.lease, self.keys.outcome(self.generation)],
+            [self.keys.lease, self.keys.outcome(self.generation), self.keys.fence],
             [
                 lease.token,
                 outcome.to_json() if outcome else "",
                 max(1, int(self.settings.result_ttl * 1000)),
                 self.keys.channel,
                 self._holder_message(lease, Status.RELEASED),
+                lease.fencing_token,
             ],
         )
-        return bool(int(held))
+        return int(result)
 
     async def close(self) -> None:
         await self.ops.close()

@@ -19,19 +19,20 @@ redis.call('SET', KEYS[2], lease, 'PX', ARGV[2])
 return {outcome, lease, 1}
 """
 
-# Keep the lease alive; re-create it if it vanished (Redis restart without persistence), never steal it.
+# Keep the lease alive; re-create it if it vanished (Redis restart without persistence) unless a newer leader
+# has been elected since (the fencing counter moved past ours): never steal it, never resurrect a stale one.
 # KEYS[1] lease key, KEYS[2] fence counter
 # ARGV[1] owner token, ARGV[2] lease TTL (ms), ARGV[3] our lease JSON, ARGV[4] our fencing token,
 # ARGV[5] channel, ARGV[6] heartbeat message
-# returns 1 renewed, 2 re-created, 0 lost (another owner holds it; nothing changed)
+# returns 1 renewed, 2 re-created, 0 lost (another owner holds it, or a newer leader existed; nothing changed)
 RENEW = """
 local cur = redis.call('GET', KEYS[1])
 local status = 1
 if not cur then
+  local fence = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if fence > tonumber(ARGV[4]) then return 0 end
   redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
-  if tonumber(redis.call('GET', KEYS[2]) or '0') < tonumber(ARGV[4]) then
-    redis.call('SET', KEYS[2], ARGV[4])
-  end
+  if fence < tonumber(ARGV[4]) then redis.call('SET', KEYS[2], ARGV[4]) end
   status = 2
 elseif cjson.decode(cur).token == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -42,14 +43,19 @@ redis.call('PUBLISH', ARGV[5], ARGV[6])
 return status
 """
 
-# Record the outcome (if any), drop our lease, wake every waiter.
-# KEYS[1] lease key, KEYS[2] outcome key of this generation
+# Record the outcome (if any), drop our lease, wake every waiter -- unless a newer leader superseded us, in which
+# case nothing is written or published: the successor's outcome is the one that counts.
+# KEYS[1] lease key, KEYS[2] outcome key of this generation, KEYS[3] fence counter
 # ARGV[1] owner token, ARGV[2] outcome JSON or '' (give up without an outcome), ARGV[3] outcome TTL (ms),
-# ARGV[4] channel, ARGV[5] release message (sent when there is no outcome)
-# returns 1 if we still held the lease, 0 if it had expired or belongs to someone else (left alone)
+# ARGV[4] channel, ARGV[5] release message (sent when there is no outcome), ARGV[6] our fencing token
+# returns 1 we still held the lease, 2 it had expired but nobody took over (recorded anyway), 0 superseded
 FINISH = """
 local cur = redis.call('GET', KEYS[1])
 local held = cur and cjson.decode(cur).token == ARGV[1]
+if not held then
+  if cur then return 0 end
+  if tonumber(redis.call('GET', KEYS[3]) or '0') > tonumber(ARGV[6]) then return 0 end
+end
 if held then redis.call('DEL', KEYS[1]) end
 if ARGV[2] ~= '' then
   local prev = redis.call('GET', KEYS[2])
@@ -61,7 +67,7 @@ elseif held then
   redis.call('PUBLISH', ARGV[4], ARGV[5])
 end
 if held then return 1 end
-return 0
+return 2
 """
 
 # Clear a job's state for the CLI's reset.

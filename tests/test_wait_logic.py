@@ -83,8 +83,8 @@ class ScriptedBackend:
     async def renew(self, lease: Lease, record: str) -> int:
         return 1
 
-    async def finish(self, lease: Lease, outcome: Outcome | None) -> bool:
-        return True
+    async def finish(self, lease: Lease, outcome: Outcome | None) -> int:
+        return 1
 
 
 def coordinator(clock: FakeClock, **overrides: Any) -> Coordinator:
