@@ -45,7 +45,7 @@ from ._keys import JobKeys
 from ._model import Event, Holder, Lease, Outcome, Probe, Status
 from ._redis_backend import AsyncOps, RedisBackend, SyncOps
 from ._settings import Settings, redact_url
-from ._signals import stop_requested_event
+from ._signals import STOP_MESSAGE, stop_requested
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class _Backend(Protocol):
     def describe(self) -> str: ...
     async def open(self) -> None: ...
     async def reopen(self) -> None: ...
+    async def prepare(self) -> None: ...
     async def probe(self, token: str, *, try_acquire: bool) -> tuple[Probe, str | None]: ...
     async def next_event(self, timeout: float) -> Event | None: ...
     async def renew(self, lease: Lease, record: str) -> int: ...
@@ -146,8 +147,8 @@ class Coordinator:
         keys = JobKeys(self.settings.key_prefix, key)
         backend = self._backend(keys)
         where = backend.describe()
-        await self._retry(backend.open, f"connect for job {key!r}", where, key, self.settings.connect_timeout)
         try:
+            await self._retry(backend.open, f"connect for job {key!r}", where, key, self.settings.connect_timeout)
             return await self._coordinate(backend, key, where, job, args, kwargs, wait=wait)
         finally:
             await backend.close()
@@ -260,87 +261,97 @@ class Coordinator:
                     )
             return None
 
-        with stop_requested_event(loop) as stop:
-            while True:
-                now = self._clock()
-                allowed = now >= may_take_at
-                if allowed and look_first and math.isfinite(grace):
-                    # Silence for a whole TTL: make sure Redis itself was not what stalled before taking over.
-                    t0 = self._clock()
-                    look, _ = await self._retry(
-                        lambda: backend.probe(token, try_acquire=False), "look at the job", where, key,
-                        s.reconnect_timeout,
-                    )
-                    done = judge(look.outcome)
-                    if done is not None:
-                        return self._skipped(key, done, started)
-                    if look.holder is None and self._clock() - t0 > grace / 4:
-                        self.log.info(
-                            "%s: Redis answered slowly; giving the holder %.1f s to re-assert", key, grace / 3
-                        )
-                        may_take_at = self._clock() + grace / 3
-                        allowed = False
-                look_first = False
-                probe, record = await self._retry(
-                    functools.partial(backend.probe, token, try_acquire=allowed), "probe the job", where, key,
-                    s.reconnect_timeout,
-                )
-                done = judge(probe.outcome)
-                first = False
-                if done is not None:
-                    return self._skipped(key, done, started)
-                if probe.acquired:
-                    break  # lead outside the signal hook: a SIGTERM while leading keeps its usual meaning
-                if probe.holder is not None:
-                    if holder is None or holder.fencing_token != probe.holder.fencing_token:
-                        self.log.info(
-                            "%s: job is running in %s (fencing token %d); waiting for it",
-                            key, probe.holder.runner, probe.holder.fencing_token,
-                        )
-                    holder = probe.holder
-                    may_take_at = max(may_take_at, self._clock() + grace)
-                if not wait:
-                    return None
-                # Wait for something to happen.
+        with stop_requested(loop) as stop:
+            try:
                 while True:
                     now = self._clock()
-                    if s.wait_timeout is not None and now - started >= s.wait_timeout:
-                        raise WaitTimeoutError(
-                            f"gave up after wait_timeout={s.wait_timeout} s while "
-                            f"{holder.runner if holder else 'another worker'} still ran the job",
-                            key=key, generation=gen,
+                    allowed = now >= may_take_at
+                    if allowed and look_first and math.isfinite(grace):
+                        # Silence for a whole TTL: make sure Redis itself was not what stalled before taking over.
+                        t0 = self._clock()
+                        look, _ = await self._retry(
+                            lambda: backend.probe(token, try_acquire=False), "look at the job", where, key,
+                            s.reconnect_timeout,
                         )
-                    if now >= next_log:
-                        self._log_progress(key, holder, now - started)
-                        next_log = now + s.progress_interval
-                    deadline = min(may_take_at, next_log)
-                    if s.wait_timeout is not None:
-                        deadline = min(deadline, started + s.wait_timeout)
-                    try:
-                        event = await self._next_event(backend, max(0.0, deadline - now), stop, key)
-                    except Exception as exc:
-                        if not is_transient(exc):
-                            raise
-                        self.log.warning("%s: lost the connection to %s (%s); reconnecting", key, where, exc)
-                        await self._retry(backend.reopen, "resubscribe", where, key, s.reconnect_timeout)
-                        look_first = True
-                        break
-                    if event is None:
-                        if self._clock() >= may_take_at:
-                            look_first = True
-                            break
-                        continue
-                    if event.status is Status.RUNNING:
-                        holder = event.holder
-                        may_take_at = self._clock() + grace
-                        continue
-                    if event.generation == gen and event.outcome is not None:
-                        done = judge(event.outcome)
+                        done = judge(look.outcome)
                         if done is not None:
                             return self._skipped(key, done, started)
-                    # Released, or finished for another generation: the lease is free now.
-                    may_take_at = self._clock()
-                    break
+                        if look.holder is None and self._clock() - t0 > grace / 4:
+                            self.log.info(
+                                "%s: Redis answered slowly; giving the holder %.1f s to re-assert", key, grace / 3
+                            )
+                            may_take_at = self._clock() + grace / 3
+                            allowed = False
+                    look_first = False
+                    probe, record = await self._retry(
+                        functools.partial(backend.probe, token, try_acquire=allowed), "probe the job", where, key,
+                        s.connect_timeout if first else s.reconnect_timeout,  # first round trip: a boot-time check
+                    )
+                    done = judge(probe.outcome)
+                    first = False
+                    if done is not None:
+                        return self._skipped(key, done, started)
+                    if probe.acquired:
+                        break  # lead outside the signal hook: a SIGTERM while leading keeps its usual meaning
+                    if probe.holder is not None:
+                        if holder is None or holder.fencing_token != probe.holder.fencing_token:
+                            self.log.info(
+                                "%s: job is running in %s (fencing token %d); waiting for it",
+                                key, probe.holder.runner, probe.holder.fencing_token,
+                            )
+                        holder = probe.holder
+                        may_take_at = max(may_take_at, self._clock() + grace)
+                    if not wait:
+                        return None
+                    # Wait for something to happen.
+                    while True:
+                        now = self._clock()
+                        if s.wait_timeout is not None and now - started >= s.wait_timeout:
+                            raise WaitTimeoutError(
+                                f"gave up after wait_timeout={s.wait_timeout} s while "
+                                f"{holder.runner if holder else 'another worker'} still ran the job",
+                                key=key, generation=gen,
+                            )
+                        if now >= next_log:
+                            self._log_progress(key, holder, now - started)
+                            next_log = now + s.progress_interval
+                        deadline = min(may_take_at, next_log)
+                        if s.wait_timeout is not None:
+                            deadline = min(deadline, started + s.wait_timeout)
+                        try:
+                            event = await backend.next_event(max(0.0, deadline - now))
+                        except Exception as exc:
+                            if not is_transient(exc):
+                                raise
+                            self.log.warning("%s: lost the connection to %s (%s); reconnecting", key, where, exc)
+                            await self._retry(backend.reopen, "resubscribe", where, key, s.reconnect_timeout)
+                            look_first = True
+                            break
+                        if event is None:
+                            if self._clock() >= may_take_at:
+                                look_first = True
+                                break
+                            continue
+                        if event.status is Status.RUNNING:
+                            holder = event.holder
+                            may_take_at = self._clock() + grace
+                            continue
+                        if event.generation == gen and event.outcome is not None:
+                            done = judge(event.outcome)
+                            if done is not None:
+                                return self._skipped(key, done, started)
+                        # Released, or finished for another generation: the lease is free now.
+                        may_take_at = self._clock()
+                        break
+            except asyncio.CancelledError as exc:
+                if not stop.is_set() or STOP_MESSAGE not in exc.args:
+                    raise
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                raise WaitInterruptedError(
+                    "stop requested (SIGTERM/SIGINT) while waiting for the job", key=key, generation=gen
+                ) from None
         assert probe.holder is not None and record is not None
         lease = Lease(key=key, generation=gen, token=token, holder=probe.holder)
         if stop.is_set():  # asked to stop while the winning probe was in flight: hand the lease straight on
@@ -349,25 +360,6 @@ class Coordinator:
                 "stop requested (SIGTERM/SIGINT) before the job started", key=key, generation=gen
             )
         return await self._lead(backend, key, where, lease, record, job, args, kwargs)
-
-    async def _next_event(self, backend: _Backend, timeout: float, stop: asyncio.Event, key: str) -> Event | None:
-        if stop.is_set():
-            raise WaitInterruptedError("stop requested (SIGTERM/SIGINT) while waiting for the job",
-                                       key=key, generation=self.settings.generation)
-        waiter = asyncio.ensure_future(backend.next_event(timeout))
-        stopper = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopper.cancel()
-            if not waiter.done():
-                waiter.cancel()
-                with contextlib.suppress(BaseException):
-                    await waiter
-        if not waiter.cancelled() and waiter.done() and (waiter.exception() is not None or not stop.is_set()):
-            return waiter.result()
-        raise WaitInterruptedError("stop requested (SIGTERM/SIGINT) while waiting for the job",
-                                   key=key, generation=self.settings.generation)
 
     def _log_progress(self, key: str, holder: Holder | None, waited: float) -> None:
         if holder is None:
@@ -394,6 +386,8 @@ class Coordinator:
             "%s: pid %d leads generation %s (fencing token %d) via %s; running the job",
             key, os.getpid(), s.generation, lease.fencing_token, where,
         )
+        with contextlib.suppress(Exception):  # an optimisation only: the scripts load on first use otherwise
+            await backend.prepare()
         stop_renewing = asyncio.Event()
         renewer = asyncio.create_task(self._renew_loop(backend, key, lease, record, stop_renewing))
         started_wall = self._wall()
@@ -401,9 +395,9 @@ class Coordinator:
         ctx_token = _CURRENT_LEASE.set(lease)
 
         async def stop_renewer() -> None:
+            # Let an in-flight renewal finish (so it cannot re-create the lease after finish), bounded by a TTL.
             stop_renewing.set()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(renewer), timeout=s.lease_ttl)
+            await asyncio.wait({renewer}, timeout=s.lease_ttl)
             renewer.cancel()
 
         def outcome(status: Status, exc: BaseException | None = None) -> Outcome:

@@ -56,6 +56,9 @@ class FileBackend:
     async def reopen(self) -> None:
         return None
 
+    async def prepare(self) -> None:
+        return None
+
     def _write_atomic(self, path: Path, text: str) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-")
         with os.fdopen(fd, "w") as fh:

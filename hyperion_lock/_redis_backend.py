@@ -30,6 +30,7 @@ class _Ops(Protocol):
     """The handful of Redis operations the backend needs, whatever the client flavour."""
 
     async def run(self, script: str, keys: list[str], args: list[Any]) -> Any: ...
+    async def load(self, script: str) -> None: ...
     async def subscribe(self, channel: str) -> None: ...
     async def get_message(self, timeout: float) -> Any: ...
     async def close(self) -> None: ...
@@ -53,6 +54,9 @@ class AsyncOps(_OpsBase):
     async def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         return await self._script(script)(keys=keys, args=args)
 
+    async def load(self, script: str) -> None:
+        await self._client.script_load(script)
+
     async def subscribe(self, channel: str) -> None:
         if self._pubsub is not None:
             await close_quietly(self._pubsub.aclose)
@@ -75,6 +79,9 @@ class SyncOps(_OpsBase):
 
     async def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         return await asyncio.to_thread(self._script(script), keys=keys, args=args)
+
+    async def load(self, script: str) -> None:
+        await asyncio.to_thread(self._client.script_load, script)
 
     async def subscribe(self, channel: str) -> None:
         old, self._pubsub = self._pubsub, self._client.pubsub(ignore_subscribe_messages=True)
@@ -118,6 +125,11 @@ class RedisBackend:
 
     async def reopen(self) -> None:
         await self.ops.subscribe(self.keys.channel)
+
+    async def prepare(self) -> None:
+        """Leader only: cache the renew/finish scripts so the outcome is published in one round trip."""
+        for script in (_scripts.RENEW, _scripts.FINISH):
+            await self.ops.load(script)
 
     def holder_record(self) -> str:
         return json.dumps(

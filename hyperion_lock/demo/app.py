@@ -37,7 +37,7 @@ from .._fastapi import OptionalRedis
 from .._gunicorn import WORKERS_ENV
 from .._model import Outcome
 from .._settings import Settings
-from .._signals import stop_requested_event
+from .._signals import stop_requested
 from . import jobs
 from .db import database_url, describe_url, make_engine
 from .models import Item
@@ -67,7 +67,7 @@ def outcome_report(outcome: Outcome) -> dict[str, Any]:
 async def initialise(coordinator: Coordinator, state: StartupState, url: str, engine: Engine) -> None:
     """Run the init jobs in order through the coordinator, recording their outcomes in ``state``."""
     steps: list[tuple[str, Any, tuple[Any, ...]]] = [("migrate", jobs.migrate, (url,)), ("seed", jobs.seed, (engine,))]
-    with stop_requested_event(asyncio.get_running_loop()) as stop:
+    with stop_requested(asyncio.get_running_loop(), cancel=False) as stop:
         for name, job, args in steps:
             if stop.is_set():  # SIGTERM arrived during the previous job: start no new one
                 raise WaitInterruptedError(f"stop requested before job {name!r}", key=name,
