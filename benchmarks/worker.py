@@ -162,6 +162,28 @@ def floor_round(log: Log, r: redis.Redis, channel: str) -> None:
     log.emit("floor-done", key=channel)
 
 
+def floor_async_round(log: Log, url: str, channel: str) -> None:
+    """The floor for an asyncio worker (what a FastAPI lifespan runs in): redis.asyncio, one subscription."""
+    import redis.asyncio as aredis
+
+    async def wait() -> None:
+        client = aredis.Redis.from_url(url, driver_info=None, protocol=2)
+        pubsub = client.pubsub()
+        await pubsub.subscribe(channel)
+        confirmed = await pubsub.get_message(timeout=10)
+        log.emit("subscribed", key=channel, ok=bool(confirmed))
+        for _ in range(1000):
+            message = await pubsub.get_message(timeout=60)
+            if message is not None and message["type"] == "message":
+                log.emit("woke", key=channel)
+                break
+        await pubsub.aclose()
+        await client.aclose()
+
+    asyncio.run(wait())
+    log.emit("floor-done", key=channel)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--impl", choices=IMPLS, required=True)
@@ -189,7 +211,10 @@ def main() -> int:
         if kind == "floor":
             floor_round(log, r, key)
             continue
-        if kind != "floor" and args.jitter > 0:
+        if kind == "floor-async":
+            floor_async_round(log, args.url, key)
+            continue
+        if args.jitter > 0:
             time.sleep(random.uniform(0, args.jitter))  # workers of a real boot do not start in lockstep
         log.emit("entered", key=key)
         ran = runner(log, r, args.url, key, args.ttl, lambda k=kind, c=key: job_seconds(log, k, c, args.job_seconds))

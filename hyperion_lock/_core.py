@@ -388,16 +388,18 @@ class Coordinator:
         )
         with contextlib.suppress(Exception):  # an optimisation only: the scripts load on first use otherwise
             await backend.prepare()
-        stop_renewing = asyncio.Event()
-        renewer = asyncio.create_task(self._renew_loop(backend, key, lease, record, stop_renewing))
+        renewal = _Renewal()
+        renewer = asyncio.create_task(self._renew_loop(backend, key, lease, record, renewal))
         started_wall = self._wall()
         started = self._clock()
         ctx_token = _CURRENT_LEASE.set(lease)
 
         async def stop_renewer() -> None:
-            # Let an in-flight renewal finish (so it cannot re-create the lease after finish), bounded by a TTL.
-            stop_renewing.set()
-            await asyncio.wait({renewer}, timeout=s.lease_ttl)
+            # An idle renewer is simply cancelled (no wait on the release path); one whose renewal is in flight
+            # is let finish first, so that renewal cannot re-create the lease after the finish script dropped it.
+            renewal.stopping = True
+            if renewal.in_flight:
+                await asyncio.wait({renewer}, timeout=s.lease_ttl)
             renewer.cancel()
 
         def outcome(status: Status, exc: BaseException | None = None) -> Outcome:
@@ -462,18 +464,16 @@ class Coordinator:
             )
         return False
 
-    async def _renew_loop(
-        self, backend: _Backend, key: str, lease: Lease, record: str, stop: asyncio.Event
-    ) -> None:
+    async def _renew_loop(self, backend: _Backend, key: str, lease: Lease, record: str, renewal: _Renewal) -> None:
         ttl = self.settings.lease_ttl
         interval = ttl / 3
         last_ok = self._clock()
         failing = False
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=interval if not failing else min(interval, 0.5))
-            if stop.is_set():
+        while not renewal.stopping:
+            await self._sleep(interval if not failing else min(interval, 0.5))
+            if renewal.stopping:
                 return
+            renewal.in_flight = True
             try:
                 result = await backend.renew(lease, record)
             except Exception as exc:
@@ -487,6 +487,8 @@ class Coordinator:
                     )
                 failing = True
                 continue
+            finally:
+                renewal.in_flight = False
             if failing:
                 self.log.info("%s: lease renewal works again", key)
             failing = False
@@ -503,6 +505,14 @@ class Coordinator:
                     key, lease.fencing_token,
                 )
                 return
+
+
+class _Renewal:
+    """Shared between a leader and its renewal task."""
+
+    def __init__(self) -> None:
+        self.in_flight = False
+        self.stopping = False
 
 
 async def invoke(job: Callable[..., Any], args: Any, kwargs: Any) -> None:

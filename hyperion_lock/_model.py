@@ -75,10 +75,13 @@ class Outcome:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Outcome:
-        data = json.loads(raw)
-        data["status"] = Status(data["status"])
-        data.pop("ran_here", None)
-        return cls(**data)
+        return cls.from_mapping(json.loads(raw))
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any]) -> Outcome:
+        fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "ran_here"}
+        fields["status"] = Status(fields["status"])
+        return cls(**fields)
 
 
 class Lease:

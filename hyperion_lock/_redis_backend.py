@@ -176,7 +176,7 @@ class RedisBackend:
             return None
         generation = str(payload.get("generation", ""))
         if status in (Status.DONE, Status.FAILED):
-            return Event(status, generation, outcome=Outcome.from_json(data))
+            return Event(status, generation, outcome=Outcome.from_mapping(payload))
         return Event(status, generation, holder=Holder.from_mapping(payload))
 
     def _holder_message(self, lease: Lease, status: Status) -> str:
