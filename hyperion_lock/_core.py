@@ -47,10 +47,9 @@ from ._redis_backend import AsyncOps, RedisBackend, SyncOps
 from ._settings import Settings, redact_url
 from ._signals import STOP_MESSAGE, stop_requested
 
-logger = logging.getLogger(__name__)
-
 T = TypeVar("T")
 RedisLike = aredis.Redis | redis.Redis
+_SyncRedis = redis.Redis  # the parameter named ``redis`` shadows the module inside Coordinator.__init__
 _CURRENT_LEASE: contextvars.ContextVar[Lease | None] = contextvars.ContextVar("hyperion_lock_lease", default=None)
 
 
@@ -101,14 +100,14 @@ class Coordinator:
         if isinstance(redis, str):
             self.settings = self.settings.with_(redis_url=redis)
             redis = None
-        if redis is not None and not isinstance(redis, aredis.Redis | _sync_redis_type()):
+        if redis is not None and not isinstance(redis, aredis.Redis | _SyncRedis):
             raise ConfigurationError(
                 f"redis must be a redis.asyncio.Redis, a redis.Redis, a URL or None, not {type(redis).__name__}"
             )
         self._client = redis
         if self._client is None and self.settings.redis_url:
             async_client_from_url(self.settings.redis_url, connect_timeout=1, socket_timeout=1)  # validate only
-        self.log = logger or globals()["logger"]
+        self.log = logger or logging.getLogger(__name__)
         self._clock = clock
         self._wall = wall
         self._sleep = sleep
@@ -522,7 +521,3 @@ async def invoke(job: Callable[..., Any], args: Any, kwargs: Any) -> None:
     result = await asyncio.to_thread(job, *args, **kwargs)
     if inspect.isawaitable(result):
         await result
-
-
-def _sync_redis_type() -> type[redis.Redis]:
-    return redis.Redis
