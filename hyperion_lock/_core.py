@@ -66,7 +66,9 @@ class _Backend(Protocol):
     async def open(self) -> None: ...
     async def reopen(self) -> None: ...
     async def prepare(self) -> None: ...
-    async def probe(self, token: str, *, try_acquire: bool) -> tuple[Probe, str | None]: ...
+    async def probe(
+        self, token: str, *, try_acquire: bool, seen_fence: int = 0, with_counter: bool = False
+    ) -> tuple[Probe, str | None]: ...
     async def next_event(self, timeout: float) -> Event | None: ...
     async def renew(self, lease: Lease, record: str) -> int: ...
     async def finish(self, lease: Lease, outcome: Outcome | None) -> int: ...
@@ -233,6 +235,7 @@ class Coordinator:
         stale_failure: int | None = None
         first = True
         look_first = False
+        grace_for_loss = 0  # fencing token of the holder already given a TTL after Redis lost its state
         holder: Holder | None = None
         next_log = started + s.progress_interval
         loop = asyncio.get_running_loop()
@@ -269,13 +272,28 @@ class Coordinator:
                         # Silence for a whole TTL: make sure Redis itself was not what stalled before taking over.
                         t0 = self._clock()
                         look, _ = await self._retry(
-                            lambda: backend.probe(token, try_acquire=False), "look at the job", where, key,
-                            s.reconnect_timeout,
+                            functools.partial(backend.probe, token, try_acquire=False, with_counter=True),
+                            "look at the job", where, key, s.reconnect_timeout,
                         )
                         done = judge(look.outcome)
                         if done is not None:
                             return self._skipped(key, done, started)
-                        if look.holder is None and self._clock() - t0 > grace / 4:
+                        lost_state = (
+                            holder is not None and look.holder is None and look.fence_counter is not None
+                            and look.fence_counter < holder.fencing_token and grace_for_loss != holder.fencing_token
+                        )
+                        if lost_state:
+                            # The counter never goes down: Redis lost its data (restart without persistence). The
+                            # holder may well be alive and reconnecting: give it a whole TTL to re-assert its lease.
+                            assert holder is not None
+                            grace_for_loss = holder.fencing_token
+                            self.log.warning(
+                                "%s: Redis lost the job's state (restarted without persistence?); giving %s "
+                                "%.1f s to re-assert its lease", key, holder.runner, grace,
+                            )
+                            may_take_at = self._clock() + grace
+                            allowed = False
+                        elif look.holder is None and self._clock() - t0 > grace / 4:
                             self.log.info(
                                 "%s: Redis answered slowly; giving the holder %.1f s to re-assert", key, grace / 3
                             )
@@ -283,7 +301,11 @@ class Coordinator:
                             allowed = False
                     look_first = False
                     probe, record = await self._retry(
-                        functools.partial(backend.probe, token, try_acquire=allowed), "probe the job", where, key,
+                        functools.partial(
+                            backend.probe, token, try_acquire=allowed,
+                            seen_fence=holder.fencing_token if holder is not None else 0,
+                        ),
+                        "probe the job", where, key,
                         s.connect_timeout if first else s.reconnect_timeout,  # first round trip: a boot-time check
                     )
                     done = judge(probe.outcome)
@@ -324,6 +346,8 @@ class Coordinator:
                                 raise
                             self.log.warning("%s: lost the connection to %s (%s); reconnecting", key, where, exc)
                             await self._retry(backend.reopen, "resubscribe", where, key, s.reconnect_timeout)
+                            # Heartbeats were missed while we were cut off: the silence proves nothing.
+                            may_take_at = max(may_take_at, self._clock() + grace)
                             look_first = True
                             break
                         if event is None:
@@ -469,7 +493,7 @@ class Coordinator:
         last_ok = self._clock()
         failing = False
         while not renewal.stopping:
-            await self._sleep(interval if not failing else min(interval, 0.5))
+            await self._sleep(interval if not failing else min(interval, 0.1))  # re-assert fast after an outage
             if renewal.stopping:
                 return
             renewal.in_flight = True

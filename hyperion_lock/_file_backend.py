@@ -84,7 +84,10 @@ class FileBackend:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         self._held = False
 
-    async def probe(self, token: str, *, try_acquire: bool) -> tuple[Probe, str | None]:
+    async def probe(
+        self, token: str, *, try_acquire: bool, seen_fence: int = 0, with_counter: bool = False
+    ) -> tuple[Probe, str | None]:
+        """File locks cannot lose state under a live holder: ``seen_fence``/``with_counter`` are not needed."""
         assert self._fd is not None, "open() first"
         outcome = self.read_outcome(self.generation)
         if outcome is not None and outcome.status is Status.DONE:

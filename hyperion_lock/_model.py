@@ -125,6 +125,7 @@ class Probe:
     outcome: Outcome | None
     holder: Holder | None
     acquired: bool = False
+    fence_counter: int | None = None  # only when asked for: the job's fencing counter as stored
 
 
 @dataclass(frozen=True)

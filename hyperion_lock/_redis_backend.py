@@ -141,16 +141,21 @@ class RedisBackend:
             }
         )
 
-    async def probe(self, token: str, *, try_acquire: bool) -> tuple[Probe, str | None]:
-        raw_outcome, raw_lease, taken = await self.ops.run(
+    async def probe(
+        self, token: str, *, try_acquire: bool, seen_fence: int = 0, with_counter: bool = False
+    ) -> tuple[Probe, str | None]:
+        raw_outcome, raw_lease, taken, raw_counter = await self.ops.run(
             _scripts.PROBE,
             [self.keys.outcome(self.generation), self.keys.lease, self.keys.fence],
-            [token, self._ttl_ms, self.holder_record(), "1" if try_acquire else "0"],
+            [token, self._ttl_ms, self.holder_record(), "1" if try_acquire else "0", seen_fence,
+             "1" if with_counter else "0"],
         )
-        outcome_text, lease_text = _text(raw_outcome), _text(raw_lease)
+        outcome_text, lease_text, counter = _text(raw_outcome), _text(raw_lease), _text(raw_counter)
         outcome = Outcome.from_json(outcome_text) if outcome_text else None
         holder = Holder.from_mapping(json.loads(lease_text)) if lease_text else None
-        return Probe(outcome=outcome, holder=holder, acquired=bool(int(taken))), lease_text
+        probe = Probe(outcome=outcome, holder=holder, acquired=bool(int(taken)),
+                      fence_counter=int(counter) if counter is not None else None)
+        return probe, lease_text
 
     async def next_event(self, timeout: float) -> Event | None:
         """Wait up to ``timeout`` s for a message on the job's channel; ``None`` when none came."""

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 # Look at a job, and take its lease when it is free and allowed.
 # KEYS[1] outcome key of this generation, KEYS[2] lease key, KEYS[3] fence counter
-# ARGV[1] owner token, ARGV[2] lease TTL (ms), ARGV[3] holder JSON (without token/fence), ARGV[4] "1" = may take
-# returns {outcome JSON or nil, lease JSON or nil (ours when taken), 1 if taken else 0}
+# ARGV[1] owner token, ARGV[2] lease TTL (ms), ARGV[3] holder JSON (without token/fence), ARGV[4] "1" = may take,
+# ARGV[5] highest fencing token the caller has seen (the counter never restarts below it, even after data loss),
+# ARGV[6] "1" = also return the fence counter
+# returns {outcome JSON or nil, lease JSON or nil (ours when taken), 1 if taken else 0, counter or nil}
 PROBE = """
 local outcome = redis.call('GET', KEYS[1])
 local lease = redis.call('GET', KEYS[2])
-if lease or ARGV[4] ~= '1' then return {outcome, lease, 0} end
-if outcome and cjson.decode(outcome).status == 'done' then return {outcome, false, 0} end
+local counter = false
+if ARGV[6] == '1' then counter = redis.call('GET', KEYS[3]) or '0' end
+if lease or ARGV[4] ~= '1' then return {outcome, lease, 0, counter} end
+if outcome and cjson.decode(outcome).status == 'done' then return {outcome, false, 0, counter} end
+if tonumber(redis.call('GET', KEYS[3]) or '0') < tonumber(ARGV[5]) then redis.call('SET', KEYS[3], ARGV[5]) end
 local v = cjson.decode(ARGV[3])
 v.token = ARGV[1]
 v.fence = redis.call('INCR', KEYS[3])
 lease = cjson.encode(v)
 redis.call('SET', KEYS[2], lease, 'PX', ARGV[2])
-return {outcome, lease, 1}
+return {outcome, lease, 1, counter}
 """
 
 # Keep the lease alive; re-create it if it vanished (Redis restart without persistence) unless a newer leader

@@ -270,26 +270,34 @@ def _stored_outcome(url: str, key: str = "migrate", generation: str = "g1") -> d
     return json.loads(raw) if raw else None
 
 
+def _stall_leader(workers: Workers, url: str, *, old_job: str, successor_job: str) -> tuple[Any, float]:
+    """Start a leader, two waiters, then SIGSTOP the leader; returns (leader process, time it was stopped)."""
+    old = workers.spawn(1, url=url, ttl=TTL, job=old_job)[0]
+    workers.wait_for("ran", 1, timeout=30)
+    workers.spawn(2, url=url, ttl=TTL, job=successor_job)
+    workers.wait_for("started", 3, timeout=30)
+    time.sleep(0.3)
+    old.send_signal(signal.SIGSTOP)
+    return old, time.time()
+
+
+def _after_stall(workers: Workers, url: str) -> tuple[list[int], list[dict[str, Any]], dict[int, dict[str, Any]],
+                                                     dict[str, Any] | None]:
+    codes = workers.join(timeout=60)
+    return codes, workers.events("ran"), by_pid(workers.events("raised")), _stored_outcome(url)
+
+
 def test_leader_paused_while_successor_runs(workers: Workers, redis_server: RedisServer, report: Any) -> None:
     """The leader process stalls (SIGSTOP: GC pause, VM freeze) longer than the lease; a successor takes over and
     is still running when the old leader wakes up. The old leader must see LeaseLostError; everyone else must
     proceed on the successor's outcome (nobody may fail because of the stale leader)."""
-    old = workers.spawn(1, url=redis_server.url, ttl=TTL, job="check:4")[0]
-    workers.wait_for("ran", 1, timeout=30)
-    workers.spawn(2, url=redis_server.url, ttl=TTL, job="check:3")
-    workers.wait_for("started", 3, timeout=30)
-    time.sleep(0.3)
-    old.send_signal(signal.SIGSTOP)
-    stopped = time.time()
+    old, stopped = _stall_leader(workers, redis_server.url, old_job="check:4", successor_job="check:3")
     try:
         workers.wait_for("ran", 2, timeout=TTL + 10)
         time.sleep(max(0.0, stopped + 2.5 - time.time()))
     finally:
         old.send_signal(signal.SIGCONT)
-    codes = workers.join(timeout=60)
-    ran = workers.events("ran")
-    raised = by_pid(workers.events("raised"))
-    outcome = _stored_outcome(redis_server.url)
+    codes, ran, raised, outcome = _after_stall(workers, redis_server.url)
     report("leader SIGSTOP 2.5 s (> lease), successor still running on SIGCONT",
            f"{len(ran)} runs fences {[r['fence'] for r in ran]}; raised "
            f"{ {p: r['error'] for p, r in raised.items()} }; stored fence {outcome and outcome['fencing_token']}",
@@ -306,21 +314,12 @@ def test_leader_paused_while_successor_runs(workers: Workers, redis_server: Redi
 def test_leader_paused_until_successor_finished(workers: Workers, redis_server: RedisServer, report: Any) -> None:
     """Like above, but the successor has finished (lease deleted, outcome recorded) before the old leader wakes.
     The old leader must still learn that it lost the lease (the fencing counter moved past its token)."""
-    old = workers.spawn(1, url=redis_server.url, ttl=TTL, job="check:6")[0]
-    workers.wait_for("ran", 1, timeout=30)
-    workers.spawn(2, url=redis_server.url, ttl=TTL, job="check:1")
-    workers.wait_for("started", 3, timeout=30)
-    time.sleep(0.3)
-    old.send_signal(signal.SIGSTOP)
-    stopped = time.time()
+    old, stopped = _stall_leader(workers, redis_server.url, old_job="check:6", successor_job="check:1")
     try:
         workers.wait_for("returned", 2, timeout=TTL + 15)
     finally:
         old.send_signal(signal.SIGCONT)
-    codes = workers.join(timeout=60)
-    ran = workers.events("ran")
-    raised = by_pid(workers.events("raised"))
-    outcome = _stored_outcome(redis_server.url)
+    codes, ran, raised, outcome = _after_stall(workers, redis_server.url)
     report("leader SIGSTOP until the successor finished, then SIGCONT",
            f"{len(ran)} runs fences {[r['fence'] for r in ran]}; old leader "
            f"{raised.get(old.pid, {}).get('error', 'returned normally')}; stored fence "

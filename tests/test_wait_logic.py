@@ -60,7 +60,7 @@ class ScriptedBackend:
     async def prepare(self) -> None: ...
     async def close(self) -> None: ...
 
-    async def probe(self, token: str, *, try_acquire: bool) -> tuple[Probe, str | None]:
+    async def probe(self, token: str, *, try_acquire: bool, **_: Any) -> tuple[Probe, str | None]:
         self.clock.now += self.probe_latency
         self.probes.append((self.clock.now, try_acquire))
         if try_acquire and self.state_holder is None and not (
@@ -129,10 +129,10 @@ async def test_takeover_after_a_silent_ttl_looks_first_then_takes():
     backend_holder_gone_at = 1000.3 + 1.0
 
     class Vanishing(ScriptedBackend):
-        async def probe(self, token: str, *, try_acquire: bool) -> tuple[Probe, str | None]:
+        async def probe(self, token: str, *, try_acquire: bool, **_: Any) -> tuple[Probe, str | None]:
             if self.clock.now >= backend_holder_gone_at:
                 self.state_holder = None
-            return await super().probe(token, try_acquire=try_acquire)
+            return await super().probe(token, try_acquire=try_acquire, **_)
 
     backend = Vanishing(clock, [(0.3, heartbeat())])
     result = await run(coordinator(clock), backend)
@@ -146,14 +146,14 @@ async def test_slow_redis_gives_the_holder_time_to_reassert():
     clock = FakeClock()
 
     class Stalled(ScriptedBackend):
-        async def probe(self, token: str, *, try_acquire: bool) -> tuple[Probe, str | None]:
+        async def probe(self, token: str, *, try_acquire: bool, **_: Any) -> tuple[Probe, str | None]:
             if len(self.probes) == 1:  # the look after the silence: Redis was paused, the lease expired
                 self.state_holder = None
                 self.probe_latency = 2.0
             elif len(self.probes) == 2:  # Redis is back: the holder re-asserted its lease
                 self.probe_latency = 0.0
                 self.state_holder = holder()
-            return await super().probe(token, try_acquire=try_acquire)
+            return await super().probe(token, try_acquire=try_acquire, **_)
 
     done = Event(Status.DONE, "g", outcome=outcome(Status.DONE))
     events: list[tuple[float, Event | None]] = [(5.0, None), (0.1, done)]
@@ -185,7 +185,7 @@ async def test_other_generation_outcome_means_the_lease_is_free():
     backend = ScriptedBackend(clock, [(0.2, Event(Status.DONE, "old", outcome=outcome(Status.DONE)))])
     original_probe = backend.probe
 
-    async def probe(token: str, *, try_acquire: bool) -> tuple[Probe, str | None]:
+    async def probe(token: str, *, try_acquire: bool, **_: Any) -> tuple[Probe, str | None]:
         if backend.probes:
             backend.state_holder = None  # the old deployment's leader released it
         return await original_probe(token, try_acquire=try_acquire)
@@ -209,7 +209,7 @@ async def test_file_backend_style_infinite_grace_waits_for_release():
     backend = ScriptedBackend(clock, [(100.0, Event(Status.RELEASED, "g"))], grace=math.inf)
     original_probe = backend.probe
 
-    async def probe(token: str, *, try_acquire: bool) -> tuple[Probe, str | None]:
+    async def probe(token: str, *, try_acquire: bool, **_: Any) -> tuple[Probe, str | None]:
         if backend.probes:
             backend.state_holder = None
         return await original_probe(token, try_acquire=try_acquire)
@@ -218,3 +218,29 @@ async def test_file_backend_style_infinite_grace_waits_for_release():
     result = await run(coordinator(clock), backend)
     assert result is not None and result.ran_here
     assert len(backend.probes) == 2
+
+
+async def test_redis_data_loss_gives_the_holder_a_ttl_to_reassert():
+    """After a restart without persistence the lease and the counter are gone; the waiter must not grab the lease
+    before the (live) holder had a whole TTL to re-create it, and a later takeover continues the token sequence."""
+    clock = FakeClock()
+    seen: list[dict[str, Any]] = []
+
+    class Restarted(ScriptedBackend):
+        async def probe(self, token: str, *, try_acquire: bool, **kw: Any) -> tuple[Probe, str | None]:
+            seen.append({"t": self.clock.now, "take": try_acquire, **kw})
+            if len(seen) == 1:  # before the restart: holder with token 5 alive
+                return Probe(None, holder(fence=5)), None
+            if len(seen) == 2:  # after the restart: nothing left, counter 0
+                return Probe(None, None, fence_counter=0 if kw.get("with_counter") else None), None
+            # the holder never came back: the waiter takes over, continuing from token 5
+            return await super().probe(token, try_acquire=try_acquire)
+
+    backend = Restarted(clock, [], state_holder=None)
+    result = await run(coordinator(clock), backend)
+    assert result is not None and result.ran_here
+    assert seen[1]["with_counter"] and not seen[1]["take"]
+    takes = [row for row in seen[1:] if row["take"]]
+    assert takes and all(row.get("seen_fence") == 5 for row in takes), seen
+    # the take after the loss came at least one TTL (1 s) after the look that detected it
+    assert takes[-1]["t"] - seen[1]["t"] >= 1.0
