@@ -31,7 +31,19 @@ def is_auth_error(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return isinstance(exc, rexc.ResponseError) and (
-        text.startswith(("NOAUTH", "WRONGPASS")) or "invalid password" in text or "invalid username" in text
+        text.startswith(("NOAUTH", "WRONGPASS"))
+        or "invalid password" in text
+        or "invalid username" in text
+        or "unauthenticated" in text  # Redis 7 cuts off long commands from clients that did not AUTH
+    )
+
+
+def auth_error(exc: BaseException, where: str, key: str | None, generation: str | None) -> RedisAuthError:
+    return RedisAuthError(
+        f"Redis at {where} refused the credentials ({type(exc).__name__}: {exc}); "
+        "check the password and user in HYPERION_LOCK_REDIS_URL",
+        key=key,
+        generation=generation,
     )
 
 
@@ -103,12 +115,7 @@ async def with_retries(
             return await action()
         except Exception as exc:
             if is_auth_error(exc):
-                raise RedisAuthError(
-                    f"Redis at {where} refused the credentials ({type(exc).__name__}: {exc}); "
-                    "check the password and user in HYPERION_LOCK_REDIS_URL",
-                    key=key,
-                    generation=generation,
-                ) from None
+                raise auth_error(exc, where, key, generation) from None
             if not is_transient(exc):
                 raise
             now = clock()

@@ -38,7 +38,7 @@ from typing import Any, Protocol, TypeVar
 import redis
 import redis.asyncio as aredis
 
-from ._connect import async_client_from_url, describe_client, is_transient, with_retries
+from ._connect import async_client_from_url, auth_error, describe_client, is_auth_error, is_transient, with_retries
 from ._errors import ConfigurationError, JobFailedError, LeaseLostError, WaitInterruptedError, WaitTimeoutError
 from ._file_backend import FileBackend
 from ._keys import JobKeys
@@ -342,6 +342,8 @@ class Coordinator:
                         try:
                             event = await backend.next_event(max(0.0, deadline - now))
                         except Exception as exc:
+                            if is_auth_error(exc):
+                                raise auth_error(exc, where, key, gen) from None
                             if not is_transient(exc):
                                 raise
                             self.log.warning("%s: lost the connection to %s (%s); reconnecting", key, where, exc)
