@@ -39,12 +39,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote
 
 import redis
 
 from . import _scripts
-from ._connect import sync_client_from_url
+from ._connect import as_text, sync_client_from_url
 from ._core import Coordinator
 from ._errors import (
     HyperionLockError,
@@ -53,9 +52,10 @@ from ._errors import (
     RedisUnavailableError,
     WaitInterruptedError,
 )
+from ._file_backend import FileLayout
 from ._keys import JobKeys
 from ._model import Holder, Outcome, Status
-from ._settings import Settings, redact_url, validate_name
+from ._settings import Settings, validate_name
 
 logger = logging.getLogger(__name__)
 
@@ -111,30 +111,24 @@ def exit_code(jobs: Sequence[JobState]) -> int:
 
 
 # -- Redis ---------------------------------------------------------------------------------------------------
-def _text(value: Any) -> str | None:
-    if value is None:
-        return None
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def redis_jobs(client: redis.Redis, prefix: str, generation: str | None) -> list[JobState]:
     found: dict[str, dict[str, Any]] = {}
     for raw in client.scan_iter(match=JobKeys.scan_pattern(prefix), count=500):
-        parsed = JobKeys.parse(prefix, _text(raw) or "")
+        parsed = JobKeys.parse(prefix, as_text(raw) or "")
         if parsed is None:
             continue
         job, kind, gen = parsed
         entry = found.setdefault(job, {"outcome_keys": []})
         if kind == "outcome" and gen:
-            entry["outcome_keys"].append(_text(raw))
+            entry["outcome_keys"].append(as_text(raw))
     jobs = []
     for key in sorted(found):
         keys = JobKeys(prefix, key)
-        lease_raw, pttl = _text(client.get(keys.lease)), int(client.pttl(keys.lease))
+        lease_raw, pttl = as_text(client.get(keys.lease)), int(client.pttl(keys.lease))
         holder = Holder.from_mapping(json.loads(lease_raw)) if lease_raw else None
         outcomes = []
         for okey in found[key]["outcome_keys"]:
-            text = _text(client.get(okey))
+            text = as_text(client.get(okey))
             if text:
                 with contextlib.suppress(ValueError, KeyError, TypeError):
                     outcomes.append(Outcome.from_json(text))
@@ -148,15 +142,15 @@ def redis_reset(client: redis.Redis, prefix: str, key: str, generation: str | No
     if generation is not None:
         outcome_keys = [keys.outcome(generation)]
     else:
-        outcome_keys = [_text(k) or "" for k in client.scan_iter(match=f"{keys.base}:outcome:*", count=500)]
+        outcome_keys = [as_text(k) or "" for k in client.scan_iter(match=f"{keys.base}:outcome:*", count=500)]
     script = client.register_script(_scripts.RESET)
     release = json.dumps({"status": str(Status.RELEASED), "generation": generation or "", "host": "hyperion-lock",
                           "pid": os.getpid(), "fence": 0, "since": int(time.time() * 1000)})
     deleted = 0
     for okey in outcome_keys or [keys.outcome(generation or "-")]:
         done, lease = script(keys=[keys.lease, okey], args=["1" if force else "0", keys.channel, release])
-        if _text(lease):
-            holder = Holder.from_mapping(json.loads(_text(lease) or "{}"))
+        if as_text(lease):
+            holder = Holder.from_mapping(json.loads(as_text(lease) or "{}"))
             return True, (f"refused: {key} is running in {holder.runner} (generation {holder.generation}, fencing "
                           f"token {holder.fencing_token}); wait for it, or use --force if that process is gone")
         deleted += int(done)
@@ -179,38 +173,23 @@ def _lock_held(path: Path) -> bool:
 
 
 def file_jobs(lock_dir: Path, prefix: str, generation: str | None) -> list[JobState]:
-    found: dict[str, list[Path]] = {}
-    head = prefix + "."
-    for path in sorted(lock_dir.glob(f"{prefix}.*")) if lock_dir.is_dir() else []:
-        rest = path.name[len(head):]
-        if ".outcome." in rest:
-            found.setdefault(unquote(rest.split(".outcome.", 1)[0]), []).append(path)
-        elif rest.endswith(".lock"):
-            found.setdefault(unquote(rest[: -len(".lock")]), [])
     jobs = []
-    for key, outcome_paths in sorted(found.items()):
-        base = lock_dir / f"{prefix}.{quote(key, safe='')}"
+    for key in FileLayout.job_keys(lock_dir, prefix):
+        files = FileLayout(lock_dir, prefix, key)
         holder = None
-        if _lock_held(Path(f"{base}.lock")):
-            try:
-                holder = Holder.from_mapping(json.loads(Path(f"{base}.holder.json").read_text()))
-            except (OSError, ValueError):
-                holder = Holder(host="?", pid=0, generation="?", fencing_token=0, since=0.0)
-        outcomes = []
-        for path in outcome_paths:
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                outcomes.append(Outcome.from_json(path.read_text()))
-        jobs.append(judge(key, holder, None, outcomes, generation))
+        if _lock_held(files.lock):
+            holder = files.read_holder() or Holder(host="?", pid=0, generation="?", fencing_token=0, since=0.0)
+        found = (FileLayout.read_outcome(path) for path in sorted(lock_dir.glob(files.outcome_glob(None))))
+        jobs.append(judge(key, holder, None, [o for o in found if o is not None], generation))
     return jobs
 
 
 def file_reset(lock_dir: Path, prefix: str, key: str, generation: str | None, force: bool) -> tuple[bool, str]:
-    base = lock_dir / f"{prefix}.{quote(key, safe='')}"
-    if _lock_held(Path(f"{base}.lock")) and not force:
+    files = FileLayout(lock_dir, prefix, key)
+    if _lock_held(files.lock) and not force:
         return True, f"refused: {key} is running on this host (its lock file is held); wait, or use --force"
-    pattern = f"{base.name}.outcome.{quote(generation, safe='') if generation else '*'}.json"
     removed = 0
-    for path in lock_dir.glob(pattern):
+    for path in lock_dir.glob(files.outcome_glob(generation)):
         path.unlink(missing_ok=True)
         removed += 1
     return False, f"{key}: removed {removed} outcome file(s)" if removed else f"{key}: nothing to clear"
@@ -228,7 +207,7 @@ def _client(settings: Settings) -> redis.Redis:
 
 
 def _where(settings: Settings) -> str:
-    return str(redact_url(settings.redis_url)) if settings.redis_url else f"file locks in {settings.lock_dir}"
+    return settings.describe_target()
 
 
 def _unreachable(settings: Settings, exc: Exception) -> int:

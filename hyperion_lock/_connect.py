@@ -26,6 +26,13 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def as_text(value: Any) -> str | None:
+    """A Redis reply as text, whether the client decodes responses or not."""
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def is_auth_error(exc: BaseException) -> bool:
     if isinstance(exc, rexc.AuthenticationError | rexc.AuthenticationWrongNumberOfArgsError):
         return True

@@ -20,6 +20,7 @@ Timeline of one call of :meth:`Coordinator.run_once` for a job key ``K`` and gen
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import functools
@@ -29,7 +30,6 @@ import math
 import os
 import secrets
 import socket
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -44,7 +44,7 @@ from ._file_backend import FileBackend
 from ._keys import JobKeys
 from ._model import Event, Holder, Lease, Outcome, Probe, Status
 from ._redis_backend import AsyncOps, RedisBackend, SyncOps
-from ._settings import Settings, redact_url
+from ._settings import Settings
 from ._signals import STOP_MESSAGE, stop_requested
 
 T = TypeVar("T")
@@ -120,11 +120,7 @@ class Coordinator:
         return self._client is not None or bool(self.settings.redis_url)
 
     def describe(self) -> str:
-        if self._client is not None:
-            return describe_client(self._client)
-        if self.settings.redis_url:
-            return str(redact_url(self.settings.redis_url))
-        return f"file locks in {self.settings.lock_dir}"
+        return describe_client(self._client) if self._client is not None else self.settings.describe_target()
 
     def __repr__(self) -> str:
         return f"Coordinator({self.describe()!r}, generation={self.settings.generation!r})"
@@ -174,21 +170,9 @@ class Coordinator:
             asyncio.get_running_loop()
         except RuntimeError:
             return asyncio.run(self.run_once(key, job, *args, **kwargs))
-        result: list[Outcome] = []
-        errors: list[BaseException] = []
-
-        def target() -> None:
-            try:
-                result.append(asyncio.run(self.run_once(key, job, *args, **kwargs)))
-            except BaseException as exc:  # re-raised in the caller's thread
-                errors.append(exc)
-
-        thread = threading.Thread(target=target, name=f"hyperion-lock-{key}")
-        thread.start()
-        thread.join()
-        if errors:
-            raise errors[0]
-        return result[0]
+        # Called from a thread that runs an event loop: run the same coroutine on a loop of its own elsewhere.
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hyperion-lock") as pool:
+            return pool.submit(asyncio.run, self.run_once(key, job, *args, **kwargs)).result()
 
     # -- internals --------------------------------------------------------------------------------------------
     def _backend(self, keys: JobKeys) -> _Backend:
@@ -202,7 +186,7 @@ class Coordinator:
             client = async_client_from_url(
                 s.redis_url, connect_timeout=s.connect_timeout, socket_timeout=socket_timeout
             )
-            return RedisBackend(AsyncOps(client, owned=True), keys, s, str(redact_url(s.redis_url)))
+            return RedisBackend(AsyncOps(client, owned=True), keys, s, s.describe_target())
         return FileBackend(keys.key, s)
 
     async def _retry(self, action: Callable[[], Awaitable[T]], what: str, where: str, key: str, budget: float) -> T:

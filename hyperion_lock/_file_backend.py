@@ -17,11 +17,69 @@ import socket
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from ._model import Event, Holder, Lease, Outcome, Probe, Status
 from ._settings import Settings
+
+
+@dataclass(frozen=True)
+class FileLayout:
+    """Every file of one job in no-Redis mode, named in one place (the file-lock counterpart of ``JobKeys``)."""
+
+    dir: Path
+    prefix: str
+    key: str
+
+    def path(self, suffix: str) -> Path:
+        return self.dir / f"{self.prefix}.{quote(self.key, safe='')}.{suffix}"
+
+    @property
+    def lock(self) -> Path:
+        return self.path("lock")
+
+    @property
+    def holder(self) -> Path:
+        return self.path("holder.json")
+
+    @property
+    def fence(self) -> Path:
+        return self.path("fence")
+
+    def outcome(self, generation: str) -> Path:
+        return self.path(f"outcome.{quote(generation, safe='')}.json")
+
+    def outcome_glob(self, generation: str | None) -> str:
+        """Glob (relative to ``dir``) of this job's outcome files, of one generation or all."""
+        return self.outcome("*" if generation is None else generation).name.replace("%2A", "*")
+
+    def read_holder(self) -> Holder | None:
+        try:
+            return Holder.from_mapping(json.loads(self.holder.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    @staticmethod
+    def read_outcome(path: Path) -> Outcome | None:
+        try:
+            return Outcome.from_json(path.read_text())
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    @staticmethod
+    def job_keys(directory: Path, prefix: str) -> list[str]:
+        """Job keys that have a lock or outcome file under ``directory`` (for the CLI's status)."""
+        head = prefix + "."
+        keys: set[str] = set()
+        for path in directory.glob(f"{prefix}.*") if directory.is_dir() else []:
+            rest = path.name[len(head):]
+            if ".outcome." in rest:
+                keys.add(unquote(rest.split(".outcome.", 1)[0]))
+            elif rest.endswith(".lock"):
+                keys.add(unquote(rest[: -len(".lock")]))
+        return sorted(keys)
 
 
 class FileBackend:
@@ -32,7 +90,7 @@ class FileBackend:
         self.settings = settings
         self.generation = settings.generation
         self.dir = Path(settings.lock_dir)
-        self._base = f"{settings.key_prefix}.{quote(key, safe='')}"
+        self.files = FileLayout(self.dir, settings.key_prefix, key)
         self._fd: int | None = None
         self._held = False
         self._closed = False
@@ -40,18 +98,12 @@ class FileBackend:
         self._guard = threading.Lock()
         self._thread_running = False
 
-    def _path(self, suffix: str) -> Path:
-        return self.dir / f"{self._base}.{suffix}"
-
-    def outcome_path(self, generation: str) -> Path:
-        return self._path(f"outcome.{quote(generation, safe='')}.json")
-
     def describe(self) -> str:
-        return f"file locks in {self.dir}"
+        return self.settings.describe_target()
 
     async def open(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._fd = os.open(self._path("lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        self._fd = os.open(self.files.lock, os.O_RDWR | os.O_CREAT, 0o600)
 
     async def reopen(self) -> None:
         return None
@@ -68,16 +120,7 @@ class FileBackend:
         os.replace(tmp, path)
 
     def read_outcome(self, generation: str) -> Outcome | None:
-        try:
-            return Outcome.from_json(self.outcome_path(generation).read_text())
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    def _read_holder(self) -> Holder | None:
-        try:
-            return Holder.from_mapping(json.loads(self._path("holder.json").read_text()))
-        except (OSError, ValueError, TypeError):
-            return None
+        return self.files.read_outcome(self.files.outcome(generation))
 
     def _release(self) -> None:
         if self._held and self._fd is not None:
@@ -100,8 +143,8 @@ class FileBackend:
             except BlockingIOError:
                 pass
         if not self._held:
-            return Probe(outcome, self._read_holder()), None
-        fence_path = self._path("fence")
+            return Probe(outcome, self.files.read_holder()), None
+        fence_path = self.files.fence
         try:
             fence = int(fence_path.read_text().strip() or 0) + 1
         except (OSError, ValueError):
@@ -115,7 +158,7 @@ class FileBackend:
             "fence": fence,
         }
         text = json.dumps(record)
-        self._write_atomic(self._path("holder.json"), text)
+        self._write_atomic(self.files.holder, text)
         return Probe(outcome, Holder.from_mapping(record), acquired=True), text
 
     def _block_until_locked(self, fd: int, future: asyncio.Future[None], loop: asyncio.AbstractEventLoop) -> None:
@@ -164,7 +207,7 @@ class FileBackend:
         if outcome is not None:
             previous = self.read_outcome(self.generation)
             if not (previous and previous.status is Status.DONE and outcome.status is not Status.DONE):
-                self._write_atomic(self.outcome_path(self.generation), outcome.to_json())
+                self._write_atomic(self.files.outcome(self.generation), outcome.to_json())
         self._release()
         return 1
 

@@ -14,16 +14,10 @@ import time
 from typing import Any, Protocol
 
 from . import _scripts
-from ._connect import close_quietly
+from ._connect import as_text, close_quietly
 from ._keys import JobKeys
 from ._model import Event, Holder, Lease, Outcome, Probe, Status
 from ._settings import Settings
-
-
-def _text(value: Any) -> str | None:
-    if value is None:
-        return None
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class _Ops(Protocol):
@@ -150,7 +144,7 @@ class RedisBackend:
             [token, self._ttl_ms, self.holder_record(), "1" if try_acquire else "0", seen_fence,
              "1" if with_counter else "0"],
         )
-        outcome_text, lease_text, counter = _text(raw_outcome), _text(raw_lease), _text(raw_counter)
+        outcome_text, lease_text, counter = as_text(raw_outcome), as_text(raw_lease), as_text(raw_counter)
         outcome = Outcome.from_json(outcome_text) if outcome_text else None
         holder = Holder.from_mapping(json.loads(lease_text)) if lease_text else None
         probe = Probe(outcome=outcome, holder=holder, acquired=bool(int(taken)),
@@ -168,7 +162,7 @@ class RedisBackend:
             message = await self.ops.get_message(left)
             if message is None or message.get("type") != "message":
                 continue
-            data = _text(message.get("data"))
+            data = as_text(message.get("data"))
             if data:
                 return self.parse_event(data)
 

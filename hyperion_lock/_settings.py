@@ -118,6 +118,10 @@ class Settings:
             raise ConfigurationError(f"unknown setting(s): {', '.join(sorted(unknown))}")
         return cls(**kwargs)  # type: ignore[arg-type]
 
+    def describe_target(self) -> str:
+        """Where coordination happens, safe to print: the redacted Redis URL, or the lock directory."""
+        return str(redact_url(self.redis_url)) if self.redis_url else f"file locks in {self.lock_dir}"
+
     def with_(self, **changes: object) -> Settings:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)  # type: ignore[arg-type]

@@ -287,3 +287,13 @@ def test_sigterm_while_leading_keeps_its_default_meaning(tmp_path):
     finally:
         proc.kill()
         proc.communicate()
+
+
+async def test_sync_twin_called_from_a_running_loop(tmp_path):
+    """From inside an event loop the sync API runs the same coroutine on a loop of its own."""
+    coordinator = Coordinator(None, generation="in-loop", lock_dir=str(tmp_path))
+    ran: list[int] = []
+    outcome = coordinator.run_once_sync("in-loop", lambda: ran.append(os.getpid()))
+    assert outcome.ran_here and ran == [os.getpid()]
+    assert not coordinator.run_once_sync("in-loop", lambda: ran.append(0)).ran_here
+    assert ran == [os.getpid()]
