@@ -12,7 +12,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY hyperion_lock ./hyperion_lock
-RUN pip install .
+RUN pip install ".[app]"
 COPY migrations ./migrations
 COPY alembic.ini gunicorn.conf.py ./
 

@@ -1,7 +1,13 @@
 """Real servers for tests: Redis and PostgreSQL, from the environment, testcontainers, or local binaries.
 
-Loaded as a pytest plugin (entry point ``hyperion_lock``), so a project that installs ``hyperion_lock`` gets
-the fixtures ``redis_url``, ``redis_server``, ``postgres_url`` in its own tests. Resolution order:
+An opt-in pytest plugin: nothing is registered just because ``hyperion_lock`` is installed. Enable it in your
+top-level ``conftest.py``::
+
+    pytest_plugins = ["hyperion_lock.testing"]
+
+to get the fixtures ``redis_url`` (session), ``redis_server`` (a private server the test may kill, pause or
+restart) and ``postgres_url`` (session). Install the ``test`` extra (``pip install "hyperion_lock[test]"``) for
+what they use. Resolution order:
 
 1. an external URL: ``HYPERION_LOCK_TEST_REDIS_URL`` / ``HYPERION_LOCK_TEST_DATABASE_URL``;
 2. a throwaway container through testcontainers, when a Docker engine answers;
@@ -9,6 +15,8 @@ the fixtures ``redis_url``, ``redis_server``, ``postgres_url`` in its own tests.
 
 When none works the fixture *fails* (it never skips), so a CI run cannot pass without the real servers.
 ``redis_server`` always starts a private binary server, for tests that kill, pause or restart it.
+:class:`RedisServer`, :class:`PostgresServer` and :func:`free_port` can be used without pytest fixtures too.
+Importing this module imports neither testcontainers nor psycopg: they are loaded when a server is needed.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Shared helpers for the tests. Server fixtures (redis_url, redis_server, postgres_url) come from the
-``hyperion_lock.testing`` pytest plugin."""
+``hyperion_lock.testing`` pytest plugin, enabled here (it is opt-in, like in any project using the library)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+pytest_plugins = ["hyperion_lock.testing"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
