@@ -1,6 +1,9 @@
 """hyperion_lock: run database init and migrations exactly once when many web workers start.
 
-Public API (everything else is private and may change):
+Public API: the names in ``__all__`` (the ``hyperion_lock._*`` modules are private and may change; the reference
+app in ``hyperion_lock.demo`` uses nothing else). Importing this package needs only ``redis``: FastAPI is
+imported when ``OptionalRedis`` is first used (extra ``fastapi``), gunicorn never (the hooks only read the
+objects gunicorn hands them).
 """
 
 from typing import TYPE_CHECKING, Any
@@ -22,12 +25,14 @@ from ._gunicorn import (
     gunicorn_logconfig_dict,
     gunicorn_on_starting,
     gunicorn_post_fork,
+    gunicorn_worker_count,
     gunicorn_workers,
     new_generation,
 )
 from ._keys import JobKeys
 from ._model import Holder, Lease, Outcome, Status
 from ._settings import Settings, redact_url
+from ._signals import stop_requested
 
 __all__ = [
     "ConfigurationError",
@@ -51,9 +56,11 @@ __all__ = [
     "gunicorn_logconfig_dict",
     "gunicorn_on_starting",
     "gunicorn_post_fork",
+    "gunicorn_worker_count",
     "gunicorn_workers",
     "new_generation",
     "redact_url",
+    "stop_requested",
     "use_lock_for_workers",
 ]
 __version__ = "0.1.0"

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from typing import Literal
 
 import redis.asyncio as aredis
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 from ._connect import async_client_from_url, with_retries
 from ._settings import Settings, redact_url
@@ -79,6 +79,11 @@ class OptionalRedis:
         finally:
             await self.close()
 
-    def __call__(self, request: Request) -> aredis.Redis | None:
-        """The FastAPI dependency: the connected client, or ``None``."""
+    def __call__(self) -> aredis.Redis | None:
+        """The FastAPI dependency: the connected client, or ``None``.
+
+        It takes no parameters on purpose: FastAPI resolves a dependency's parameter annotations through the
+        callable's module globals, which a callable *instance* does not expose to every FastAPI version; an
+        unresolved ``Request`` would turn into a required query parameter (422) and break ``/openapi.json``.
+        """
         return self.client

@@ -59,6 +59,15 @@ def gunicorn_workers(environ: Mapping[str, str] | None = None) -> int:
     return _env_int(os.environ if environ is None else environ, "WEB_CONCURRENCY", DEFAULT_WORKERS, 1, 1024)
 
 
+def gunicorn_worker_count(environ: Mapping[str, str] | None = None) -> int | None:
+    """In a worker: how many workers its master runs, as :func:`gunicorn_on_starting` handed it down in
+    ``HYPERION_LOCK_WORKERS``; ``None`` when the process was not started by such a master."""
+    env = os.environ if environ is None else environ
+    if not env.get(WORKERS_ENV, "").strip():
+        return None
+    return _env_int(env, WORKERS_ENV, DEFAULT_WORKERS, 1, 1024)
+
+
 def gunicorn_bind(environ: Mapping[str, str] | None = None) -> str:
     """``HOST:PORT`` from ``HOST`` (default 127.0.0.1; use 0.0.0.0 in a container) and ``PORT`` (default 8000)."""
     env = os.environ if environ is None else environ

@@ -14,7 +14,7 @@ import yaml
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from hyperion_lock import ConfigurationError, Holder, Lease, LeaseLostError, new_generation
+from hyperion_lock import ConfigurationError, Holder, Lease, LeaseLostError, gunicorn_worker_count, new_generation
 from hyperion_lock._gunicorn import GENERATION_ENV, WORKERS_ENV, gunicorn_bind, gunicorn_workers, prepare_master_env
 from hyperion_lock.demo import jobs
 from hyperion_lock.demo.db import database_url, make_engine, migrations_dir, normalize_url, upgrade_to_head
@@ -43,8 +43,8 @@ def test_seed_is_idempotent_and_fenced(tmp_path: Path) -> None:
         with pytest.raises(LeaseLostError, match="refusing to write"):
             jobs.seed(engine, lease(4, since=before))
         with Session(engine) as s:
-            assert s.get(JobFence, "seed") is not None
-            assert s.get(JobFence, "seed").fencing_token == 6  # type: ignore[union-attr]
+            fence = s.get(JobFence, "seed")
+            assert fence is not None and fence.fencing_token == 6
             assert len(s.scalars(select(SeedRun)).all()) == 2
         # Token counter reset (Redis lost its data): a lower token whose lease began after the last write is
         # not a stale writer; it is accepted.
@@ -128,6 +128,11 @@ def test_gunicorn_helpers() -> None:
     assert prepare_master_env(2, env) == "release-7" and env[WORKERS_ENV] == "2"  # an explicit one is kept
     with pytest.raises(ConfigurationError):
         prepare_master_env(2, {GENERATION_ENV: "has spaces"})
+    # What a worker reads back: the count its master handed down, None outside such a master.
+    assert gunicorn_worker_count(env) == 2
+    assert gunicorn_worker_count({}) is None
+    with pytest.raises(ConfigurationError, match=WORKERS_ENV):
+        gunicorn_worker_count({WORKERS_ENV: "many"})
 
 
 def test_compose_file_has_what_the_app_needs() -> None:
@@ -171,20 +176,6 @@ def test_gunicorn_conf_values() -> None:
     assert values == {"workers": 3, "bind": ["0.0.0.0:8080"], "worker_class": "uvicorn_worker.UvicornWorker",
                       "wsgi_app": "hyperion_lock.demo.app:app", "preload_app": False, "timeout": 30,
                       "graceful_timeout": 30}
-
-
-async def test_health_is_503_until_startup_finished() -> None:
-    """Without the lifespan having run (httpx's ASGI transport does not run it), the worker is not ready."""
-    import httpx
-
-    from hyperion_lock.demo.app import create_app
-
-    app = create_app()
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as client:
-        health = await client.get("/health")
-        assert health.status_code == 503 and health.json()["status"] == "starting"
-        report = (await client.get("/startup")).json()
-        assert report["pid"] == os.getpid() and report["jobs"] == {}
 
 
 def test_failed_revision_rolls_back_its_ddl_on_sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

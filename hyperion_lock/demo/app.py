@@ -13,11 +13,19 @@ Startup timeline of each worker (the lifespan, after gunicorn forked it):
 3. SIGTERM/SIGINT while waiting ends the wait at once; the worker then stops without serving (exit 0).
    If a job fails, every worker's lifespan raises: uvicorn reports "Application startup failed", the worker
    exits with code 3 and the gunicorn master halts the deploy with a non-zero exit status.
-4. Serve. ``GET /health`` is 200 from here on (503 before and during shutdown); ``GET /startup`` reports the
-   jobs' outcomes, identical in every worker.
-"""
+4. Serve. ``GET /health`` is 200 from here on; ``GET /startup`` reports the jobs' outcomes, identical in every
+   worker.
+5. Shutdown: once the lifespan's exit begins, ``GET /health`` answers 503 (for requests still being served).
 
-from __future__ import annotations
+Readiness before step 4 cannot be a 503: no worker accepts connections before its lifespan startup finished, so
+a client of a worker that is still initialising sees "connection refused" (or, under gunicorn, whose master
+holds the listening socket, a connection nobody answers until some worker is ready). Probe ``/health`` for 200.
+
+This module declares the routes, so it does not use ``from __future__ import annotations``: FastAPI reads the
+parameter annotations at route declaration, and the dependency alias built inside :func:`create_app` (around
+that app's :class:`~hyperion_lock.OptionalRedis`) only exists in the function's scope, where a string
+annotation could not be resolved.
+"""
 
 import asyncio
 import logging
@@ -31,13 +39,16 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import Engine, select
 
-from .._core import Coordinator
-from .._errors import WaitInterruptedError
-from .._fastapi import OptionalRedis
-from .._gunicorn import WORKERS_ENV
-from .._model import Outcome
-from .._settings import Settings
-from .._signals import stop_requested
+from hyperion_lock import (
+    Coordinator,
+    OptionalRedis,
+    Outcome,
+    Settings,
+    WaitInterruptedError,
+    gunicorn_worker_count,
+    stop_requested,
+)
+
 from . import jobs
 from .db import database_url, describe_url, make_engine
 from .models import Item
@@ -46,10 +57,15 @@ logger = logging.getLogger(__name__)
 
 
 class StartupState:
-    """What this worker knows about its own startup (read by /health and /startup)."""
+    """What this worker knows about its own startup (read by /health and /startup).
+
+    ``finished`` is True from the end of the lifespan startup (the init jobs are done) until the lifespan's exit
+    begins: exactly while this worker serves. ``stopping`` is True once that exit began.
+    """
 
     def __init__(self) -> None:
         self.finished = False
+        self.stopping = False
         self.generation = ""
         self.jobs: dict[str, dict[str, Any]] = {}
 
@@ -99,7 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         url = database_url()
         logger.info(
             "worker pid %d starting: generation %s, %s worker(s), database %s, Redis %s",
-            os.getpid(), current.generation, os.environ.get(WORKERS_ENV, "?"), describe_url(url),
+            os.getpid(), current.generation, gunicorn_worker_count() or "?", describe_url(url),
             describe_url(current.redis_url) if current.redis_url else "none (file locks on this host)",
         )
         async with optional_redis.lifespan(app) as client:
@@ -110,7 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await initialise(Coordinator(client, settings=current), state, url, engine)
                 except WaitInterruptedError as exc:
                     # Asked to stop (SIGTERM/SIGINT) while another worker ran a job: not a boot failure. Finish
-                    # the lifespan without serving (health stays 503); uvicorn sees its exit flag and stops,
+                    # the lifespan without serving (health never turns 200); uvicorn sees its exit flag and stops,
                     # the worker exits 0, and the master's shutdown is not turned into a "failed to boot" halt.
                     logger.info("worker pid %d: %s; exiting without serving", os.getpid(), exc.message)
                     yield
@@ -123,7 +139,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 logger.info("worker pid %d: startup finished; serving", os.getpid())
                 yield
             finally:
-                state.finished = False
+                state.finished, state.stopping = False, True  # the lifespan's exit began: /health answers 503
                 engine.dispose()
 
     app = FastAPI(title="hyperion_lock reference app", lifespan=lifespan)
@@ -132,9 +148,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/health")
     def health(request: Request) -> JSONResponse:
-        ready = request.app.state.startup.finished
-        return JSONResponse({"status": "ok" if ready else "starting", "pid": os.getpid()},
-                            status_code=200 if ready else 503)
+        """200 while this worker serves (startup finished); 503 once its shutdown began."""
+        state: StartupState = request.app.state.startup
+        status = "ok" if state.finished else "stopping" if state.stopping else "starting"
+        return JSONResponse({"status": status, "pid": os.getpid()}, status_code=200 if state.finished else 503)
 
     @app.get("/startup")
     def startup(request: Request) -> dict[str, Any]:

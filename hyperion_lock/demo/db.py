@@ -29,6 +29,7 @@ import contextlib
 import fcntl
 import hashlib
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -42,8 +43,7 @@ from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import NullPool
 
-from .._errors import ConfigurationError, WaitTimeoutError
-from .._settings import positive_seconds, redact_url
+from hyperion_lock import ConfigurationError, WaitTimeoutError, redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -143,9 +143,18 @@ def advisory_key(name: str) -> int:
 
 
 def _lock_timeout(environ: Mapping[str, str] | None = None) -> float:
+    """``HYPERION_DEMO_MIGRATION_LOCK_TIMEOUT``: a finite number of seconds > 0 (default 600)."""
     env = os.environ if environ is None else environ
     raw = env.get(LOCK_TIMEOUT_ENV, "").strip()
-    return positive_seconds(raw, LOCK_TIMEOUT_ENV) if raw else DEFAULT_LOCK_TIMEOUT
+    if not raw:
+        return DEFAULT_LOCK_TIMEOUT
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigurationError(f"{LOCK_TIMEOUT_ENV} must be a finite number of seconds > 0, got {raw!r}")
+    return seconds
 
 
 def _poll(try_once: Callable[[], bool], what: str, timeout: float) -> None:

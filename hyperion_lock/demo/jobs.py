@@ -12,9 +12,8 @@ import time
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from .._core import current_lease
-from .._errors import LeaseLostError
-from .._model import Lease
+from hyperion_lock import Lease, LeaseLostError, current_lease
+
 from .db import upgrade_to_head
 from .models import Item, JobFence, SeedRun
 

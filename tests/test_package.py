@@ -1,0 +1,171 @@
+"""What the package costs its users: a plain install needs only redis (+ hiredis), importing it loads no web
+framework or database library, and the reference app uses nothing but the public API."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+import hyperion_lock
+from hyperion_lock import JobKeys, _errors
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "hyperion_lock" / "demo"
+# Top-level modules that belong to the extras, never to `import hyperion_lock`.
+HEAVY = ("fastapi", "starlette", "pydantic", "sqlalchemy", "alembic", "psycopg", "gunicorn", "uvicorn",
+         "uvicorn_worker", "testcontainers", "docker")
+
+pytestmark = pytest.mark.integration
+
+
+def heavy_modules_after(code: str, python: str = sys.executable, cwd: Path = ROOT) -> list[str]:
+    """Run ``code`` in a fresh interpreter; return the HEAVY modules it loaded."""
+    probe = f"{code}\nimport sys, json\nprint(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY})))"
+    out = subprocess.run([python, "-c", probe], cwd=cwd, check=True, capture_output=True, text=True, timeout=60)
+    found: list[str] = json.loads(out.stdout.splitlines()[-1])
+    return found
+
+
+def test_importing_the_package_loads_no_framework() -> None:
+    assert heavy_modules_after("import hyperion_lock, hyperion_lock._core, hyperion_lock.testing") == []
+    # The probe does see an import when one happens: asking for the FastAPI dependency loads FastAPI.
+    assert "fastapi" in heavy_modules_after("import hyperion_lock; hyperion_lock.OptionalRedis")
+
+
+def private_imports(path: Path) -> list[str]:
+    """``hyperion_lock._*`` modules (or names not in ``__all__``) imported by one module of the demo package."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = "hyperion_lock.demo"
+    bad: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+            imported: list[str] = []
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            modules = [module]
+            imported = [alias.name for alias in node.names]
+        else:
+            continue
+        for module in modules:
+            parts = module.split(".")
+            if parts[0] != "hyperion_lock":
+                continue
+            if any(part.startswith("_") for part in parts[1:]):
+                bad.append(f"{path.name}:{node.lineno}: import of private module {module}")
+            elif module == "hyperion_lock":
+                bad += [f"{path.name}:{node.lineno}: hyperion_lock.{name} is not in __all__"
+                        for name in imported if name not in hyperion_lock.__all__]
+    return bad
+
+
+def test_demo_imports_only_the_public_api() -> None:
+    modules = sorted(DEMO.glob("*.py"))
+    assert {p.name for p in modules} >= {"app.py", "db.py", "jobs.py"}
+    assert [line for path in modules for line in private_imports(path)] == []
+    # The scan does see the demo's imports of the library (it is not vacuous).
+    assert any(line.startswith("from hyperion_lock import") for p in modules for line in p.read_text().splitlines())
+
+
+def test_private_import_detection(tmp_path: Path) -> None:
+    sample = tmp_path / "app.py"
+    sample.write_text("from .._core import Coordinator\nfrom .. import _signals\nimport hyperion_lock._settings\n"
+                      "from hyperion_lock import Coordinator, WORKERS_ENV\nfrom . import jobs\n")
+    assert private_imports(sample) == [
+        "app.py:1: import of private module hyperion_lock._core",
+        "app.py:2: hyperion_lock._signals is not in __all__",
+        "app.py:3: import of private module hyperion_lock._settings",
+        "app.py:4: hyperion_lock.WORKERS_ENV is not in __all__",
+    ]
+
+
+def test_public_api_is_complete() -> None:
+    """Every name in ``__all__`` exists, and every public exception class of the package is exported."""
+    for name in hyperion_lock.__all__:
+        assert getattr(hyperion_lock, name) is not None, name
+    errors = {name for name, obj in inspect.getmembers(_errors, inspect.isclass)
+              if obj.__module__ == _errors.__name__ and not name.startswith("_")}
+    assert "HyperionLockError" in errors
+    assert errors <= set(hyperion_lock.__all__), errors - set(hyperion_lock.__all__)
+
+
+_RUN_ONCE = """
+import json, os, sys
+from hyperion_lock import Coordinator
+
+calls = []
+
+def job() -> None:
+    calls.append(os.getpid())
+
+url, generation, prefix = sys.argv[1:4]
+outcome = Coordinator(url, generation=generation, key_prefix=prefix, lease_ttl=2).run_once_sync("k", job)
+print(json.dumps({"calls": len(calls), "ran_here": outcome.ran_here, "status": str(outcome.status),
+                  "runner_pid": outcome.runner_pid, "pid": os.getpid()}))
+"""
+
+
+@pytest.mark.timeout(600)
+def test_plain_install_needs_only_redis(tmp_path: Path, redis_url: str) -> None:
+    """``pip install`` without extras into a fresh venv brings redis + hiredis and nothing of the extras, and the
+    Coordinator runs a job once against a real Redis from there."""
+    # Build from a copy of what the package is made of (as the Dockerfile does): building in the repository
+    # would leave build/ and *.egg-info in a working tree others use at the same time.
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "hyperion_lock", src / "hyperion_lock", ignore=shutil.ignore_patterns("__pycache__"))
+    venv = tmp_path / "venv"
+    env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"}}
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=env, timeout=120)
+    python = str(venv / "bin" / "python")
+    subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", str(src)], check=True,
+                   env=env, cwd=tmp_path, timeout=540)
+
+    listed = subprocess.run([python, "-m", "pip", "list", "--format", "json", "--disable-pip-version-check"],
+                            check=True, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    installed = {row["name"].lower().replace("_", "-") for row in json.loads(listed.stdout)}
+    assert {"hyperion-lock", "redis", "hiredis"} <= installed, installed
+    extras = {"fastapi", "starlette", "sqlalchemy", "alembic", "psycopg", "psycopg-binary", "gunicorn", "uvicorn",
+              "uvicorn-worker", "testcontainers", "pytest", "httpx"}
+    assert installed & extras == set(), installed
+    find = ("import importlib.util, json, hyperion_lock; print(json.dumps({'file': hyperion_lock.__file__, "
+            f"'found': [m for m in {HEAVY!r} + ('hiredis',) if importlib.util.find_spec(m)]}}))")
+    out = subprocess.run([python, "-c", find], check=True, capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=60)
+    seen = json.loads(out.stdout)
+    assert seen["file"].startswith(str(venv)), seen  # the installed copy, not the repository's
+    assert seen["found"] == ["hiredis"], seen
+    assert heavy_modules_after("import hyperion_lock, hyperion_lock._core", python, tmp_path) == []
+
+    generation, prefix = f"pkg-{uuid.uuid4().hex[:12]}", f"test-package-{uuid.uuid4().hex[:12]}"
+
+    def run_once() -> dict[str, object]:
+        done = subprocess.run([python, "-c", _RUN_ONCE, redis_url, generation, prefix], check=True,
+                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+        result: dict[str, object] = json.loads(done.stdout.splitlines()[-1])
+        return result
+
+    first = run_once()
+    assert first["calls"] == 1 and first["ran_here"] is True and first["status"] == "done", first
+    assert first["runner_pid"] == first["pid"], first
+    # The outcome is in the real Redis under this generation, so a second process of it skips the job.
+    with redis.Redis.from_url(redis_url) as client:
+        assert client.exists(JobKeys(prefix, "k").outcome(generation))
+    second = run_once()
+    assert second["calls"] == 0 and second["ran_here"] is False and second["runner_pid"] == first["pid"], second
