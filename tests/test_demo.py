@@ -163,6 +163,7 @@ def test_compose_file_has_what_the_app_needs() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "gunicorn.conf.py" in dockerfile and "HYPERION_DEMO_MIGRATIONS_DIR=/app/migrations" in dockerfile
     assert "COPY migrations" in dockerfile
+    assert 'pip install ".[app]"' in dockerfile  # the library alone has no web server or database driver
 
 
 def test_gunicorn_conf_values() -> None:
