@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+import inspect
+import logging
+import re
+import ssl
+from collections.abc import Awaitable, Callable, Iterator
+from functools import cache
 from typing import Any, TypeVar
 
 import redis
 import redis.asyncio as aredis
+from redis import connection as rconn
 from redis import exceptions as rexc
 
-from ._errors import ConfigurationError, RedisAuthError, RedisUnavailableError
-from ._settings import redact_url
+from ._errors import (
+    ConfigurationError,
+    HyperionLockError,
+    RedisAuthError,
+    RedisDatabaseIndexError,
+    RedisPermissionError,
+    RedisTLSError,
+    RedisUnavailableError,
+)
+from ._settings import redact_url, redis_url_problem
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 #: Errors after which trying again later can succeed (server restarting, network blip, paused server).
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -25,12 +41,28 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
 )
 
+#: OpenSSL reasons meaning "the other side does not speak TLS" (rediss:// against a plain port).
+_NOT_TLS_REASONS = frozenset({
+    "WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "UNKNOWN_PROTOCOL", "HTTP_REQUEST",
+})
+_ACL_COMMANDS = "+evalsha +eval +script +subscribe +unsubscribe +publish +ping +get +set +del +incr +pexpire +pttl"
+
 
 def as_text(value: Any) -> str | None:
     """A Redis reply as text, whether the client decodes responses or not."""
     if value is None:
         return None
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what it was raised from or during (redis-py wraps ssl and socket errors that way)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and len(seen) < 10:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
 
 
 def is_auth_error(exc: BaseException) -> bool:
@@ -45,6 +77,36 @@ def is_auth_error(exc: BaseException) -> bool:
     )
 
 
+def is_permission_error(exc: BaseException) -> bool:
+    """The server's ``NOPERM`` reply (redis-py >= 4.x raises NoPermissionError; older ones a ResponseError)."""
+    no_permission = getattr(rexc, "NoPermissionError", ())
+    return isinstance(exc, no_permission) or (isinstance(exc, rexc.ResponseError) and str(exc).startswith("NOPERM"))
+
+
+def is_db_index_error(exc: BaseException) -> bool:
+    """``SELECT n`` refused: ``DB index is out of range`` (Redis), ``invalid DB index`` (older servers, proxies)."""
+    text = str(exc).lower()
+    return isinstance(exc, rexc.ResponseError | rexc.ConnectionError) and (
+        "db index is out of range" in text or "invalid db index" in text or "invalid database" in text
+    )
+
+
+def tls_problem(exc: BaseException) -> str | None:
+    """``"certificate"`` when the server's certificate was refused, ``"not-tls"`` when the other side does not
+    speak TLS, None when no TLS failure is involved (or one that may pass, like a handshake cut by a restart)."""
+    for cause in _causes(exc):
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return "certificate"
+        if isinstance(cause, ssl.SSLError) and (getattr(cause, "reason", None) or "") in _NOT_TLS_REASONS:
+            return "not-tls"
+    if not isinstance(exc, TRANSIENT_ERRORS):
+        return None
+    text = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return "certificate"
+    return "not-tls" if any(reason in text for reason in _NOT_TLS_REASONS) else None
+
+
 def auth_error(exc: BaseException, where: str, key: str | None, generation: str | None) -> RedisAuthError:
     return RedisAuthError(
         f"Redis at {where} refused the credentials ({type(exc).__name__}: {exc}); "
@@ -54,35 +116,147 @@ def auth_error(exc: BaseException, where: str, key: str | None, generation: str 
     )
 
 
+def _db_index_of(where: str) -> str | None:
+    match = re.search(r"[?&]db=(\d+)|/(\d+)$", where)
+    return (match.group(1) or match.group(2)) if match else None
+
+
+def db_index_error(
+    exc: BaseException, where: str, key: str | None, generation: str | None
+) -> RedisDatabaseIndexError:
+    index = _db_index_of(where)
+    which = f"database {index}" if index is not None else "the database number in the URL"
+    return RedisDatabaseIndexError(
+        f"Redis at {where} has no {which} (SELECT refused: {exc}); use a database index below the server's "
+        "'databases' setting (16 by default, so 0-15; Redis Cluster only has 0) in HYPERION_LOCK_REDIS_URL",
+        key=key,
+        generation=generation,
+    )
+
+
+def _missing_permission(text: str, prefix: str) -> str:
+    command = re.search(r"'([^']+)' command", text)
+    if command:
+        return f"the command {command.group(1).upper()} (grant +{command.group(1).lower()})"
+    if "channel" in text:
+        return f"the pub/sub channels {prefix}:* (grant &{prefix}:*; Redis 7 users start with resetchannels)"
+    if "key" in text:
+        return f"the keys {prefix}:* (grant ~{prefix}:*)"
+    return "a command, key or channel"
+
+
+def permission_error(
+    exc: BaseException, where: str, key: str | None, generation: str | None, prefix: str | None = None
+) -> RedisPermissionError:
+    p = prefix or "<key prefix>"
+    return RedisPermissionError(
+        f"Redis at {where} denied the ACL user {_missing_permission(str(exc), p)} ({exc}). The user needs "
+        f"keys ~{p}:*, channels &{p}:* and the commands EVALSHA, EVAL, SCRIPT, SUBSCRIBE, UNSUBSCRIBE, PUBLISH, "
+        f"PING and, inside the Lua scripts, GET SET DEL INCR PEXPIRE PTTL: "
+        f"ACL SETUSER <user> ~{p}:* &{p}:* {_ACL_COMMANDS}",
+        key=key,
+        generation=generation,
+    )
+
+
+def tls_error(
+    exc: BaseException, problem: str, where: str, key: str | None, generation: str | None
+) -> RedisTLSError:
+    if problem == "certificate":
+        detail = next((c.verify_message for c in _causes(exc) if isinstance(c, ssl.SSLCertVerificationError)), exc)
+        text = (
+            f"TLS with Redis at {where} failed: the server's certificate was not accepted ({detail}). Check the CA "
+            "file (add ?ssl_ca_certs=/path/to/ca.pem to the rediss:// URL if the server's certificate is not "
+            "signed by a system-trusted CA) and that the host name in the URL is one the certificate names"
+        )
+    else:
+        text = (
+            f"TLS with Redis at {where} failed: that port does not speak TLS ({exc}). Use redis:// for a plain "
+            "server, or the server's tls-port for rediss://"
+        )
+    return RedisTLSError(text, key=key, generation=generation)
+
+
+def redis_error(
+    exc: BaseException,
+    *,
+    where: str,
+    key: str | None,
+    generation: str | None,
+    prefix: str | None = None,
+) -> HyperionLockError | None:
+    """The clear, specific error for a Redis failure that retrying cannot fix, or None when it may be transient.
+
+    Wrong credentials -> :class:`RedisAuthError`; a missing ACL permission -> :class:`RedisPermissionError`; a
+    database index the server does not have -> :class:`RedisDatabaseIndexError`; an untrusted certificate or TLS
+    spoken to a plain port -> :class:`RedisTLSError`. Anything else (refused or reset connections, timeouts,
+    a server still loading) returns None: the caller decides whether to retry or re-raise.
+    """
+    if is_auth_error(exc):
+        return auth_error(exc, where, key, generation)
+    if is_permission_error(exc):
+        return permission_error(exc, where, key, generation, prefix)
+    if is_db_index_error(exc):
+        return db_index_error(exc, where, key, generation)
+    problem = tls_problem(exc)
+    if problem is not None:
+        return tls_error(exc, problem, where, key, generation)
+    return None
+
+
 def is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, TRANSIENT_ERRORS) and not is_auth_error(exc)
+    """A network-level failure that may pass; the configuration errors :func:`redis_error` names are not."""
+    return isinstance(exc, TRANSIENT_ERRORS) and redis_error(exc, where="", key=None, generation=None) is None
 
 
-def client_kwargs(connect_timeout: float, socket_timeout: float) -> dict[str, Any]:
-    return {
-        "socket_connect_timeout": connect_timeout,
-        "socket_timeout": socket_timeout,
-        "driver_info": None,  # no CLIENT SETINFO round trips on every new connection
-        "protocol": 2,  # RESP2: no HELLO handshake per connection (pub/sub has its own connection anyway)
-    }
+@cache
+def _handshake_kwargs() -> dict[str, Any]:
+    """Connection options that skip handshake round trips, for the redis-py version installed.
+
+    redis-py >= 5 sends CLIENT SETINFO on every new connection unless told not to (``driver_info=None`` since 7,
+    ``lib_name=None, lib_version=None`` before) and accepts ``protocol``; 4.6 has neither and sends nothing.
+    """
+    connection_class = getattr(rconn, "AbstractConnection", rconn.Connection)
+    params = inspect.signature(connection_class.__init__).parameters
+    kwargs: dict[str, Any] = {}
+    if "driver_info" in params:
+        kwargs["driver_info"] = None
+    elif "lib_name" in params:
+        kwargs.update(lib_name=None, lib_version=None)
+    if "protocol" in params:
+        kwargs["protocol"] = 2  # RESP2: no HELLO handshake per connection (pub/sub has its own connection)
+    return kwargs
 
 
-def _from_url(factory: Callable[..., T], url: str, connect_timeout: float, socket_timeout: float) -> T:
+def client_kwargs(connect_timeout: float, socket_timeout: float | None) -> dict[str, Any]:
+    """Client options: ``socket_connect_timeout`` bounds the TCP (and TLS) connect, ``socket_timeout`` every
+    read; ``None`` means no read timeout (only sensible under an outer deadline)."""
+    return {"socket_connect_timeout": connect_timeout, "socket_timeout": socket_timeout, **_handshake_kwargs()}
+
+
+_URL_FORMS = "Expected redis://[[user]:password@]host[:port][/db], rediss://... or unix:///path/to/socket"
+
+
+def _from_url(factory: Callable[..., T], url: str, connect_timeout: float, socket_timeout: float | None) -> T:
+    # Never put the parser's own message in the error: urllib quotes the "port" it could not read, and with an
+    # unencoded '/' in the password that port is a piece of the password.
+    problem = redis_url_problem(url)
+    if problem is not None:
+        raise ConfigurationError(f"invalid Redis URL {redact_url(url)!r}: {problem}. {_URL_FORMS}")
     try:
         return factory(url, **client_kwargs(connect_timeout, socket_timeout))
     except (ValueError, TypeError) as exc:
-        raise ConfigurationError(
-            f"invalid Redis URL {redact_url(url)!r}: {exc}. Expected redis://[[user]:password@]host[:port][/db], "
-            "rediss://... or unix:///path/to/socket"
-        ) from None
+        option = re.search(r"keyword argument '(\w+)'", str(exc))
+        reason = f"unknown option {option.group(1)!r}" if option else f"redis-py refused it ({type(exc).__name__})"
+        raise ConfigurationError(f"invalid Redis URL {redact_url(url)!r}: {reason}. {_URL_FORMS}") from None
 
 
-def async_client_from_url(url: str, *, connect_timeout: float, socket_timeout: float) -> aredis.Redis:
+def async_client_from_url(url: str, *, connect_timeout: float, socket_timeout: float | None) -> aredis.Redis:
     """An asyncio client for ``url``; a malformed URL raises :class:`ConfigurationError` (password redacted)."""
     return _from_url(aredis.Redis.from_url, url, connect_timeout, socket_timeout)
 
 
-def sync_client_from_url(url: str, *, connect_timeout: float, socket_timeout: float) -> redis.Redis:
+def sync_client_from_url(url: str, *, connect_timeout: float, socket_timeout: float | None) -> redis.Redis:
     """A sync client for ``url``; a malformed URL raises :class:`ConfigurationError` (password redacted)."""
     return _from_url(redis.Redis.from_url, url, connect_timeout, socket_timeout)
 
@@ -92,8 +266,57 @@ def describe_client(client: object) -> str:
     pool = getattr(client, "connection_pool", None)
     kwargs: dict[str, Any] = getattr(pool, "connection_kwargs", {}) or {}
     if "path" in kwargs:
-        return f"unix://{kwargs['path']}"
-    return f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+        return f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
+    scheme = "rediss" if _uses_tls(pool) else "redis"
+    return f"{scheme}://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+
+
+def _uses_tls(pool: object) -> bool:
+    connection_class = getattr(pool, "connection_class", None)
+    return isinstance(connection_class, type) and "SSL" in connection_class.__name__
+
+
+def unreachable_hints(where: str) -> str:
+    """What to check when a server at ``where`` does not answer; the TLS hint depends on the scheme used."""
+    if where.startswith("rediss://"):
+        tls = "a plain (non-TLS) Redis never answers a TLS handshake: use redis:// for it"
+    elif where.startswith("unix://"):
+        tls = "the socket path and its permissions"
+    else:
+        tls = "a TLS-only server (tls-port) drops plain connections: use rediss:// for it"
+    return f"Check the host and port, a paused, overloaded or non-Redis server at that address, and TLS vs plain: {tls}"
+
+
+def _unavailable(
+    what: str, where: str, waited: float, attempts: int, last: BaseException | None, *, timed_out: bool,
+    key: str | None, generation: str | None,
+) -> RedisUnavailableError:
+    last_text = f"last error {type(last).__name__}: {last}" if last is not None else ""
+    if timed_out:
+        last_text = "no reply to the last attempt" + (f"; before it, {last_text}" if last_text else "")
+    return RedisUnavailableError(
+        f"could not {what}: Redis at {where} did not answer for {waited:.1f} s ({attempts} attempts; {last_text}). "
+        f"{unreachable_hints(where)}",
+        key=key,
+        generation=generation,
+    )
+
+
+class _BudgetSpent(Exception):
+    """The attempt in flight was cancelled because the overall budget ran out."""
+
+
+async def _attempt(action: Callable[[], Awaitable[T]], remaining: float | None) -> T:
+    if remaining is None:
+        return await action()
+    deadline = asyncio.timeout(remaining)
+    try:
+        async with deadline:
+            return await action()
+    except TimeoutError:
+        if deadline.expired():
+            raise _BudgetSpent from None
+        raise
 
 
 async def with_retries(
@@ -108,38 +331,48 @@ async def with_retries(
     generation: str | None = None,
     max_backoff: float = 2.0,
     on_retry: Callable[[BaseException, int], None] | None = None,
+    overall: bool = False,
+    prefix: str | None = None,
 ) -> T:
     """Run ``action`` until it succeeds, retrying transient Redis errors with capped exponential backoff.
 
-    Gives up with :class:`RedisUnavailableError` once ``budget`` seconds have passed since the first failure;
-    wrong credentials raise :class:`RedisAuthError` at once (retrying cannot fix them).
+    Timeline: a failure that retrying cannot fix (see :func:`redis_error`: credentials, ACL, database index,
+    TLS) raises its specific error at once; any other non-transient error is re-raised as it is. Transient
+    failures are retried after 0.05 s, 0.1 s, ... up to ``max_backoff``. :class:`RedisUnavailableError` (naming
+    ``where`` and what to check) ends it once ``budget`` seconds have passed -- counted from the first failure,
+    or with ``overall=True`` from this call's start, and then also bounding the attempt in flight (it is
+    cancelled when the budget runs out), so a server that accepts connections and never answers costs
+    ``budget`` seconds, not the socket timeout times the attempts. ``prefix`` (the key prefix) only makes an
+    ACL error name the exact key and channel patterns to grant.
     """
-    first_failure: float | None = None
+    started = clock()
+    first_failure: float | None = started if overall else None
     delay = 0.05
     attempt = 0
+    last: BaseException | None = None
     while True:
+        attempt += 1
         try:
-            return await action()
+            return await _attempt(action, budget - (clock() - started) if overall else None)
+        except _BudgetSpent:
+            raise _unavailable(what, where, clock() - started, attempt, last, timed_out=True,
+                               key=key, generation=generation) from None
         except Exception as exc:
-            if is_auth_error(exc):
-                raise auth_error(exc, where, key, generation) from None
+            error = redis_error(exc, where=where, key=key, generation=generation, prefix=prefix)
+            if error is not None:
+                raise error from None
             if not is_transient(exc):
                 raise
-            now = clock()
-            first_failure = now if first_failure is None else first_failure
-            attempt += 1
-            if now - first_failure >= budget:
-                raise RedisUnavailableError(
-                    f"could not {what}: Redis at {where} did not answer for {now - first_failure:.1f} s "
-                    f"({attempt} attempts; last error {type(exc).__name__}: {exc}). Is the server running and "
-                    "the URL right?",
-                    key=key,
-                    generation=generation,
-                ) from None
-            if on_retry is not None:
-                on_retry(exc, attempt)
-            await sleep(min(delay, max(0.0, budget - (now - first_failure))))
-            delay = min(delay * 2, max_backoff)
+            last = exc
+        now = clock()
+        first_failure = now if first_failure is None else first_failure
+        if now - first_failure >= budget:
+            raise _unavailable(what, where, now - first_failure, attempt, last, timed_out=False,
+                               key=key, generation=generation) from None
+        if on_retry is not None:
+            on_retry(last, attempt)
+        await sleep(min(delay, max(0.0, budget - (now - first_failure))))
+        delay = min(delay * 2, max_backoff)
 
 
 async def close_quietly(closer: Callable[[], Awaitable[object]]) -> None:

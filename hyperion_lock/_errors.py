@@ -37,6 +37,28 @@ class RedisAuthError(ConfigurationError):
     """Redis refused the credentials. Check the password/user in the URL (``HYPERION_LOCK_REDIS_URL``)."""
 
 
+class RedisPermissionError(ConfigurationError):
+    """The Redis (ACL) user may not run a command, touch a key or use a channel this package needs.
+
+    Raised at once on the server's ``NOPERM`` reply (retrying cannot grant a permission). The user needs the
+    keys ``~<prefix>:*``, the channels ``&<prefix>:*`` (Redis 7 users start with ``resetchannels``) and the
+    commands ``EVALSHA EVAL SCRIPT SUBSCRIBE UNSUBSCRIBE PUBLISH PING``.
+    """
+
+
+class RedisDatabaseIndexError(ConfigurationError):
+    """The database number in the URL (``/N`` or ``?db=N``) does not exist on the server (``SELECT`` refused it).
+
+    Raised at once: the server only has ``databases`` numbered 0 .. databases-1 (16 by default), and Redis
+    Cluster only database 0.
+    """
+
+
+class RedisTLSError(ConfigurationError):
+    """TLS could not be set up with the server: certificate not trusted or not for this host name, or TLS spoken
+    to a plain port. Raised at once; the message says what to check (``rediss://`` vs ``redis://``, the CA file)."""
+
+
 class JobFailedError(HyperionLockError):
     """The run-once job raised in the worker that ran it; every worker waiting for it raises this."""
 

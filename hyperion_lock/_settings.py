@@ -2,47 +2,169 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
 import socket
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import cache
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, NamedTuple
+from urllib.parse import ParseResult, parse_qsl, quote, unquote, urlparse
+
+from redis import connection as _redis_connection
 
 from ._errors import ConfigurationError
 
 ENV_PREFIX = "HYPERION_LOCK_"
-_KEY_RE = re.compile(r"^[A-Za-z0-9_.\-:/]{1,200}$")
+_KEY_RE = re.compile(r"[A-Za-z0-9_.\-:/]{1,200}")
+_SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]{0,31})://")
+_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+_SECRET_QUERY_RE = re.compile(r"pass|pwd|secret|token|key|auth|credential", re.IGNORECASE)
+#: redis-py's own URL parser (the asyncio client's is the same code), typed here.
+_redis_parse_url: Callable[[str], Mapping[str, Any]] = _redis_connection.parse_url
+_ENCODE_HINT = "a '/', '?', '#' or '@' in the password must be percent-encoded (%2F, %3F, %23, %40)"
+UNPARSEABLE_URL = "<unparseable URL: percent-encode special characters in the password>"
+
+# --- URLs: describing them without ever echoing a secret ---------------------------------------------------------
+
+
+class _Userinfo(NamedTuple):
+    username: str | None
+    password: str | None
+
+
+def _scheme_of(url: str) -> str | None:
+    """The scheme, only when the text really starts with ``scheme://`` (``secret:pw@host`` has none)."""
+    match = _SCHEME_RE.match(url)
+    return match.group(1).lower() if match else None
+
+
+def _checked_split(url: str) -> ParseResult:
+    """``urlparse(url)``, refusing splits in which the userinfo leaked past the authority.
+
+    A password with an unencoded ``/``, ``?`` or ``#`` ends the authority early: ``redis://:a/b@host`` becomes
+    host ``""``, port ``a`` and path ``/b@host``, so host, port, path, query or fragment may all be pieces of the
+    secret. An ``@`` after the authority, or any fragment, is the sign; such URLs are refused whole (ValueError
+    with a message that quotes nothing from the URL).
+    """
+    try:
+        parts = urlparse(url)
+    except ValueError:
+        raise ValueError("unbalanced '[' or ']' (only an IPv6 host may use brackets)") from None
+    if parts.fragment or any("@" in piece for piece in (parts.path, parts.params, parts.query)):
+        raise ValueError(_ENCODE_HINT)
+    try:
+        _ = parts.port
+    except ValueError:  # urllib's message quotes the "port", which may be a piece of the password
+        raise ValueError(f"the port is not a number from 0 to 65535, or {_ENCODE_HINT}") from None
+    return parts
+
+
+def _auth_marker(userinfo: _Userinfo) -> str:
+    """``user:***@`` / ``:***@`` / ``***@`` (a lone userinfo is often a password) / nothing."""
+    if userinfo.username and userinfo.password:
+        return f"{quote(userinfo.username, safe='')}:***@"
+    if userinfo.password:
+        return ":***@"
+    return "***@" if userinfo.username else ""
+
+
+def _host_text(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def parse_redis_url(url: str) -> dict[str, Any]:
+    """What redis-py will connect to for ``url``, parsed by redis-py's own parser.
+
+    Raises ValueError with a message that never quotes the URL when redis-py rejects it, or when the split is
+    ambiguous (see :func:`_checked_split`).
+    """
+    scheme = _scheme_of(url)
+    if scheme not in _REDIS_SCHEMES:
+        raise ValueError("the scheme must be redis://, rediss:// or unix://")
+    _checked_split(url)
+    try:
+        return dict(_redis_parse_url(url))
+    except (ValueError, TypeError) as exc:
+        named = re.match(r"Invalid value for '(\w+)'", str(exc))
+        raise ValueError(
+            f"invalid value for the query parameter {named.group(1)!r}" if named else "redis-py cannot parse it"
+        ) from None
+
+
+def redis_url_problem(url: str) -> str | None:
+    """Why ``url`` is not a usable Redis URL (text safe to print: nothing from the URL), or None."""
+    try:
+        parse_redis_url(url)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _describe_redis(scheme: str, kwargs: Mapping[str, Any]) -> str:
+    auth = _auth_marker(_Userinfo(kwargs.get("username"), kwargs.get("password")))
+    db = kwargs.get("db", 0)
+    if scheme == "unix":
+        return f"unix://{auth}{kwargs.get('path', '')}?db={db}"
+    host = _host_text(str(kwargs.get("host") or "localhost"))
+    return f"{scheme}://{auth}{host}:{kwargs.get('port', 6379)}/{db}"
+
+
+def _redacted_query(query: str) -> str:
+    pairs = parse_qsl(query, keep_blank_values=True)
+    shown = [(name, "***" if _SECRET_QUERY_RE.search(name) else value) for name, value in pairs]
+    return "&".join(f"{quote(name, safe='')}={value if value == '***' else quote(value, safe='/:')}"
+                    for name, value in shown)
+
+
+def _describe_other(scheme: str, url: str) -> str:
+    """Any other URL (``postgresql://``, ``sqlite:///``): host, port, path, and the query with secrets masked."""
+    parts = _checked_split(url)
+    auth = _auth_marker(_Userinfo(unquote(parts.username) if parts.username else None, parts.password))
+    host = _host_text(parts.hostname) if parts.hostname else ""
+    port = f":{parts.port}" if parts.port is not None else ""
+    query = _redacted_query(parts.query)
+    return f"{scheme}://{auth}{host}{port}{quote(parts.path, safe='/:.-_~%')}" + (f"?{query}" if query else "")
 
 
 def redact_url(url: str | None) -> str | None:
-    """Return ``url`` with any password replaced by ``***`` (safe for logs, reprs and status output)."""
+    """A description of ``url`` that is safe for logs, reprs, errors and status output.
+
+    Redis URLs are parsed by redis-py's own parser and rebuilt from what it found: scheme, ``user:***@`` (``:***@``
+    when there is only a password, from the userinfo or a ``?password=`` parameter), host, port and database, or
+    the socket path for ``unix://``. Nothing of the raw text is echoed, so query parameters never appear. Other URLs
+    keep their host, port, path and query, with the password and any password-like query value masked. A URL that
+    cannot be split unambiguously (a password with an unencoded ``/ ? # @``) or that the parser rejects yields
+    ``scheme://<unparseable URL: ...>`` -- the scheme is the only part that can never be the secret.
+    """
     if not url:
         return url
+    scheme = _scheme_of(url)
+    if scheme is None:
+        return "<unparseable URL: expected scheme://...>"
     try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
+        if scheme in _REDIS_SCHEMES:
+            return _describe_redis(scheme, parse_redis_url(url))
+        return _describe_other(scheme, url)
     except ValueError:
-        return "<unparseable url>"
-    if "@" not in netloc:
-        return url
-    userinfo, _, hostport = netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0] if ":" in userinfo else ""
-    if ":" not in userinfo and userinfo:
-        # redis://secret@host is a password-only URL in redis-py.
-        return urlunsplit(parts._replace(netloc=f"***@{hostport}"))
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
+        return f"{scheme}://{UNPARSEABLE_URL}"
 
 
 def validate_name(value: str, what: str) -> str:
-    """Check a key name or prefix: 1-200 chars of letters, digits and ``_ . - : /`` (no spaces or braces)."""
-    if not isinstance(value, str) or not _KEY_RE.match(value):
+    """Check a key name or prefix: 1-200 chars of letters, digits and ``_ . - : /`` (no spaces or braces).
+
+    The whole string must match (a trailing newline is refused too): names end up inside Redis keys and file
+    names, where a stray character would make two spellings of one job.
+    """
+    if not isinstance(value, str) or not _KEY_RE.fullmatch(value):
         raise ConfigurationError(
             f"invalid {what} {value!r}: use 1-200 characters from letters, digits and '_ . - : /' "
-            "(no spaces, braces or empty names)"
+            "(no spaces, braces, newlines or empty names)"
         )
     return value
 
@@ -58,17 +180,130 @@ def positive_seconds(value: float | str, what: str) -> float:
     return seconds
 
 
-def _parent_identity() -> str:
-    """host:ppid:start-time of the parent process: the same for every worker forked by one master."""
-    ppid = os.getppid()
-    start = "0"
+MINUTE = 60.0
+HOUR = 3600.0
+DAY = 86400.0
+YEAR = 365 * DAY
+
+#: (lowest, highest) accepted value of each duration; 0 as the lowest means "any value > 0".
+DURATION_BOUNDS: dict[str, tuple[float, float]] = {
+    "lease_ttl": (0.1, DAY),
+    "result_ttl": (0.0, 10 * YEAR),
+    "connect_timeout": (0.0, HOUR),
+    "reconnect_timeout": (0.0, DAY),
+    "wait_timeout": (0.0, DAY),
+    "progress_interval": (0.0, DAY),
+    "failure_hold": (0.0, 10 * YEAR),  # and at most result_ttl (checked in Settings)
+}
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if value == int(value) else f"{value:g}"
+
+
+def _span(seconds: float) -> str:
+    """``86400 s (1 day)``: the exact number to type, and what it means."""
+    for unit, size in (("year", YEAR), ("day", DAY), ("hour", HOUR), ("minute", MINUTE)):
+        if seconds >= size and seconds % size == 0:
+            count = seconds / size
+            return f"{_number(seconds)} s ({_number(count)} {unit}{'' if count == 1 else 's'})"
+    return f"{_number(seconds)} s"
+
+
+def bounded_seconds(value: float | str, what: str, low: float, high: float) -> float:
+    """Parse a duration that must lie in ``(0, high]`` (``low`` == 0) or ``[low, high]``.
+
+    The caps keep every value inside what Redis accepts as a ``PX``/``EXPIRE`` argument and what a person
+    could mean; the message names the allowed range, so a typo (ms for s) is caught at startup, not inside Lua.
+    """
+    seconds = positive_seconds(value, what)
+    if seconds < low or seconds > high:
+        lowest = f"at least {_span(low)}" if low > 0 else "> 0"
+        raise ConfigurationError(f"{what} must be {lowest} and at most {_span(high)}, got {value!r}")
+    return seconds
+
+
+# --- default generation --------------------------------------------------------------------------------------
+
+
+class ProcessInfo(NamedTuple):
+    """What /proc says about one process: its resolved executable and its start time (clock ticks since boot);
+    ``None`` where /proc could not be read."""
+
+    pid: int
+    exe: str | None
+    start_ticks: str | None
+
+
+def read_process(pid: int) -> ProcessInfo:
+    """Read ``/proc/<pid>/exe`` and field 22 of ``/proc/<pid>/stat``; unreadable parts become ``None``."""
+    exe: str | None
     try:
-        # Field 22 of /proc/PID/stat is the start time in clock ticks since boot.
-        stat = Path(f"/proc/{ppid}/stat").read_text()
-        start = stat.rsplit(")", 1)[1].split()[19]
+        exe = os.path.realpath(os.readlink(f"/proc/{pid}/exe"))
+    except OSError:
+        exe = None
+    try:
+        start: str | None = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
-        pass
-    return f"{socket.gethostname()}:{ppid}:{start}"
+        start = None
+    return ProcessInfo(pid, exe, start)
+
+
+@cache
+def _fallback_start() -> str:
+    """Without /proc: a stamp taken once per process, so a restart still makes a new generation."""
+    return f"t{int(time.time() * 1000)}"
+
+
+def host_label(host: str | None = None) -> str:
+    """The host name as a valid name part: characters outside ``A-Z a-z 0-9 _ . -`` become ``-``."""
+    return re.sub(r"[^A-Za-z0-9_.\-]", "-", host if host is not None else socket.gethostname())[:100] or "host"
+
+
+def default_generation(
+    *,
+    pid: int | None = None,
+    ppid: int | None = None,
+    host: str | None = None,
+    inspect: Callable[[int], ProcessInfo] = read_process,
+) -> str:
+    """``host:pid:start-ticks`` of the process whose start defines this deployment.
+
+    If the parent runs the same executable as this process, this process is a worker that a Python master
+    forked or spawned (gunicorn, ``uvicorn --workers``, ``fastapi run --workers``, multiprocessing): the
+    generation is the parent's identity, shared by every worker of one master start, so a respawned worker skips
+    jobs that are done. Otherwise (the parent is a shell, systemd, tini, a container runtime, PID 0, or /proc
+    is unreadable) it is this process's own identity, so every restart of a single-process app is a new
+    generation and runs its init again.
+    """
+    me = inspect(os.getpid() if pid is None else pid)
+    parent_pid = os.getppid() if ppid is None else ppid
+    chosen = me
+    if parent_pid > 0 and me.exe is not None:
+        parent = inspect(parent_pid)
+        if parent.exe == me.exe:
+            chosen = parent
+    start = chosen.start_ticks or (_fallback_start() if chosen is me else "0")
+    return f"{host_label(host)}:{chosen.pid}:{start}"
+
+
+# --- default lock directory ----------------------------------------------------------------------------------
+
+
+def default_lock_dir(cwd: str | None = None, tmp: str | None = None, uid: int | None = None) -> str:
+    """``$TMP/hyperion_lock-<uid>/<basename of cwd>-<8 hex of sha256(realpath cwd)>``.
+
+    One directory per app: the workers of one master share its working directory, and the CLI run from the
+    project directory finds the same one; other apps of the same user get their own.
+    """
+    try:
+        real = os.path.realpath(cwd if cwd is not None else os.getcwd())
+    except OSError:  # the working directory was deleted
+        real = "/"
+    digest = hashlib.sha256(os.fsencode(real)).hexdigest()[:8]
+    base = re.sub(r"[^A-Za-z0-9_.\-]", "-", os.path.basename(real))[:60].lstrip(".") or "root"
+    user = os.getuid() if uid is None else uid
+    return os.path.join(tmp if tmp is not None else tempfile.gettempdir(), f"hyperion_lock-{user}", f"{base}-{digest}")
 
 
 @dataclass(frozen=True)
@@ -76,36 +311,55 @@ class Settings:
     """Configuration for a :class:`~hyperion_lock.Coordinator`.
 
     Build it with :meth:`from_env` (reads ``HYPERION_LOCK_*``), then override fields with :meth:`with_`.
+    Durations are seconds, each checked at construction against its range (:data:`DURATION_BOUNDS`), so a value
+    that Redis or the OS would refuse later fails at startup instead:
+
+    - ``lease_ttl``: 0.1 s to 1 day. How long a silent leader keeps the lease (renewed every third of it).
+    - ``result_ttl``: > 0, at most 10 years. How long a recorded outcome (done or failed) is kept.
+    - ``failure_hold``: > 0, at most ``result_ttl``. A recorded failure is final for every call of the same
+      generation that starts within this many seconds of it; after that a call retries the job (a restart
+      after a fix). Default 300 s.
+    - ``connect_timeout``: > 0, at most 1 hour. Bound on the first connection and probe of a call.
+    - ``reconnect_timeout``, ``wait_timeout``, ``progress_interval``: > 0, at most 1 day.
+    - ``generation``: see :func:`default_generation` (parent's identity under a Python master, else this
+      process's own identity).
+    - ``lock_dir``: see :func:`default_lock_dir` (``$TMP/hyperion_lock-<uid>/<cwd name>-<cwd hash>``, one per
+      app directory).
     """
 
     redis_url: str | None = None
     key_prefix: str = "hyperion_lock"
-    generation: str = field(default_factory=_parent_identity)
+    generation: str = field(default_factory=default_generation)
     lease_ttl: float = 15.0
-    result_ttl: float = 7 * 24 * 3600.0
+    result_ttl: float = 7 * DAY
     connect_timeout: float = 10.0
     reconnect_timeout: float = 60.0
     wait_timeout: float | None = None
     progress_interval: float = 5.0
-    lock_dir: str = field(default_factory=lambda: os.path.join(tempfile.gettempdir(), f"hyperion_lock-{os.getuid()}"))
+    lock_dir: str = field(default_factory=default_lock_dir)
+    failure_hold: float = 300.0
 
     def __post_init__(self) -> None:
         validate_name(self.key_prefix, "key prefix")
         validate_name(self.generation, "generation")
-        for name in ("lease_ttl", "result_ttl", "connect_timeout", "reconnect_timeout", "progress_interval"):
-            object.__setattr__(self, name, positive_seconds(getattr(self, name), name))
-        if self.wait_timeout is not None:
-            object.__setattr__(self, "wait_timeout", positive_seconds(self.wait_timeout, "wait_timeout"))
-        if self.lease_ttl < 0.1:
-            raise ConfigurationError(f"lease_ttl must be at least 0.1 s, got {self.lease_ttl!r}")
+        for name, (low, high) in DURATION_BOUNDS.items():
+            value = getattr(self, name)
+            if name == "wait_timeout" and value is None:
+                continue
+            object.__setattr__(self, name, bounded_seconds(value, name, low, high))
+        if self.failure_hold > self.result_ttl:
+            raise ConfigurationError(
+                f"failure_hold must be > 0 and at most result_ttl, now {_span(self.result_ttl)}: a failure cannot be "
+                f"held longer than it is kept; got {_number(self.failure_hold)} s"
+            )
         if self.redis_url is not None and not self.redis_url.strip():
             object.__setattr__(self, "redis_url", None)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         """Defaults from the environment: ``HYPERION_LOCK_REDIS_URL``, ``_LEASE_TTL``, ``_GENERATION``,
-        ``_KEY_PREFIX``, ``_RESULT_TTL``, ``_CONNECT_TIMEOUT``, ``_RECONNECT_TIMEOUT``, ``_WAIT_TIMEOUT``,
-        ``_PROGRESS_INTERVAL``, ``_LOCK_DIR``. Explicit ``overrides`` win over the environment."""
+        ``_KEY_PREFIX``, ``_RESULT_TTL``, ``_FAILURE_HOLD``, ``_CONNECT_TIMEOUT``, ``_RECONNECT_TIMEOUT``,
+        ``_WAIT_TIMEOUT``, ``_PROGRESS_INTERVAL``, ``_LOCK_DIR``. Explicit ``overrides`` win over the environment."""
         env = os.environ if environ is None else environ
         kwargs: dict[str, object] = {}
         for name in cls.__dataclass_fields__:
@@ -129,5 +383,5 @@ class Settings:
     def __repr__(self) -> str:
         return (
             f"Settings(redis_url={redact_url(self.redis_url)!r}, key_prefix={self.key_prefix!r}, "
-            f"generation={self.generation!r}, lease_ttl={self.lease_ttl})"
+            f"generation={self.generation!r}, lease_ttl={self.lease_ttl}, failure_hold={self.failure_hold})"
         )
