@@ -9,6 +9,27 @@ library and connects, then reports ready (the start barrier). The set then runs 
 (one PUBLISH to N blocked subscribers), a *release* round (one leader runs the job; every other process waits and
 resumes; Redis commands counted with CONFIG RESETSTAT + INFO commandstats and split with MONITOR into top-level
 vs inside-Lua), and a *takeover* round (the first leader is SIGKILLed mid-job). Results go to stdout and ``--output``.
+
+Before / after comparison of hyperion_lock itself (issue #7: release lag p50/p99 at N = 32 and Redis commands per
+startup, measured before and after a change in one run):
+
+    # once, before the change lands: export the committed tree as the baseline (outside the shared repo)
+    mkdir -p /tmp/hyperion-before && git rev-parse HEAD > /tmp/hyperion-before/BASELINE_COMMIT
+    git archive "$(cat /tmp/hyperion-before/BASELINE_COMMIT)" | tar -x -C /tmp/hyperion-before
+    # after the change (about 2 min on 2 idle cores; add --output FILE to keep the report)
+    python -m benchmarks.run --compare /tmp/hyperion-before --n 32 --rounds 6
+
+``--compare TREE`` measures only hyperion_lock: each round starts a fresh set of N workers
+(``benchmarks/worker.py`` run as a script from a scratch directory with TREE first on PYTHONPATH, so it imports
+TREE/hyperion_lock ahead of the editable install), runs one asyncio pub/sub floor round and one release round
+(FLUSHALL + SCRIPT FLUSH first, so every startup meets an empty Redis and script cache). Rounds alternate
+before, after, before, after, ... so machine noise hits both sides alike. The "after" side is ``--after TREE``
+(default: this checkout, uncommitted edits included; the report says so). Every worker reports the resolved
+``hyperion_lock.__file__`` it loaded and a round aborts unless all N loaded the expected tree. The report is one
+before / after / ratio table: lag p50/p99 over all waiters of all rounds, the per-round median and range (the
+run-to-run noise), and Redis commands per startup (commandstats total incl. inside-Lua, MONITOR top-level and
+inside-Lua, EVAL/EVALSHA, renewals). ``--job-seconds`` and ``--ttl`` apply (default 2 s each, as in the main run);
+the other options do not. An A/A run (``--after`` = a second export of the same commit) shows the noise floor.
 """
 
 from __future__ import annotations
@@ -89,18 +110,26 @@ class Result:
 class Pool:
     """N benchmark processes of one implementation, driven line by line through their stdin."""
 
-    def __init__(self, impl: str, n: int, url: str, ttl: float, job: float, workdir: Path, tag: str) -> None:
+    def __init__(self, impl: str, n: int, url: str, ttl: float, job: float, workdir: Path, tag: str,
+                 tree: Path | None = None) -> None:
         self.n = n
         self.log = workdir / f"{tag}.jsonl"
         self.log.touch()
         self.errlog = (workdir / f"{tag}.stderr").open("w")
         self._offset = 0
         self._rows: list[dict[str, Any]] = []
-        cmd = [sys.executable, "-m", "benchmarks.worker", "--impl", impl, "--url", url, "--ttl", str(ttl),
-               "--job-seconds", str(job), "--log", str(self.log), "--tag", tag, "--jitter", str(min(1.0, job / 2))]
+        flags = ["--impl", impl, "--url", url, "--ttl", str(ttl), "--job-seconds", str(job), "--log", str(self.log),
+                 "--tag", tag, "--jitter", str(min(1.0, job / 2))]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if tree is None:
+            cmd, cwd = [sys.executable, "-m", "benchmarks.worker", *flags], ROOT
+        else:
+            # hyperion_lock from `tree`: the worker runs as a script (sys.path[0] = benchmarks/, not the repo root)
+            # from a neutral directory, with `tree` first on PYTHONPATH, ahead of the editable install.
+            cmd, cwd = [sys.executable, str(ROOT / "benchmarks" / "worker.py"), *flags], workdir
+            env["PYTHONPATH"] = os.pathsep.join([str(tree), *filter(None, [os.environ.get("PYTHONPATH")])])
         self.procs = [
-            subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self.errlog,
+            subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self.errlog,
                              text=True, env=env)
             for _ in range(n)
         ]
@@ -511,6 +540,158 @@ def run_all(args: argparse.Namespace, server: RedisServer, workdir: Path) -> Non
             f"{'PASS' if max(init_times) <= 0.05 else 'MISS'} target <= 50 ms")
 
 
+# -- compare mode: the hyperion_lock of a baseline tree vs the current tree, interleaved ------------------------
+def tree_module(tree: Path, workdir: Path) -> str:
+    """The hyperion_lock/__init__.py a process with `tree` first on PYTHONPATH imports (and warms its bytecode)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    out = subprocess.run(
+        [sys.executable, "-c", "import pathlib, hyperion_lock; print(pathlib.Path(hyperion_lock.__file__).resolve())"],
+        cwd=workdir, env=env, check=True, capture_output=True, text=True,
+    )
+    return out.stdout.strip()
+
+
+def tree_label(tree: Path) -> str:
+    """`path @ commit` (+ `, modified` when the library differs from that commit) for the report."""
+    marker = tree / "BASELINE_COMMIT"
+    if marker.is_file():
+        return f"{tree} @ {marker.read_text().strip()[:12]} (exported tree)"
+    head = subprocess.run(["git", "-C", str(tree), "rev-parse", "HEAD"], check=False, capture_output=True, text=True)
+    if head.returncode != 0:
+        return str(tree)
+    dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--", "hyperion_lock"], check=False,
+                           capture_output=True, text=True).stdout.strip()
+    return f"{tree} @ {head.stdout.strip()[:12]}{' + uncommitted changes in hyperion_lock/' if dirty else ''}"
+
+
+def compare_round(side: str, tree: Path, expected: str, n: int, url: str, admin: redis.Redis,
+                  args: argparse.Namespace, workdir: Path, index: int) -> Result:
+    tag = f"cmp-{side}-{n}-{index}"
+    res = Result(via=side, n=n, impl="hyperion")
+    t0 = time.monotonic()
+    pool = Pool("hyperion", n, url, args.ttl, args.job_seconds, workdir, tag, tree=tree)
+    try:
+        ready = pool.wait("ready", n, 240)
+        if ready is None:
+            raise RuntimeError(f"{tag}: only {len(pool.events('ready'))}/{n} processes became ready (see "
+                               f"{pool.errlog.name})")
+        modules = Counter(str(r.get("module")) for r in ready)
+        if set(modules) != {expected}:
+            raise RuntimeError(f"{tag}: workers imported {dict(modules)}, expected {expected}")
+        boot = time.monotonic() - t0
+        res.floor_async = floor_round(pool, admin, f"bench:afloor:{tag}", "floor-async")
+        admin.flushall()
+        admin.script_flush()  # every startup finds an empty server and script cache, on both sides
+        release_round(pool, admin, url, f"rel-{tag}", args.job_seconds, res)
+    finally:
+        pool.close()
+    if res.runs != 1 or len(res.lags) != n - 1:  # show why: the workers' stderr (tracebacks)
+        errors = [line for line in Path(pool.errlog.name).read_text().splitlines() if "loaded from" not in line]
+        res.notes.append(f"worker stderr, last lines: {' | '.join(errors[-12:]) or '(empty)'}")
+    say(f"  {side:<6} round {index + 1} N={n:<4} lag p50 {ms(pct(res.lags, 50))} p99 {ms(pct(res.lags, 99))} ms "
+        f"({len(res.lags)} waiters), asyncio floor p50 {ms(pct(res.floor_async, 50))} ms, runs {res.runs}, cmds "
+        f"total {res.stats_total} / top-level {res.top_level} / in Lua {res.in_lua}, renewals {res.renewals}; "
+        f"module {next(iter(modules))} ({sum(modules.values())} workers) (set up in {boot:.1f} s, total "
+        f"{time.monotonic() - t0:.1f} s){' ' + '; '.join(res.notes) if res.notes else ''}")
+    return res
+
+
+def spread(values: list[float], fmt: Callable[[float], str]) -> str:
+    if not values:
+        return "-"
+    return f"{fmt(statistics.median(values))} [{fmt(min(values))}-{fmt(max(values))}]"
+
+
+def compare_table(before: list[Result], after: list[Result]) -> list[str]:
+    def pooled(rs: list[Result], q: float) -> float:
+        return pct([x for r in rs for x in r.lags], q)
+
+    def med(rs: list[Result], get: Callable[[Result], float]) -> float:
+        return statistics.median([get(r) for r in rs]) if rs else math.nan
+
+    def count(v: float) -> str:
+        return f"{v:g}"
+
+    rows: list[tuple[str, float, float, str, str, Callable[[float], str]]] = []
+
+    def lag_row(label: str, q: float) -> None:
+        rows.append((label, pooled(before, q), pooled(after, q), "", "", ms))
+
+    def round_row(label: str, get: Callable[[Result], float], fmt: Callable[[float], str]) -> None:
+        rows.append((label, med(before, get), med(after, get), spread([get(r) for r in before], fmt),
+                     spread([get(r) for r in after], fmt), fmt))
+
+    lag_row("release lag p50 (ms), all waiters of all rounds", 50)
+    lag_row("release lag p99 (ms), all waiters of all rounds", 99)
+    round_row("release lag p50 (ms), per round", lambda r: pct(r.lags, 50), ms)
+    round_row("release lag p99 (ms), per round", lambda r: pct(r.lags, 99), ms)
+    round_row("asyncio pub/sub floor p50 (ms), per round", lambda r: pct(r.floor_async, 50), ms)
+    round_row("Redis cmds per startup, total incl. inside Lua (commandstats)", lambda r: r.stats_total, count)
+    round_row("Redis cmds per startup, top-level (MONITOR)", lambda r: r.top_level, count)
+    round_row("Redis cmds per startup, inside Lua (MONITOR)", lambda r: r.in_lua, count)
+    round_row("EVAL/EVALSHA calls", lambda r: r.stats_eval, count)
+    round_row("lease renewals (PEXPIRE inside Lua)", lambda r: r.renewals, count)
+    round_row("top-level cmds excl. renewals", lambda r: r.top_level - r.renewals, count)
+    lines = ["| metric | before | after | after / before | before: median [min-max] of rounds | "
+             "after: median [min-max] of rounds |", "|---|---|---|---|---|---|"]
+    for label, b, a, bs, as_, fmt in rows:
+        ratio = a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
+        lines.append(f"| {label} | {fmt(b)} | {fmt(a)} | {'-' if math.isnan(ratio) else f'{ratio:.2f}'} | "
+                     f"{bs or '-'} | {as_ or '-'} |")
+    return lines
+
+
+def run_compare(args: argparse.Namespace, server: RedisServer, workdir: Path) -> None:
+    admin = redis.Redis.from_url(server.url, driver_info=None)
+    sides = {"before": Path(args.compare).resolve(), "after": Path(args.after).resolve()}
+    expected = {side: str(tree / "hyperion_lock" / "__init__.py") for side, tree in sides.items()}
+    say("# hyperion_lock before / after comparison")
+    say()
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    say(f"Run: `python -m benchmarks.run {' '.join(sys.argv[1:])}` at {when}")
+    say()
+    for side, tree in sides.items():
+        found = tree_module(tree, workdir)
+        if found != expected[side]:
+            raise RuntimeError(f"{side}: PYTHONPATH={tree} imports {found}, not {expected[side]}")
+        say(f"- {side}: {tree_label(tree)}; hyperion_lock imported from {found}")
+    say()
+    say("## Machine")
+    for line in machine_info(server):
+        say(line)
+    say()
+    say(f"Settings: lease TTL {args.ttl} s, job {args.job_seconds} s, N = {args.n}, {args.rounds} rounds per side, "
+        "interleaved before, after, before, after, ...; a fresh set of N processes per round; FLUSHALL + SCRIPT "
+        "FLUSH before each release round")
+    say()
+    say("## Progress")
+    results: dict[tuple[str, int], list[Result]] = {}
+    for n in args.n:
+        for index in range(args.rounds):
+            for side, tree in sides.items():
+                res = compare_round(side, tree, expected[side], n, server.url, admin, args, workdir, index)
+                results.setdefault((side, n), []).append(res)
+    say()
+    say("## Before / after")
+    say()
+    say("Lag = waiter's `time.time()` when `run_once` returned inside its event loop minus the leader's "
+        "`time.time()` when its job body ended (same host). Counts are for one whole startup of N processes (one "
+        "leader, N-1 waiters). The first two rows pool the waiters of every round; the others give the median "
+        "of the per-round values and their range, which shows the run-to-run noise.")
+    for n in args.n:
+        before, after = results[("before", n)], results[("after", n)]
+        say()
+        say(f"### N = {n}")
+        say()
+        for line in compare_table(before, after):
+            say(line)
+        say()
+        for side, rs in (("before", before), ("after", after)):
+            bad = [i + 1 for i, r in enumerate(rs) if r.runs != 1 or not r.barrier_ok or len(r.lags) != n - 1]
+            say(f"- {side}: top-level commands by name, last round: {rs[-1].top_by_cmd}; rounds with a problem "
+                f"(runs != 1, a waiter entering after the job ended, or missing waiters): {bad or 'none'}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", default=None, help="comma-separated process counts (default 8,32,128)")
@@ -523,9 +704,18 @@ def main() -> int:
     parser.add_argument("--impls", default=",".join(IMPLS), help="subset of implementations (comma-separated)")
     parser.add_argument("--boot-only", action="store_true", help="only the gunicorn boot-overhead measurement")
     parser.add_argument("--quick", action="store_true", help="N = 8,32, 1 s job, TTL 1 s, proxy at N = 8, 1 boot")
-    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    parser.add_argument("--output", default=None,
+                        help="report file (default benchmarks/RESULTS.md; none in --compare mode)")
+    parser.add_argument("--compare", metavar="BASELINE_TREE", default=None,
+                        help="compare mode: hyperion_lock imported from BASELINE_TREE vs from --after (default N 32)")
+    parser.add_argument("--after", metavar="TREE", default=str(ROOT),
+                        help="the tree measured as 'after' in --compare mode (default: this checkout)")
+    parser.add_argument("--rounds", type=int, default=6, help="--compare mode: rounds per side (default 6)")
     args = parser.parse_args()
-    args.n = [int(x) for x in (args.n or ("8,32" if args.quick else "8,32,128")).split(",") if x]
+    if args.output is None and not args.compare:
+        args.output = str(ROOT / "benchmarks" / "RESULTS.md")
+    default_n = "32" if args.compare else ("8,32" if args.quick else "8,32,128")
+    args.n = [int(x) for x in (args.n or default_n).split(",") if x]
     proxy = args.proxy_n if args.proxy_n is not None else ("8" if args.quick else "32")
     args.proxy_n = [int(x) for x in proxy.split(",") if x]
     args.job_seconds = args.job_seconds or (1.0 if args.quick else 2.0)
@@ -536,7 +726,7 @@ def main() -> int:
     started = time.monotonic()
     try:
         with RedisServer() as server:
-            run_all(args, server, workdir)
+            (run_compare if args.compare else run_all)(args, server, workdir)
     finally:
         say()
         say(f"Total benchmark time: {time.monotonic() - started:.0f} s")

@@ -5,7 +5,11 @@
 Rounds (one line each on stdin): ``floor CHANNEL`` (block on one pub/sub subscription until a message comes),
 ``release KEY`` (run-once with a job of ``--job-seconds``), ``takeover KEY`` (run-once whose first leader sleeps
 until the orchestrator SIGKILLs it; a later leader runs a short job), ``exit``. Every fact is appended to ``--log``
-as one JSON line (``time.time()``; all processes share the host clock).
+as one JSON line (``time.time()``; all processes share the host clock). With ``--impl hyperion`` the ``ready``
+line carries ``module``, the resolved ``hyperion_lock.__file__`` this process imported (also printed to stderr).
+
+Only the public API of hyperion_lock is used (``Coordinator``, ``Coordinator.run_once``, ``Outcome.ran_here``), so
+the same worker drives the library before and after a rewrite of its core.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -194,14 +199,19 @@ def main() -> int:
     parser.add_argument("--tag", default="")
     parser.add_argument("--jitter", type=float, default=0.0, help="random start delay, 0..JITTER s, per round")
     args = parser.parse_args()
+    loaded: dict[str, str] = {}
     if args.impl == "hyperion":
-        import hyperion_lock  # noqa: F401  (import cost before the barrier, like the others)
+        import hyperion_lock  # import cost before the barrier, like the others
+
+        # Which tree was imported (the compare mode puts a baseline tree first on PYTHONPATH): checked by run.py.
+        loaded["module"] = str(Path(hyperion_lock.__file__ or "?").resolve())
+        print(f"hyperion_lock loaded from {loaded['module']}", file=sys.stderr, flush=True)
     elif args.impl == "python-redis-lock":
         import redis_lock  # noqa: F401
     log = Log(args.log, args.tag)
     r = redis.Redis.from_url(args.url, driver_info=None)
     r.ping()
-    log.emit("ready")
+    log.emit("ready", **loaded)
     runner = RUNNERS[args.impl]
     for line in sys.stdin:
         parts = line.split()
