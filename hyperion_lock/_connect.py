@@ -295,11 +295,17 @@ def _unavailable(
     if timed_out:
         last_text = "no reply to the last attempt" + (f"; before it, {last_text}" if last_text else "")
     return RedisUnavailableError(
-        f"could not {what}: Redis at {where} did not answer for {waited:.1f} s ({attempts} attempts; {last_text}). "
+        f"could not {what}: Redis at {where} did not answer for {waited:.1f} s "
+        f"({attempts} attempt{'' if attempts == 1 else 's'}; {last_text}). "
         f"{unreachable_hints(where)}",
         key=key,
         generation=generation,
     )
+
+
+#: With less than this left of an overall budget, no further attempt is started (the backoff sleep ends at the
+#: deadline, and an attempt given a few microseconds would only report a misleading "no reply").
+_MIN_ATTEMPT = 0.01
 
 
 class _BudgetSpent(Exception):
@@ -351,9 +357,13 @@ async def with_retries(
     attempt = 0
     last: BaseException | None = None
     while True:
+        remaining = budget - (clock() - started) if overall else None
+        if remaining is not None and remaining < _MIN_ATTEMPT and last is not None:
+            raise _unavailable(what, where, clock() - started, attempt, last, timed_out=False,
+                               key=key, generation=generation)
         attempt += 1
         try:
-            return await _attempt(action, budget - (clock() - started) if overall else None)
+            return await _attempt(action, remaining)
         except _BudgetSpent:
             raise _unavailable(what, where, clock() - started, attempt, last, timed_out=True,
                                key=key, generation=generation) from None

@@ -1,0 +1,153 @@
+"""No password reaches an error, a repr, a status line or the log, however the URL spells it.
+
+Passwords with ``/ ? # @ :`` (base64 secrets have ``/`` and ``=``) end a URL's authority early, so a naive
+``urlsplit`` puts pieces of the secret in the host, port, path or query; redis-py also reads ``?password=``.
+Each secret below is built from distinctive chunks so that a leaked *piece* is caught, not only the whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from urllib.parse import quote
+
+import pytest
+
+from hyperion_lock import Coordinator, HyperionLockError, RedisAuthError, Settings, redact_url
+from hyperion_lock.testing import RedisServer, free_port
+
+SLASHY = "Xq7/Zk9?Mv3#Wp5=="  # like a/b?c#d==
+AT_COLON = "Pq8@Ss2:Wr4/Rd6"  # like p@ss:w/rd
+PLAIN = "sekretQ1zz"
+
+# (template, secret): {pw} is the secret as written, {enc} percent-encoded, {port} the server.
+CASES = [
+    ("redis://:{pw}@127.0.0.1:{port}/0", SLASHY),
+    ("redis://:{pw}@127.0.0.1:{port}/0", AT_COLON),
+    ("redis://:{enc}@127.0.0.1:{port}/0", SLASHY),
+    ("redis://:{enc}@127.0.0.1:{port}/0", AT_COLON),
+    ("redis://alice:{pw}@127.0.0.1:{port}/0", SLASHY),
+    ("redis://alice:{enc}@127.0.0.1:{port}/0", AT_COLON),
+    ("redis://{pw}@127.0.0.1:{port}/0", SLASHY),  # password-only, no colon
+    ("redis://{enc}@127.0.0.1:{port}/0", PLAIN),
+    ("redis://127.0.0.1:{port}/0?password={enc}", PLAIN),
+    ("redis://127.0.0.1:{port}/0?password={enc}", SLASHY),
+    ("redis://127.0.0.1:{port}/0?password={pw}", PLAIN),
+    ("rediss://alice:{pw}@127.0.0.1:{port}/0", PLAIN),
+]
+
+
+def _url(template: str, secret: str, port: int) -> str:
+    return template.format(pw=secret, enc=quote(secret, safe=""), port=port)
+
+
+def _pieces(secret: str) -> set[str]:
+    """The secret, its encoded form, and every chunk between special characters (each >= 3 chars)."""
+    chunks = {c for c in re.split(r"[/?#@:=]+", secret) if len(c) >= 3}
+    return {secret, quote(secret, safe=""), *chunks}
+
+
+def assert_no_secret(text: str, *secrets: str) -> None:
+    for secret in secrets:
+        leaked = [piece for piece in _pieces(secret) if piece in text]
+        assert not leaked, f"{leaked} leaked in {text!r}"
+
+
+def _noop() -> None:
+    return None
+
+
+@pytest.mark.parametrize(("template", "secret"), CASES)
+def test_descriptions_never_contain_the_secret(template: str, secret: str) -> None:
+    url = _url(template, secret, 6379)
+    described = redact_url(url)
+    assert described is not None
+    assert_no_secret(described, secret)
+    settings = Settings(redis_url=url, generation="g")
+    assert_no_secret(repr(settings), secret)
+    assert_no_secret(settings.describe_target(), secret)
+    # Either a faithful description of what redis-py will use, or a placeholder: never a guess.
+    assert described.startswith(("redis://", "rediss://"))
+    assert "127.0.0.1:6379/0" in described or "<unparseable URL" in described
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (f"redis://:{quote(SLASHY, safe='')}@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+        (f"redis://alice:{quote(AT_COLON, safe='')}@h:7000/2", "redis://alice:***@h:7000/2"),
+        (f"redis://h/0?password={PLAIN}", "redis://:***@h:6379/0"),
+        (f"redis://{PLAIN}@h/0", "redis://***@h:6379/0"),
+        (f"redis://:{SLASHY}@127.0.0.1:6379/0",
+         "redis://<unparseable URL: percent-encode special characters in the password>"),
+        (f"redis://:{AT_COLON}@127.0.0.1:6379/0",
+         "redis://<unparseable URL: percent-encode special characters in the password>"),
+        ("redis://:Ab12/Cd34@host:6379/0",  # urlsplit: host "", port "Ab12" -> rejected
+         "redis://<unparseable URL: percent-encode special characters in the password>"),
+        ("redis://:1234/Cd34@host:6379/0",  # urlsplit: port 1234 (a piece of the password!), path "/Cd34@host..."
+         "redis://<unparseable URL: percent-encode special characters in the password>"),
+        ("redis://Ab12/Cd34@host:6379/0",  # urlsplit: host "ab12" (a piece of the password!)
+         "redis://<unparseable URL: percent-encode special characters in the password>"),
+    ],
+)
+def test_redact_url_rebuilds_from_the_parse(url: str, expected: str) -> None:
+    assert redact_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "secret"),
+    [
+        (f"postgresql://app:{SLASHY}@db:5432/app", SLASHY),
+        (f"postgresql://app:{quote(SLASHY, safe='')}@db:5432/app", SLASHY),
+        (f"postgresql://db:5432/app?user=app&password={PLAIN}&sslmode=require", PLAIN),
+        (f"mysql://{PLAIN}@db/app", PLAIN),
+    ],
+)
+def test_other_schemes_are_redacted_too(url: str, secret: str) -> None:
+    described = redact_url(url)
+    assert described is not None
+    assert_no_secret(described, secret)
+    assert described.partition("://")[0] == url.partition("://")[0]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("template", "secret"), CASES)
+def test_unreachable_server_error_and_log_hide_the_secret(
+    template: str, secret: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = _url(template, secret, free_port())  # nothing listens there
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(HyperionLockError) as info:
+        Coordinator(url, connect_timeout=0.5, generation="x").run_once_sync("migrate", _noop)
+    assert_no_secret(str(info.value), secret)
+    assert_no_secret(repr(info.value), secret)
+    assert_no_secret(caplog.text, secret)
+
+
+@pytest.fixture(scope="module")
+def protected_redis() -> Iterator[RedisServer]:
+    with RedisServer(password="Right8/Pw?Ok#Zz") as server:
+        yield server
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("template", "secret"), CASES)
+def test_wrong_password_error_and_log_hide_both_passwords(
+    template: str, secret: str, protected_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = _url(template, secret, protected_redis.port)
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(HyperionLockError) as info:
+        Coordinator(url, connect_timeout=0.5, generation="x").run_once_sync("migrate", _noop)
+    if "<unparseable URL" not in str(redact_url(url)) and not url.startswith("rediss://"):
+        assert isinstance(info.value, RedisAuthError)
+    for text in (str(info.value), repr(info.value), caplog.text):
+        assert_no_secret(text, secret, protected_redis.password or "")
+
+
+@pytest.mark.integration
+def test_right_password_with_special_characters_works_percent_encoded(protected_redis: RedisServer) -> None:
+    url = f"redis://:{quote(protected_redis.password or '', safe='')}@127.0.0.1:{protected_redis.port}/0"
+    assert Coordinator(url, generation="special").run_once_sync("migrate", _noop).ran_here
+    assert redact_url(url) == f"redis://:***@127.0.0.1:{protected_redis.port}/0"
