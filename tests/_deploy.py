@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import psycopg
+import redis
 from sqlalchemy import make_url
 
 from hyperion_lock.testing import free_port
@@ -24,6 +26,19 @@ from hyperion_lock.testing import free_port
 ROOT = Path(__file__).resolve().parent.parent
 _OURS = ("HYPERION_LOCK_", "HYPERION_DEMO_")
 _CLEARED = {"DATABASE_URL", "WEB_CONCURRENCY", "PORT", "HOST", "GUNICORN_CMD_ARGS", "LOG_LEVEL"}
+T = TypeVar("T")
+
+
+def wait_until(condition: Callable[[], T], what: str, timeout: float = 30.0, interval: float = 0.05) -> T:
+    """Poll ``condition`` until it returns something truthy (returned); fail after ``timeout`` s naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not reached within {timeout} s (last seen: {value!r})")
+        time.sleep(interval)
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -59,6 +74,22 @@ class Gunicorn:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, pattern: str, count: int = 1, timeout: float = 60.0) -> list[re.Match[str]]:
+        """Wait until the regex ``pattern`` matched ``count`` times in the log; return the matches. Fails (with
+        the log) after ``timeout`` s, or as soon as gunicorn exited without the log reaching the count."""
+        assert self.proc is not None
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            exited = self.proc.poll() is not None
+            matches = list(regex.finditer(self.log()))
+            if len(matches) >= count:
+                return matches
+            if exited or time.monotonic() >= deadline:
+                state = f"gunicorn exited with {self.proc.returncode}" if exited else f"still waiting after {timeout} s"
+                raise AssertionError(f"{state}: {len(matches)}/{count} log lines match {pattern!r}; log:\n{self.log()}")
+            time.sleep(0.05)
 
     def get(self, path: str, timeout: float = 5.0) -> httpx.Response:
         # A fresh connection per request, so the kernel hands it to any worker.
@@ -177,3 +208,70 @@ def assert_same_jobs(reports: dict[int, Any]) -> dict[str, Any]:
     assert len(generations) == 1, generations
     return dict(jobs[0])
 
+
+
+# -- What the processes are doing, as Redis and the kernel report it (events, not guesses about timing) ----------
+def _tcp_ends_by_inode() -> dict[int, tuple[int, int]]:
+    ends: dict[int, tuple[int, int]] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local, remote = (int(f.rsplit(":", 1)[1], 16) for f in fields[1:3])
+                ends[int(fields[9])] = (local, remote)
+    return ends
+
+
+def tcp_connections(pid: int) -> set[tuple[int, int]]:
+    """(local port, remote port) of the TCP sockets process ``pid`` has open (empty if it is gone)."""
+    by_inode = _tcp_ends_by_inode()
+    found: set[tuple[int, int]] = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                target = os.readlink(fd)
+                if target.startswith("socket:[") and int(target[8:-1]) in by_inode:
+                    found.add(by_inode[int(target[8:-1])])
+    return found
+
+
+def parent_pid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def waiting_on_redis(url: str, pids: Iterable[int]) -> set[int]:
+    """The processes among ``pids`` that subscribed to a channel of this Redis *and* had another of their connections
+    run a command (``CLIENT LIST``): a run-once caller that subscribed, then probed. A waiter is then blocked on its
+    subscription; a leader looks the same, so callers exclude the leader they identified otherwise."""
+    client = redis.Redis.from_url(url)
+    try:
+        clients = client.client_list()
+    finally:
+        client.close()
+
+    def ends(c: dict[str, Any]) -> tuple[int, int]:  # (client port, server port), as the client's kernel sees them
+        return int(c["addr"].rsplit(":", 1)[1]), int(c["laddr"].rsplit(":", 1)[1])
+
+    subscribed = {ends(c) for c in clients if int(c.get("sub", 0)) > 0}
+    commanded = {ends(c) for c in clients if int(c.get("sub", 0)) == 0 and c.get("cmd") not in (None, "NULL")}
+    found = set()
+    for pid in pids:
+        conns = tcp_connections(pid)
+        if conns & subscribed and conns & commanded:
+            found.add(pid)
+    return found
+
+
+def blocked_on_flock(pids: Iterable[int]) -> set[int]:
+    """The processes among ``pids`` that the kernel lists as blocked on an flock (``->`` lines of /proc/locks): a
+    run-once caller waiting for the lock file's holder."""
+    blocked = set()
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "->" and fields[2] == "FLOCK":
+            blocked.add(int(fields[5]))
+    return blocked & set(pids)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import redis
 from hyperion_lock import JobKeys
 from hyperion_lock.testing import RedisServer, free_port
 
-from ._deploy import clean_env
+from ._deploy import blocked_on_flock, clean_env, parent_pid, wait_until, waiting_on_redis
 
 pytestmark = pytest.mark.integration
 PASSWORD = "s3cret-Pw-42"
@@ -125,6 +126,62 @@ def test_run_exit_code_reaches_every_caller(secured_redis: RedisServer) -> None:
     assert [p.returncode for p in procs] == [5, 5], outputs
 
 
+def _gated_command(ran: Path, gate: Path) -> str:
+    """Shell command line: append the shell's pid to ``ran``, then block until ``gate`` exists (at most 60 s)."""
+    return (f"echo $$ >> {ran}; i=0; while [ ! -e {gate} ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done; "
+            f"[ -e {gate} ]")
+
+
+def _runners(ran: Path) -> list[int]:
+    """The pids of the shells that ran the command (one line each)."""
+    return [int(line) for line in ran.read_text().split()] if ran.exists() else []
+
+
+@pytest.mark.parametrize("backend", ["redis", "file-locks"])
+def test_concurrent_runs_run_the_command_exactly_once(backend: str, tmp_path: Path,
+                                                      request: pytest.FixtureRequest) -> None:
+    """Several ``hyperion-lock run`` started at once: the command runs in exactly one of them, the others wait for
+    it (seen from outside: subscribed to Redis / blocked on the lock file) and then exit 0 without running it."""
+    n = 4
+    ran, gate = tmp_path / "ran.txt", tmp_path / "gate"
+    if backend == "redis":
+        server: RedisServer = request.getfixturevalue("secured_redis")
+        where, env = ["--url", server.url], clean_env()
+        waiting: Callable[[Iterable[int]], set[int]] = functools.partial(waiting_on_redis, server.url)
+    else:
+        where, env = [], clean_env(HYPERION_LOCK_LOCK_DIR=str(tmp_path / "locks"))
+        waiting = blocked_on_flock
+    argv = [sys.executable, "-m", "hyperion_lock._cli", "run", *where, "--key", "once", "--generation", "g1", "--",
+            _gated_command(ran, gate)]
+    procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(n)]
+    try:
+        # The command started somewhere (its shell is a child of the leading caller) ...
+        wait_until(lambda: _runners(ran), "the command started in one caller")
+
+        def others_waiting() -> bool:
+            leaders = {parent_pid(pid) for pid in _runners(ran)}
+            others = {p.pid for p in procs} - leaders
+            return others <= waiting(others)
+
+        # ... and every other caller is waiting for it (or, if coordination broke, ran it too): release it.
+        wait_until(others_waiting, "every other caller waits for the running command")
+        gate.touch()
+        outputs = [p.communicate(timeout=60)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert [p.returncode for p in procs] == [0] * n, outputs
+    runners = _runners(ran)
+    assert len(runners) == 1, f"the command ran {len(runners)} times: {runners}; outputs {outputs}"
+    # A later call for the same generation finds it done and does not run it again.
+    again = cli("run", *where, "--key", "once", "--generation", "g1", "--", f"echo $$ >> {ran}", env=env)
+    assert again.returncode == 0, again
+    assert _runners(ran) == runners
+
+
 def test_unreachable_and_wrong_password_exit_3(secured_redis: RedisServer) -> None:
     down = cli("status", "--url", f"redis://:{PASSWORD}@127.0.0.1:{free_port()}/0",
                env=clean_env(HYPERION_LOCK_CONNECT_TIMEOUT="1"))
@@ -157,27 +214,39 @@ def test_file_locks_without_redis(tmp_path: Path) -> None:
 
 
 def test_sigterm_reaches_the_command_and_its_exit_is_recorded(secured_redis: RedisServer, tmp_path: Path) -> None:
-    """SIGTERM to the caller running the command is passed on; the lease is held until the command exits (it
-    cannot run twice), and the failure is recorded with the signal's status (128 + 15)."""
+    """SIGTERM to the caller while it leads (the lease names it, its command runs) is passed on to the command's
+    process group; the lease is held until the command exits, so a caller waiting meanwhile never runs it; the
+    failure is recorded with the signal's status (128 + 15), and the waiting caller exits with that status too."""
     url = secured_redis.url
-    started = tmp_path / "started"
-    leader = subprocess.Popen(
-        [sys.executable, "-m", "hyperion_lock._cli", "run", "--url", url, "--key", "long", "--generation", "g1", "--",
-         f"touch {started}; sleep 60; echo not-reached"],
-        env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
+    ran, reached = tmp_path / "ran.txt", tmp_path / "reached"
+    argv = [sys.executable, "-m", "hyperion_lock._cli", "run", "--url", url, "--key", "long", "--generation", "g1",
+            "--", f"echo $$ >> {ran}; sleep 60; touch {reached}"]
+    leader = subprocess.Popen(argv, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    waiter: subprocess.Popen[str] | None = None
     try:
-        wait_for_lease(url, "long")
-        deadline = time.monotonic() + 30
-        while not started.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert started.exists()
+        # Proof that it leads before the signal is sent: the lease names it and the command's shell is its child.
+        assert wait_for_lease(url, "long")["pid"] == leader.pid
+        shell = wait_until(lambda: _runners(ran), "the command started in the leading caller")[0]
+        assert parent_pid(shell) == leader.pid
+        waiter = subprocess.Popen(argv, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        waiter_pid = waiter.pid
+        wait_until(lambda: waiting_on_redis(url, [waiter_pid]), "the second caller waits for the running command")
         leader.send_signal(signal.SIGTERM)
         _, err = leader.communicate(timeout=30)
-        assert leader.returncode == 143, err
+        out, _ = waiter.communicate(timeout=30)
     finally:
-        if leader.poll() is None:
-            leader.kill()
-            leader.communicate()
+        for proc in (leader, waiter):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert leader.returncode == 143, err
+    assert not reached.exists(), "the command was not stopped by the forwarded SIGTERM"
+    assert _runners(ran) == [shell], "the command ran again after the leader's was stopped"
+    assert waiter.returncode == 143, out
     report = json.loads(cli("status", "--json", "--url", url, "--key", "long").stdout)
     assert report["jobs"][0]["state"] == "failed" and "status 143" in report["jobs"][0]["last_error"]
+    client = redis.Redis.from_url(url)
+    try:
+        assert client.get(JobKeys("hyperion_lock", "long").lease) is None  # handed back once the command exited
+    finally:
+        client.close()
