@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
 
-from ._core import Coordinator, RedisLike, invoke
+from ._core import Coordinator, RedisLike
 from ._settings import Settings
 
 
@@ -27,22 +28,25 @@ async def use_lock_for_workers(
     :class:`JobFailedError`, and "done" is scoped to the deployment generation (``HYPERION_LOCK_GENERATION``,
     by default the gunicorn master that forked this worker).
 
-    * ``redis_client`` may be a ``redis.Redis``, a ``redis.asyncio.Redis`` or ``None``. With ``None`` (or one
-      worker) and no ``HYPERION_LOCK_REDIS_URL``, one worker runs the job: directly when
-      ``number_of_workers <= 1``, else through a file lock shared by the workers of this host.
+    * ``number_of_workers <= 1`` runs the job directly, with no coordination at all, as the hand-made helper
+      did (tests rely on it). The coordinated path for any worker count is :class:`Coordinator`.
+    * ``redis_client`` may be a ``redis.Redis``, a ``redis.asyncio.Redis`` or ``None``. With ``None`` and no
+      ``HYPERION_LOCK_REDIS_URL`` the workers of this host coordinate through file locks.
     * With ``unlock_key`` every caller returns only after the job succeeded somewhere; without it the workers
       that did not run the job return as soon as they know another worker runs it (it still runs once).
       ``unlock_key`` names the done marker in the hand-made version; here the marker is built from ``key``
       and the generation, so its value only selects the behaviour.
     """
-    settings = Settings.from_env()
-    if number_of_workers <= 1 and redis_client is None and not settings.redis_url:
-        logger.info("%s: single worker and no Redis: running the job directly", key)
-        await invoke(job_function, args, kwargs)
+    if number_of_workers <= 1:
+        logger.info("%s: one worker: running the job directly", key)
+        result = job_function(*args, **kwargs)
+        if inspect.isawaitable(result):
+            await result
         return
+    settings = Settings.from_env()
     coordinator = Coordinator(redis_client, settings=settings, logger=logger)
     if not coordinator.uses_redis:
-        logger.info(
+        logger.debug(
             "%s: no Redis configured; coordinating the %d workers of this host through file locks in %s "
             "(one host only: set HYPERION_LOCK_REDIS_URL for several hosts)",
             key, number_of_workers, settings.lock_dir,

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
 
-from ._model import Event, Holder, Lease, Outcome, Probe, Status
+from ._errors import ConfigurationError
+from ._keys import JobKeys
+from ._model import Event, FinishResult, Holder, Lease, Outcome, Probe, RenewResult, Status
 from ._settings import Settings
 
 
@@ -34,7 +36,7 @@ class FileLayout:
     key: str
 
     def path(self, suffix: str) -> Path:
-        return self.dir / f"{self.prefix}.{quote(self.key, safe='')}.{suffix}"
+        return self.dir / f"{quote(self.prefix, safe='')}.{quote(self.key, safe='')}.{suffix}"
 
     @property
     def lock(self) -> Path:
@@ -71,9 +73,9 @@ class FileLayout:
     @staticmethod
     def job_keys(directory: Path, prefix: str) -> list[str]:
         """Job keys that have a lock or outcome file under ``directory`` (for the CLI's status)."""
-        head = prefix + "."
+        head = quote(prefix, safe="") + "."
         keys: set[str] = set()
-        for path in directory.glob(f"{prefix}.*") if directory.is_dir() else []:
+        for path in directory.glob(f"{head}*") if directory.is_dir() else []:
             rest = path.name[len(head):]
             if ".outcome." in rest:
                 keys.add(unquote(rest.split(".outcome.", 1)[0]))
@@ -83,14 +85,16 @@ class FileLayout:
 
 
 class FileBackend:
+    """One job's state in files of one host: the flock is the lease, outcome and holder are JSON files."""
+
     holder_grace = math.inf  # the kernel tells us when the holder is gone
 
-    def __init__(self, key: str, settings: Settings) -> None:
-        self.key = key
+    def __init__(self, keys: JobKeys, settings: Settings) -> None:
+        self.key = keys.key
         self.settings = settings
         self.generation = settings.generation
         self.dir = Path(settings.lock_dir)
-        self.files = FileLayout(self.dir, settings.key_prefix, key)
+        self.files = FileLayout(self.dir, settings.key_prefix, keys.key)
         self._fd: int | None = None
         self._held = False
         self._closed = False
@@ -101,15 +105,20 @@ class FileBackend:
     def describe(self) -> str:
         return self.settings.describe_target()
 
+    def failure(self, exc: Exception, key: str, generation: str) -> Exception | None:
+        """A file error does not heal by waiting: say which directory and what to do, at once."""
+        if isinstance(exc, OSError):
+            return ConfigurationError(
+                f"cannot use the lock directory {self.dir} ({exc.strerror or exc}); set HYPERION_LOCK_LOCK_DIR "
+                "to a writable local directory shared by the workers of this host, or set "
+                "HYPERION_LOCK_REDIS_URL", key=key, generation=generation,
+            )
+        return exc
+
     async def open(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._fd = os.open(self.files.lock, os.O_RDWR | os.O_CREAT, 0o600)
-
-    async def reopen(self) -> None:
-        return None
-
-    async def prepare(self) -> None:
-        return None
+        if self._fd is None:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._fd = os.open(self.files.lock, os.O_RDWR | os.O_CREAT, 0o600)
 
     def _write_atomic(self, path: Path, text: str) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-")
@@ -119,47 +128,53 @@ class FileBackend:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
 
-    def read_outcome(self, generation: str) -> Outcome | None:
-        return self.files.read_outcome(self.files.outcome(generation))
+    def _outcome(self) -> tuple[Outcome | None, float | None]:
+        path = self.files.outcome(self.generation)
+        outcome = self.files.read_outcome(path)
+        try:
+            age = max(0.0, time.time() - path.stat().st_mtime) if outcome is not None else None
+        except OSError:
+            age = None
+        return outcome, age
 
     def _release(self) -> None:
         if self._held and self._fd is not None:
+            with contextlib.suppress(OSError):
+                self.files.holder.unlink()  # nobody holds it now: waiters must not name a finished run
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         self._held = False
 
-    async def probe(
-        self, token: str, *, try_acquire: bool, seen_fence: int = 0, with_counter: bool = False
-    ) -> tuple[Probe, str | None]:
+    def _may_take(self, outcome: Outcome | None, age: float | None) -> bool:
+        if outcome is None:
+            return True
+        if outcome.status is Status.DONE:
+            return False
+        return not (outcome.status is Status.FAILED and age is not None and age < self.settings.failure_hold)
+
+    async def probe(self, token: str, *, take: bool, seen_fence: int = 0, with_counter: bool = False) -> Probe:
         """File locks cannot lose state under a live holder: ``seen_fence``/``with_counter`` are not needed."""
         assert self._fd is not None, "open() first"
-        outcome = self.read_outcome(self.generation)
-        if outcome is not None and outcome.status is Status.DONE:
+        outcome, age = self._outcome()
+        if not self._may_take(outcome, age):
             self._release()
-            return Probe(outcome, None), None
-        if try_acquire and not self._held:
+            return Probe(outcome, None, outcome_age=age)
+        if take and not self._held:
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 self._held = True
             except BlockingIOError:
                 pass
         if not self._held:
-            return Probe(outcome, self.files.read_holder()), None
-        fence_path = self.files.fence
+            return Probe(outcome, self.files.read_holder(), outcome_age=age)
         try:
-            fence = int(fence_path.read_text().strip() or 0) + 1
+            fence = int(self.files.fence.read_text().strip() or 0) + 1
         except (OSError, ValueError):
             fence = 1
-        self._write_atomic(fence_path, str(fence))
-        record = {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "generation": self.generation,
-            "since": int(time.time() * 1000),
-            "fence": fence,
-        }
-        text = json.dumps(record)
-        self._write_atomic(self.files.holder, text)
-        return Probe(outcome, Holder.from_mapping(record), acquired=True), text
+        self._write_atomic(self.files.fence, str(fence))
+        holder = Holder(host=socket.gethostname(), pid=os.getpid(), generation=self.generation, fencing_token=fence,
+                        since=time.time())
+        self._write_atomic(self.files.holder, json.dumps(holder.to_mapping()))
+        return Probe(outcome, holder, acquired=True, outcome_age=age)
 
     def _block_until_locked(self, fd: int, future: asyncio.Future[None], loop: asyncio.AbstractEventLoop) -> None:
         try:
@@ -199,17 +214,17 @@ class FileBackend:
         self._held = True
         return Event(Status.RELEASED, self.generation)
 
-    async def renew(self, lease: Lease, record: str) -> int:
-        return 1  # a flock does not expire while its process lives
+    async def renew(self, lease: Lease) -> RenewResult:
+        return RenewResult.RENEWED  # a flock does not expire while its process lives
 
-    async def finish(self, lease: Lease, outcome: Outcome | None) -> int:
-        """Always 1 (held): a flock cannot be taken over while its process lives."""
+    async def finish(self, lease: Lease, outcome: Outcome | None) -> FinishResult:
+        """A flock cannot be taken over while its process lives: always recorded."""
         if outcome is not None:
-            previous = self.read_outcome(self.generation)
+            previous, _ = self._outcome()
             if not (previous and previous.status is Status.DONE and outcome.status is not Status.DONE):
                 self._write_atomic(self.files.outcome(self.generation), outcome.to_json())
         self._release()
-        return 1
+        return FinishResult.RECORDED
 
     async def close(self) -> None:
         with self._guard:

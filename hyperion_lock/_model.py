@@ -1,10 +1,15 @@
-"""Plain data shared by the coordinator, its backends, the CLI and the reference app."""
+"""Plain data shared by the coordinator, its backends, the CLI and the reference app.
+
+The wire format of a lease holder (what the Lua scripts store and the heartbeats carry) is built only by
+:meth:`Holder.to_mapping` and read only by :meth:`Holder.from_mapping`; an outcome's by :meth:`Outcome.to_json`
+and :meth:`Outcome.from_mapping`.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 from typing import Any
 
 from ._errors import LeaseLostError
@@ -15,6 +20,22 @@ class Status(StrEnum):
     DONE = "done"
     FAILED = "failed"
     RELEASED = "released"
+
+
+class RenewResult(IntEnum):
+    """Reply of the RENEW script (see :mod:`._scripts`)."""
+
+    LOST = 0  # another owner holds the lease, or a newer leader was elected: nothing changed
+    RENEWED = 1
+    RECREATED = 2  # the lease had vanished (Redis restart without persistence) and nobody newer took it
+
+
+class FinishResult(IntEnum):
+    """Reply of the FINISH script (see :mod:`._scripts`)."""
+
+    SUPERSEDED = 0  # a newer leader took over: nothing was written or published
+    RECORDED = 1  # we still held the lease (or a retry of our own finish found it done)
+    RECORDED_AFTER_EXPIRY = 2  # the lease had expired but nobody took over: recorded anyway
 
 
 @dataclass(frozen=True)
@@ -30,6 +51,16 @@ class Holder:
     @property
     def runner(self) -> str:
         return f"{self.host}:{self.pid}"
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The stored form: ``since`` in integer milliseconds, the fencing token as ``fence``."""
+        return {
+            "host": self.host,
+            "pid": self.pid,
+            "generation": self.generation,
+            "since": int(self.since * 1000),
+            "fence": self.fencing_token,
+        }
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any]) -> Holder:
@@ -67,10 +98,11 @@ class Outcome:
     def runner(self) -> str:
         return f"{self.runner_host}:{self.runner_pid}"
 
-    def to_json(self) -> str:
+    def to_json(self, **extra: Any) -> str:
         data = asdict(self)
         data.pop("ran_here")
         data["status"] = str(self.status)
+        data.update(extra)
         return json.dumps(data, separators=(",", ":"))
 
     @classmethod
@@ -120,12 +152,13 @@ class Lease:
 
 @dataclass(frozen=True)
 class Probe:
-    """One look at a job's state; ``acquired`` means this worker now holds the lease."""
+    """One look at a job's state; ``acquired`` means this worker (this call's token) now holds the lease."""
 
     outcome: Outcome | None
     holder: Holder | None
     acquired: bool = False
     fence_counter: int | None = None  # only when asked for: the job's fencing counter as stored
+    outcome_age: float | None = None  # seconds since the outcome was recorded, by the store's own clock
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ with an asyncio client directly and with a sync client through a worker thread, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -14,9 +15,9 @@ import time
 from typing import Any, Protocol
 
 from . import _scripts
-from ._connect import as_text, close_quietly
+from ._connect import as_text, close_quietly, is_transient, redis_error
 from ._keys import JobKeys
-from ._model import Event, Holder, Lease, Outcome, Probe, Status
+from ._model import Event, FinishResult, Holder, Lease, Outcome, Probe, RenewResult, Status
 from ._settings import Settings
 
 
@@ -106,50 +107,57 @@ class RedisBackend:
         self.settings = settings
         self.where = where
         self.generation = settings.generation
-        # A waiter may only try to take over once no heartbeat was heard for a whole lease TTL.
+        # A waiter may only look at taking over once no heartbeat was heard for a whole lease TTL.
         self.holder_grace = settings.lease_ttl
         self._ttl_ms = max(1, int(settings.lease_ttl * 1000))
+        self._result_ttl_ms = max(1, int(settings.result_ttl * 1000))
+        self._scripts_loaded = False
 
     def describe(self) -> str:
         return f"Redis at {self.where}"
+
+    def failure(self, exc: Exception, key: str, generation: str) -> Exception | None:
+        """Wrong credentials, DB index, ACL or TLS setup: a clear error at once; a lost connection: retry."""
+        specific = redis_error(exc, where=self.where, key=key, generation=generation)
+        if specific is not None:
+            return specific
+        return None if is_transient(exc) else exc
 
     async def open(self) -> None:
         """Subscribe first: an outcome published after this point cannot be missed by the next probe."""
         await self.ops.subscribe(self.keys.channel)
 
-    async def reopen(self) -> None:
-        await self.ops.subscribe(self.keys.channel)
+    def _holder_template(self) -> str:
+        """The holder record without token and fence (PROBE adds both)."""
+        holder = Holder(host=socket.gethostname(), pid=os.getpid(), generation=self.generation, fencing_token=0,
+                        since=time.time())
+        record = holder.to_mapping()
+        del record["fence"]
+        return json.dumps(record)
 
-    async def prepare(self) -> None:
-        """Leader only: cache the renew/finish scripts so the outcome is published in one round trip."""
-        for script in (_scripts.RENEW, _scripts.FINISH):
-            await self.ops.load(script)
-
-    def holder_record(self) -> str:
-        return json.dumps(
-            {
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "generation": self.generation,
-                "since": int(time.time() * 1000),
-            }
-        )
-
-    async def probe(
-        self, token: str, *, try_acquire: bool, seen_fence: int = 0, with_counter: bool = False
-    ) -> tuple[Probe, str | None]:
-        raw_outcome, raw_lease, taken, raw_counter = await self.ops.run(
+    async def probe(self, token: str, *, take: bool, seen_fence: int = 0, with_counter: bool = False) -> Probe:
+        raw_outcome, raw_lease, taken, raw_counter, pttl = await self.ops.run(
             _scripts.PROBE,
             [self.keys.outcome(self.generation), self.keys.lease, self.keys.fence],
-            [token, self._ttl_ms, self.holder_record(), "1" if try_acquire else "0", seen_fence,
-             "1" if with_counter else "0"],
+            [token, self._ttl_ms, self._holder_template(), "1" if take else "0", seen_fence,
+             int(self.settings.failure_hold * 1000), "1" if with_counter else "0"],
         )
         outcome_text, lease_text, counter = as_text(raw_outcome), as_text(raw_lease), as_text(raw_counter)
-        outcome = Outcome.from_json(outcome_text) if outcome_text else None
-        holder = Holder.from_mapping(json.loads(lease_text)) if lease_text else None
-        probe = Probe(outcome=outcome, holder=holder, acquired=bool(int(taken)),
-                      fence_counter=int(counter) if counter is not None else None)
-        return probe, lease_text
+        outcome_data = json.loads(outcome_text) if outcome_text else None
+        probe = Probe(
+            outcome=Outcome.from_mapping(outcome_data) if outcome_data else None,
+            holder=Holder.from_mapping(json.loads(lease_text)) if lease_text else None,
+            acquired=bool(int(taken)),
+            fence_counter=int(counter) if counter is not None else None,
+            outcome_age=_age(outcome_data, int(pttl)),
+        )
+        if probe.acquired and not self._scripts_loaded:
+            # Leader only: cache the renew/finish scripts now so the outcome is published in one round trip.
+            with contextlib.suppress(Exception):
+                for script in (_scripts.RENEW, _scripts.FINISH):
+                    await self.ops.load(script)
+                self._scripts_loaded = True
+        return probe
 
     async def next_event(self, timeout: float) -> Event | None:
         """Wait up to ``timeout`` s for a message on the job's channel; ``None`` when none came."""
@@ -179,51 +187,36 @@ class RedisBackend:
         return Event(status, generation, holder=Holder.from_mapping(payload))
 
     def _holder_message(self, lease: Lease, status: Status) -> str:
-        h = lease.holder
-        return json.dumps(
-            {
-                "status": str(status),
-                "generation": self.generation,
-                "host": h.host,
-                "pid": h.pid,
-                "fence": h.fencing_token,
-                "since": int(h.since * 1000),
-            }
-        )
+        return json.dumps({**lease.holder.to_mapping(), "status": str(status), "generation": self.generation})
 
-    async def renew(self, lease: Lease, record: str) -> int:
-        """1 renewed, 2 re-created after it vanished, 0 lost to another owner."""
+    def _lease_record(self, lease: Lease) -> str:
+        return json.dumps({**lease.holder.to_mapping(), "token": lease.token})
+
+    async def renew(self, lease: Lease) -> RenewResult:
         result = await self.ops.run(
             _scripts.RENEW,
             [self.keys.lease, self.keys.fence],
-            [
-                lease.token,
-                self._ttl_ms,
-                record,
-                lease.fencing_token,
-                self.keys.channel,
-                self._holder_message(lease, Status.RUNNING),
-            ],
+            [lease.token, self._ttl_ms, self._lease_record(lease), lease.fencing_token, self.keys.channel,
+             self._holder_message(lease, Status.RUNNING)],
         )
-        return int(result)
+        return RenewResult(int(result))
 
-    async def finish(self, lease: Lease, outcome: Outcome | None) -> int:
-        """Record ``outcome`` (``None``: give the job up), drop the lease, wake waiters.
-
-        1 still held, 2 expired but nobody took over (recorded anyway), 0 superseded (nothing written)."""
+    async def finish(self, lease: Lease, outcome: Outcome | None) -> FinishResult:
+        """Record ``outcome`` (``None``: give the job up), drop the lease, wake waiters."""
         result = await self.ops.run(
             _scripts.FINISH,
             [self.keys.lease, self.keys.outcome(self.generation), self.keys.fence],
-            [
-                lease.token,
-                outcome.to_json() if outcome else "",
-                max(1, int(self.settings.result_ttl * 1000)),
-                self.keys.channel,
-                self._holder_message(lease, Status.RELEASED),
-                lease.fencing_token,
-            ],
+            [lease.token, outcome.to_json(ttl_ms=self._result_ttl_ms) if outcome else "", self._result_ttl_ms,
+             self.keys.channel, self._holder_message(lease, Status.RELEASED), lease.fencing_token],
         )
-        return int(result)
+        return FinishResult(int(result))
 
     async def close(self) -> None:
         await self.ops.close()
+
+
+def _age(outcome: dict[str, Any] | None, pttl_ms: int) -> float | None:
+    """Seconds since an outcome was recorded, by Redis's clock: its TTL as written minus the TTL left."""
+    if outcome is None or pttl_ms < 0 or not isinstance(outcome.get("ttl_ms"), int):
+        return None
+    return max(0.0, (int(outcome["ttl_ms"]) - pttl_ms) / 1000.0)

@@ -1,34 +1,68 @@
-"""Lua scripts: every compare-and-set on a lease, keyed on the owner token. Each runs atomically in Redis."""
+"""Lua scripts: every compare-and-set on a lease, keyed on the owner token. Each runs atomically in Redis.
+
+Every script is idempotent for its own token: when the reply to a call is lost and the caller retries it with
+the same token, the retry answers as the first call would have (PROBE: "taken", FINISH: "recorded"), so a
+retry continues as if the first reply had arrived. Writes that can fail come before the deletes they guard.
+Replies are turned into :class:`~hyperion_lock._model.RenewResult` / ``FinishResult`` by the backend.
+"""
 
 from __future__ import annotations
 
 # Look at a job, and take its lease when it is free and allowed.
-# KEYS[1] outcome key of this generation, KEYS[2] lease key, KEYS[3] fence counter
-# ARGV[1] owner token, ARGV[2] lease TTL (ms), ARGV[3] holder JSON (without token/fence), ARGV[4] "1" = may take,
-# ARGV[5] highest fencing token the caller has seen (the counter never restarts below it, even after data loss),
-# ARGV[6] "1" = also return the fence counter
-# returns {outcome JSON or nil, lease JSON or nil (ours when taken), 1 if taken else 0, counter or nil}
+# KEYS[1] outcome key of this generation
+# KEYS[2] lease key
+# KEYS[3] fencing counter
+# ARGV[1] owner token of this call
+# ARGV[2] lease TTL (ms)
+# ARGV[3] holder JSON without token and fence
+# ARGV[4] '1' = take the lease if it is free, the generation is not done and no failure is fresher than ARGV[6]
+#         (an outcome's age is its ttl_ms field minus its remaining TTL: the store's clock, not the hosts')
+# ARGV[5] highest fencing token the caller has seen (the counter never restarts below it, even after data loss)
+# ARGV[6] failure hold (ms): a failure recorded less than this long ago blocks taking
+# ARGV[7] '1' = also return the fencing counter
+# returns [1] outcome JSON or false
+#         [2] lease JSON or false (ours when taken)
+#         [3] 1 when this token holds the lease (taken now, or by an earlier call with this token), else 0
+#         [4] fencing counter or false (only with ARGV[7] = '1')
+#         [5] remaining TTL of the outcome (ms; negative when there is none)
 PROBE = """
 local outcome = redis.call('GET', KEYS[1])
 local lease = redis.call('GET', KEYS[2])
 local counter = false
-if ARGV[6] == '1' then counter = redis.call('GET', KEYS[3]) or '0' end
-if lease or ARGV[4] ~= '1' then return {outcome, lease, 0, counter} end
-if outcome and cjson.decode(outcome).status == 'done' then return {outcome, false, 0, counter} end
+if ARGV[7] == '1' then counter = redis.call('GET', KEYS[3]) or '0' end
+local pttl = redis.call('PTTL', KEYS[1])
+if lease then
+  if cjson.decode(lease).token == ARGV[1] then return {outcome, lease, 1, counter, pttl} end
+  return {outcome, lease, 0, counter, pttl}
+end
+if ARGV[4] ~= '1' then return {outcome, false, 0, counter, pttl} end
+if outcome then
+  local o = cjson.decode(outcome)
+  if o.status == 'done' then return {outcome, false, 0, counter, pttl} end
+  local ttl = tonumber(o.ttl_ms)
+  if o.status == 'failed' and ttl and ttl - pttl < tonumber(ARGV[6]) then
+    return {outcome, false, 0, counter, pttl}
+  end
+end
 if tonumber(redis.call('GET', KEYS[3]) or '0') < tonumber(ARGV[5]) then redis.call('SET', KEYS[3], ARGV[5]) end
 local v = cjson.decode(ARGV[3])
 v.token = ARGV[1]
 v.fence = redis.call('INCR', KEYS[3])
 lease = cjson.encode(v)
 redis.call('SET', KEYS[2], lease, 'PX', ARGV[2])
-return {outcome, lease, 1, counter}
+return {outcome, lease, 1, counter, pttl}
 """
 
 # Keep the lease alive; re-create it if it vanished (Redis restart without persistence) unless a newer leader
 # has been elected since (the fencing counter moved past ours): never steal it, never resurrect a stale one.
-# KEYS[1] lease key, KEYS[2] fence counter
-# ARGV[1] owner token, ARGV[2] lease TTL (ms), ARGV[3] our lease JSON, ARGV[4] our fencing token,
-# ARGV[5] channel, ARGV[6] heartbeat message
+# KEYS[1] lease key
+# KEYS[2] fencing counter
+# ARGV[1] owner token
+# ARGV[2] lease TTL (ms)
+# ARGV[3] our lease JSON (to re-create it)
+# ARGV[4] our fencing token
+# ARGV[5] channel
+# ARGV[6] heartbeat message
 # returns 1 renewed, 2 re-created, 0 lost (another owner holds it, or a newer leader existed; nothing changed)
 RENEW = """
 local cur = redis.call('GET', KEYS[1])
@@ -50,20 +84,27 @@ return status
 
 # Record the outcome (if any), drop our lease, wake every waiter -- unless a newer leader superseded us, in which
 # case nothing is written or published: the successor's outcome is the one that counts.
-# KEYS[1] lease key, KEYS[2] outcome key of this generation, KEYS[3] fence counter
-# ARGV[1] owner token, ARGV[2] outcome JSON or '' (give up without an outcome), ARGV[3] outcome TTL (ms),
-# ARGV[4] channel, ARGV[5] release message (sent when there is no outcome), ARGV[6] our fencing token
-# returns 1 we still held the lease, 2 it had expired but nobody took over (recorded anyway), 0 superseded
+# KEYS[1] lease key
+# KEYS[2] outcome key of this generation
+# KEYS[3] fencing counter
+# ARGV[1] owner token
+# ARGV[2] outcome JSON, or '' to give the job up without an outcome
+# ARGV[3] outcome TTL (ms)
+# ARGV[4] channel
+# ARGV[5] release message (published when there is no outcome)
+# ARGV[6] our fencing token
+# returns 1 recorded while we held the lease (also for a retry of our own earlier call), 2 the lease had expired
+#         but nobody took over (recorded anyway), 0 superseded by a newer leader (nothing changed)
 FINISH = """
 local cur = redis.call('GET', KEYS[1])
 local held = cur and cjson.decode(cur).token == ARGV[1]
+if cur and not held then return 0 end
+local prev = redis.call('GET', KEYS[2])
 if not held then
-  if cur then return 0 end
+  if prev and tonumber(cjson.decode(prev).fencing_token) == tonumber(ARGV[6]) then return 1 end
   if tonumber(redis.call('GET', KEYS[3]) or '0') > tonumber(ARGV[6]) then return 0 end
 end
-if held then redis.call('DEL', KEYS[1]) end
 if ARGV[2] ~= '' then
-  local prev = redis.call('GET', KEYS[2])
   if not (prev and cjson.decode(prev).status == 'done' and cjson.decode(ARGV[2]).status ~= 'done') then
     redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
   end
@@ -71,13 +112,21 @@ if ARGV[2] ~= '' then
 elseif held then
   redis.call('PUBLISH', ARGV[4], ARGV[5])
 end
-if held then return 1 end
+if held then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
 return 2
 """
 
 # Clear a job's state for the CLI's reset.
-# KEYS[1] lease key, KEYS[2] outcome key, ARGV[1] "1" = also drop a live lease, ARGV[2] channel, ARGV[3] message
-# returns {1 if something was deleted else 0, lease JSON or nil (when a live lease blocked the reset)}
+# KEYS[1] lease key
+# KEYS[2] outcome key
+# ARGV[1] '1' = also drop a live lease
+# ARGV[2] channel
+# ARGV[3] release message
+# returns [1] 1 if something was deleted else 0
+#         [2] lease JSON or false (when a live lease blocked the reset)
 RESET = """
 local lease = redis.call('GET', KEYS[1])
 if lease and ARGV[1] ~= '1' then return {0, lease} end

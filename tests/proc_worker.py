@@ -49,10 +49,13 @@ def make_job(spec: str, log: str) -> Any:
     def sync_job() -> None:
         lease = current_lease()
         emit(log, event="ran", fence=lease.fencing_token if lease else None)
+        if kind == "exit":  # what alembic.config.main() and click's standalone mode do
+            emit(log, event="job-failing")
+            sys.exit(int(arg or 1))
         time.sleep(float(arg or 0))
         emit(log, event="job-finished")
 
-    return sync_job if kind == "syncsleep" else job
+    return sync_job if kind in ("syncsleep", "exit") else job
 
 
 def main() -> int:
@@ -67,6 +70,8 @@ def main() -> int:
     parser.add_argument("--lock-dir", default=None)
     parser.add_argument("--wait-timeout", type=float, default=None)
     parser.add_argument("--sync-api", action="store_true", help="use run_once_sync instead of run_once")
+    parser.add_argument("--failure-hold", type=float, default=None)
+    parser.add_argument("--call-timeout", type=float, default=None, help="wrap run_once in asyncio.wait_for")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s pid={os.getpid()} %(name)s %(message)s")
 
@@ -75,6 +80,8 @@ def main() -> int:
         overrides["lock_dir"] = args.lock_dir
     if args.wait_timeout:
         overrides["wait_timeout"] = args.wait_timeout
+    if args.failure_hold:
+        overrides["failure_hold"] = args.failure_hold
     client: Any = args.url
     if args.url and args.client == "async":
         import redis.asyncio as aredis
@@ -90,8 +97,13 @@ def main() -> int:
     try:
         if args.sync_api:
             outcome = coordinator.run_once_sync(args.key, job)
+        elif args.call_timeout:
+            outcome = asyncio.run(asyncio.wait_for(coordinator.run_once(args.key, job), args.call_timeout))
         else:
             outcome = asyncio.run(coordinator.run_once(args.key, job))
+    except KeyboardInterrupt:
+        emit(args.log, event="raised", error="KeyboardInterrupt", message="")
+        return 130
     except HyperionLockError as exc:
         emit(args.log, event="raised", error=type(exc).__name__, message=str(exc))
         return 3
