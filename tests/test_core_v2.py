@@ -29,8 +29,8 @@ def _sha(script: str) -> str:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hyperion_lock._cli", *args], capture_output=True, text=True, check=False,
-                          timeout=60, cwd=ROOT)
+    return subprocess.run([sys.executable, "-m", "hyperion_lock._cli", *args], capture_output=True, text=True,
+                          check=False, timeout=60, cwd=ROOT)
 
 
 # -- 1. a cancelled leader keeps its lease until its sync job really stopped ------------------------------------
