@@ -55,6 +55,11 @@ def as_text(value: Any) -> str | None:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _server(where: str) -> str:
+    """``Redis at <where>``, whether or not the caller's description already starts with "Redis at"."""
+    return where if where.startswith("Redis at ") else f"Redis at {where}"
+
+
 def _causes(exc: BaseException) -> Iterator[BaseException]:
     """``exc`` and what it was raised from or during (redis-py wraps ssl and socket errors that way)."""
     seen: set[int] = set()
@@ -94,13 +99,13 @@ def is_db_index_error(exc: BaseException) -> bool:
 def tls_problem(exc: BaseException) -> str | None:
     """``"certificate"`` when the server's certificate was refused, ``"not-tls"`` when the other side does not
     speak TLS, None when no TLS failure is involved (or one that may pass, like a handshake cut by a restart)."""
+    if not isinstance(exc, TRANSIENT_ERRORS):
+        return None
     for cause in _causes(exc):
         if isinstance(cause, ssl.SSLCertVerificationError):
             return "certificate"
         if isinstance(cause, ssl.SSLError) and (getattr(cause, "reason", None) or "") in _NOT_TLS_REASONS:
             return "not-tls"
-    if not isinstance(exc, TRANSIENT_ERRORS):
-        return None
     text = str(exc)
     if "CERTIFICATE_VERIFY_FAILED" in text:
         return "certificate"
@@ -109,7 +114,7 @@ def tls_problem(exc: BaseException) -> str | None:
 
 def auth_error(exc: BaseException, where: str, key: str | None, generation: str | None) -> RedisAuthError:
     return RedisAuthError(
-        f"Redis at {where} refused the credentials ({type(exc).__name__}: {exc}); "
+        f"{_server(where)} refused the credentials ({type(exc).__name__}: {exc}); "
         "check the password and user in HYPERION_LOCK_REDIS_URL",
         key=key,
         generation=generation,
@@ -127,7 +132,7 @@ def db_index_error(
     index = _db_index_of(where)
     which = f"database {index}" if index is not None else "the database number in the URL"
     return RedisDatabaseIndexError(
-        f"Redis at {where} has no {which} (SELECT refused: {exc}); use a database index below the server's "
+        f"{_server(where)} has no {which} (SELECT refused: {exc}); use a database index below the server's "
         "'databases' setting (16 by default, so 0-15; Redis Cluster only has 0) in HYPERION_LOCK_REDIS_URL",
         key=key,
         generation=generation,
@@ -150,7 +155,7 @@ def permission_error(
 ) -> RedisPermissionError:
     p = prefix or "<key prefix>"
     return RedisPermissionError(
-        f"Redis at {where} denied the ACL user {_missing_permission(str(exc), p)} ({exc}). The user needs "
+        f"{_server(where)} denied the ACL user {_missing_permission(str(exc), p)} ({exc}). The user needs "
         f"keys ~{p}:*, channels &{p}:* and the commands EVALSHA, EVAL, SCRIPT, SUBSCRIBE, UNSUBSCRIBE, PUBLISH, "
         f"PING and, inside the Lua scripts, GET SET DEL INCR PEXPIRE PTTL: "
         f"ACL SETUSER <user> ~{p}:* &{p}:* {_ACL_COMMANDS}",
@@ -165,13 +170,13 @@ def tls_error(
     if problem == "certificate":
         detail = next((c.verify_message for c in _causes(exc) if isinstance(c, ssl.SSLCertVerificationError)), exc)
         text = (
-            f"TLS with Redis at {where} failed: the server's certificate was not accepted ({detail}). Check the CA "
+            f"TLS with {_server(where)} failed: the server's certificate was not accepted ({detail}). Check the CA "
             "file (add ?ssl_ca_certs=/path/to/ca.pem to the rediss:// URL if the server's certificate is not "
             "signed by a system-trusted CA) and that the host name in the URL is one the certificate names"
         )
     else:
         text = (
-            f"TLS with Redis at {where} failed: that port does not speak TLS ({exc}). Use redis:// for a plain "
+            f"TLS with {_server(where)} failed: that port does not speak TLS ({exc}). Use redis:// for a plain "
             "server, or the server's tls-port for rediss://"
         )
     return RedisTLSError(text, key=key, generation=generation)
@@ -190,8 +195,11 @@ def redis_error(
     Wrong credentials -> :class:`RedisAuthError`; a missing ACL permission -> :class:`RedisPermissionError`; a
     database index the server does not have -> :class:`RedisDatabaseIndexError`; an untrusted certificate or TLS
     spoken to a plain port -> :class:`RedisTLSError`. Anything else (refused or reset connections, timeouts,
-    a server still loading) returns None: the caller decides whether to retry or re-raise.
+    a server still loading) returns None: the caller decides whether to retry or re-raise; so does an error
+    of this package (already specific).
     """
+    if isinstance(exc, HyperionLockError):
+        return None
     if is_auth_error(exc):
         return auth_error(exc, where, key, generation)
     if is_permission_error(exc):
@@ -276,11 +284,17 @@ def _uses_tls(pool: object) -> bool:
     return isinstance(connection_class, type) and "SSL" in connection_class.__name__
 
 
+def _scheme_in(where: str) -> str | None:
+    match = re.search(r"\b(rediss|redis|unix)://", where)
+    return match.group(1) if match else None
+
+
 def unreachable_hints(where: str) -> str:
     """What to check when a server at ``where`` does not answer; the TLS hint depends on the scheme used."""
-    if where.startswith("rediss://"):
+    scheme = _scheme_in(where)
+    if scheme == "rediss":
         tls = "a plain (non-TLS) Redis never answers a TLS handshake: use redis:// for it"
-    elif where.startswith("unix://"):
+    elif scheme == "unix":
         tls = "the socket path and its permissions"
     else:
         tls = "a TLS-only server (tls-port) drops plain connections: use rediss:// for it"
@@ -295,7 +309,7 @@ def _unavailable(
     if timed_out:
         last_text = "no reply to the last attempt" + (f"; before it, {last_text}" if last_text else "")
     return RedisUnavailableError(
-        f"could not {what}: Redis at {where} did not answer for {waited:.1f} s "
+        f"could not {what}: {_server(where)} did not answer for {waited:.1f} s "
         f"({attempts} attempt{'' if attempts == 1 else 's'}; {last_text}). "
         f"{unreachable_hints(where)}",
         key=key,

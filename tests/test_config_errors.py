@@ -173,7 +173,7 @@ async def test_optional_redis_is_none_without_url():
     dep = OptionalRedis(None, settings=Settings(redis_url=None))
     async with dep.lifespan() as client:
         assert client is None
-        assert dep(None) is None  # type: ignore[arg-type]
+        assert dep() is None
 
 
 @pytest.mark.integration

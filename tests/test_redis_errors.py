@@ -43,14 +43,15 @@ BUDGET = 1.0
 
 async def _retry(
     url: str, action: Callable[[aredis.Redis], Awaitable[T]], *, budget: float = BUDGET, overall: bool = True,
-    socket_timeout: float | None = 30.0, prefix: str | None = None,
+    socket_timeout: float | None = 30.0, prefix: str | None = None, described: str = "{}",
 ) -> tuple[T, float]:
     """``action(client)`` under with_retries the way the core's first connect uses it; returns (result, elapsed)."""
     client = async_client_from_url(url, connect_timeout=budget, socket_timeout=socket_timeout)
     started = time.monotonic()
     try:
         result = await with_retries(
-            lambda: action(client), budget=budget, what="connect for job 'migrate'", where=str(redact_url(url)),
+            lambda: action(client), budget=budget, what="connect for job 'migrate'",
+            where=described.format(redact_url(url)),
             clock=time.monotonic, sleep=asyncio.sleep, key="migrate", generation="g7", overall=overall,
             prefix=prefix,
         )
@@ -102,11 +103,14 @@ async def test_closed_port_gives_up_within_budget() -> None:
 
 
 @pytest.mark.integration
-async def test_tls_client_against_plain_server_names_the_scheme(redis_server: RedisServer) -> None:
-    err, elapsed = await _fails(f"rediss://127.0.0.1:{redis_server.port}/0", _ping, socket_timeout=30.0)
+@pytest.mark.parametrize("described", ["{}", "Redis at {}"])  # the Redis backend describes itself the 2nd way
+async def test_tls_client_against_plain_server_names_the_scheme(redis_server: RedisServer, described: str) -> None:
+    err, elapsed = await _fails(f"rediss://127.0.0.1:{redis_server.port}/0", _ping, socket_timeout=30.0,
+                                described=described)
     assert isinstance(err, RedisUnavailableError)
     assert elapsed < 3 * BUDGET, elapsed
-    assert "TLS" in str(err) and "use redis://" in str(err)
+    assert "TLS" in str(err) and "use redis://" in str(err) and "use rediss://" not in str(err)
+    assert str(err).count("Redis at") == 1
     _assert_context(err)
 
 
