@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import logging
 import re
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
@@ -29,7 +28,6 @@ from ._errors import (
 from ._settings import redact_url, redis_url_problem
 
 T = TypeVar("T")
-logger = logging.getLogger(__name__)
 
 #: Errors after which trying again later can succeed (server restarting, network blip, paused server).
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
