@@ -247,6 +247,59 @@ def test_overlapping_waits_all_end_on_a_signal_and_handlers_come_back(
     assert "restored True" in out and "restored-after-run True" in out, out
 
 
+STAGGERED_WAITS = """
+import asyncio, logging, os, signal
+from hyperion_lock import Coordinator
+
+waiting = asyncio.Queue()
+
+class Marker(logging.Handler):
+    def emit(self, record):
+        if "waiting" in record.getMessage():
+            waiting.put_nowait(1)
+
+logging.getLogger("hyperion_lock").addHandler(Marker())
+logging.getLogger("hyperion_lock").setLevel(logging.DEBUG)
+
+def handlers():
+    return [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
+
+async def main():
+    before = handlers()
+    url, gen = os.environ["URL"], os.environ["GEN"]
+    first = asyncio.create_task(Coordinator(url, generation=gen, wait_timeout=1).run_once("overlap", print))
+    await waiting.get()  # the first wait began (and hooked the signals) before the second
+    second = asyncio.create_task(Coordinator(url, generation=gen).run_once("overlap", print))
+    await waiting.get()
+    try:
+        await first
+    except Exception as exc:
+        print("first ended", type(exc).__name__, flush=True)
+    try:
+        await second
+    except Exception as exc:
+        print("second ended", type(exc).__name__, flush=True)
+    print("restored", handlers() == before)
+
+asyncio.run(main())
+"""
+
+
+def test_a_wait_that_outlives_an_earlier_one_can_still_be_interrupted(redis_url: str, workers: Workers) -> None:
+    gen = f"staggered-{time.time_ns()}"
+    workers.spawn(1, url=redis_url, key="overlap", job="sleep:20", ttl=5.0, generation=gen)
+    workers.wait_for("ran")
+    proc = _run_script(STAGGERED_WAITS, URL=redis_url, GEN=gen)
+    try:
+        head = "".join(_read_until(proc, "first ended"))
+        proc.send_signal(signal.SIGTERM)
+        out = head + proc.communicate(timeout=30)[0]
+    finally:
+        proc.kill()
+    assert "first ended WaitTimeoutError" in out and "second ended WaitInterruptedError" in out, out
+    assert "restored True" in out, out
+
+
 def test_sigint_to_a_waiter_under_asyncio_run_is_wait_interrupted(redis_url: str, workers: Workers) -> None:
     gen = f"sigint-waiter-{time.time_ns()}"
     workers.spawn(1, url=redis_url, key="overlap", job="sleep:20", ttl=5.0, generation=gen)
