@@ -270,7 +270,42 @@ def cmd_reset(args: argparse.Namespace) -> int:
     return EXIT_FAILED if refused else EXIT_OK
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+class CommandJob:
+    """A shell command as a run-once job, in its own process group so a signal reaches a whole pipeline.
+
+    SIGTERM/SIGINT while the command runs here are passed on (:meth:`forward`) and the lease is kept until the
+    command exits, so it never runs twice; its exit status is then recorded as the outcome. While waiting, the
+    coordinator ends the wait itself (exit 130).
+    """
+
+    def __init__(self, command: list[str], key: str, generation: str) -> None:
+        self.command = command
+        self.key = key
+        self.generation = generation
+        self.children: list[subprocess.Popen[bytes]] = []
+        self.status: int | None = None  # exit status when it ran here
+
+    def __call__(self) -> None:
+        # One argument: a shell command line; several: an argv run without a shell.
+        cmd = self.command
+        child = (subprocess.Popen(cmd[0], shell=True, start_new_session=True) if len(cmd) == 1
+                 else subprocess.Popen(cmd, start_new_session=True))
+        self.children.append(child)
+        rc = child.wait()
+        self.status = 128 - rc if rc < 0 else rc  # killed by signal N: 128 + N, like a shell
+        if self.status != 0:
+            raise JobFailedError(f"command exited with status {self.status}: {shlex.join(cmd)}", key=self.key,
+                                 generation=self.generation)
+
+    def forward(self, signum: int, frame: object) -> None:
+        for child in self.children:
+            if child.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(child.pid, signum)
+
+
+def _run_request(args: argparse.Namespace) -> tuple[list[str], str] | int:
+    """The command and generation of ``run``, or the usage exit code."""
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
@@ -282,47 +317,36 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("hyperion-lock run: set --generation (or HYPERION_LOCK_GENERATION): the command runs once per "
               "generation, e.g. the release id", file=sys.stderr)
         return EXIT_USAGE
-    settings = _settings(args).with_(generation=generation)
-    coordinator = Coordinator(None, settings=settings)
-    ran: list[int] = []
-    children: list[subprocess.Popen[bytes]] = []
+    return command, generation
 
-    def job() -> None:
-        # One argument: a shell command line; several: an argv run without a shell.
-        # Its own process group, so a signal reaches a whole shell pipeline, not just the shell.
-        child = (subprocess.Popen(command[0], shell=True, start_new_session=True) if len(command) == 1
-                 else subprocess.Popen(command, start_new_session=True))
-        children.append(child)
-        rc = child.wait()
-        rc = 128 - rc if rc < 0 else rc  # killed by signal N: 128 + N, like a shell
-        ran.append(rc)
-        if rc != 0:
-            raise JobFailedError(f"command exited with status {rc}: {shlex.join(command)}", key=args.key,
-                                 generation=generation)
 
-    def forward(signum: int, frame: object) -> None:
-        # SIGTERM/SIGINT while the command runs here: pass it on and keep the lease until the command exits, so
-        # it never runs twice; its exit status is then recorded as the outcome. While waiting, the coordinator
-        # ends the wait itself (exit 130).
-        for child in children:
-            if child.poll() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(child.pid, signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        outcome = coordinator.run_once_sync(args.key, job)
-    except JobFailedError as exc:
-        if ran:
-            return ran[0]
-        print(f"hyperion-lock run: {exc}", file=sys.stderr)
-        match = _STATUS_RE.search(exc.error_message or "")
-        return (int(match.group(1)) % 256 or EXIT_FAILED) if match else EXIT_FAILED
-    except (RedisUnavailableError, RedisAuthError) as exc:
+def _run_failed(exc: HyperionLockError, job: CommandJob, settings: Settings) -> int:
+    if isinstance(exc, RedisUnavailableError | RedisAuthError):
         return _unreachable(settings, exc)
-    except WaitInterruptedError as exc:
+    if isinstance(exc, WaitInterruptedError):
         print(f"hyperion-lock run: {exc}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    if not isinstance(exc, JobFailedError):
+        raise exc
+    if job.status is not None:
+        return job.status
+    print(f"hyperion-lock run: {exc}", file=sys.stderr)
+    match = _STATUS_RE.search(exc.error_message or "")
+    return (int(match.group(1)) % 256 or EXIT_FAILED) if match else EXIT_FAILED
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    request = _run_request(args)
+    if isinstance(request, int):
+        return request
+    command, generation = request
+    settings = _settings(args).with_(generation=generation)
+    job = CommandJob(command, args.key, generation)
+    previous = {sig: signal.signal(sig, job.forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        outcome = Coordinator(None, settings=settings).run_once_sync(args.key, job)
+    except HyperionLockError as exc:
+        return _run_failed(exc, job, settings)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
