@@ -92,4 +92,5 @@ class Call:
         return await with_retries(
             attempt, budget=budget, what=what, where=self.where, clock=self.clock, sleep=self.sleep,
             key=self.key, generation=self.generation, on_retry=on_retry, overall=overall,
+            prefix=self.settings.key_prefix,
         )

@@ -117,7 +117,9 @@ class FileBackend:
 
     async def open(self) -> None:
         if self._fd is None:
-            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # Private to this user: the per-user parent too (mkdir applies ``mode`` to the last level only).
+            self.dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.dir.mkdir(exist_ok=True, mode=0o700)
             self._fd = os.open(self.files.lock, os.O_RDWR | os.O_CREAT, 0o600)
 
     def _write_atomic(self, path: Path, text: str) -> None:

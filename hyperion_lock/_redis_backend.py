@@ -118,7 +118,7 @@ class RedisBackend:
 
     def failure(self, exc: Exception, key: str, generation: str) -> Exception | None:
         """Wrong credentials, DB index, ACL or TLS setup: a clear error at once; a lost connection: retry."""
-        specific = redis_error(exc, where=self.where, key=key, generation=generation)
+        specific = redis_error(exc, where=self.where, key=key, generation=generation, prefix=self.keys.prefix)
         if specific is not None:
             return specific
         return None if is_transient(exc) else exc
