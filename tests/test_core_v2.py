@@ -201,11 +201,11 @@ def test_signal_while_the_winning_probe_is_in_flight_hands_the_lease_on(redis_ur
     assert client.get(keys.lease) is None  # handed on: the next worker need not wait out the 30 s lease
 
 
-OVERLAPPING_WAITS = """
+WAIT_PRELUDE = """
 import asyncio, logging, os, signal, sys
 from hyperion_lock import Coordinator, WaitInterruptedError
 
-class Marker(logging.Handler):
+class Marker(logging.Handler):  # says when a wait began (the library logs it at DEBUG)
     def emit(self, record):
         if "waiting" in record.getMessage():
             print("waiting", flush=True)
@@ -215,6 +215,9 @@ logging.getLogger("hyperion_lock").setLevel(logging.DEBUG)
 
 def handlers():
     return [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
+"""
+
+OVERLAPPING_WAITS = WAIT_PRELUDE + """
 
 async def main():
     before = handlers()
@@ -247,22 +250,9 @@ def test_overlapping_waits_all_end_on_a_signal_and_handlers_come_back(
     assert "restored True" in out and "restored-after-run True" in out, out
 
 
-STAGGERED_WAITS = """
-import asyncio, logging, os, signal
-from hyperion_lock import Coordinator
-
+STAGGERED_WAITS = WAIT_PRELUDE + """
 waiting = asyncio.Queue()
-
-class Marker(logging.Handler):
-    def emit(self, record):
-        if "waiting" in record.getMessage():
-            waiting.put_nowait(1)
-
-logging.getLogger("hyperion_lock").addHandler(Marker())
-logging.getLogger("hyperion_lock").setLevel(logging.DEBUG)
-
-def handlers():
-    return [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
+Marker.emit = lambda self, record: "waiting" in record.getMessage() and waiting.put_nowait(1)
 
 async def main():
     before = handlers()
