@@ -17,12 +17,43 @@ When none works the fixture *fails* (it never skips), so a CI run cannot pass wi
 ``redis_server`` always starts a private binary server, for tests that kill, pause or restart it.
 :class:`RedisServer`, :class:`PostgresServer` and :func:`free_port` can be used without pytest fixtures too.
 Importing this module imports neither testcontainers nor psycopg: they are loaded when a server is needed.
+
+Isolating run-once state per test
+---------------------------------
+
+Outside a test, "done" belongs to the deployment generation, and by default a generation is the identity of the
+parent process (see ``hyperion_lock.Settings``). In a test run that is the same for every test of one pytest
+process, and under pytest-xdist the same for every xdist worker (they share the controller as their parent), and
+all of them share the default key prefix and lock directory. So a job that ran in one test counts as done for
+every later test, and a failure recorded by one test is held against the others. Give each test its own
+generation, key prefix and file-lock directory instead:
+
+* the fixture ``hyperion_lock_isolated`` (from this plugin), opt-in per module::
+
+      pytestmark = pytest.mark.usefixtures("hyperion_lock_isolated")
+
+  or for a whole project, in its ``conftest.py``::
+
+      @pytest.fixture(autouse=True)
+      def _run_once_isolation(hyperion_lock_isolated): ...
+
+* the context manager :func:`isolated_run_once`, anywhere (also without pytest)::
+
+      with isolated_run_once() as isolation:   # isolation.generation, .key_prefix, .lock_dir
+          await use_lock_for_workers(drop_db, "drop_db", redis_client, 2, logger)
+
+It sets ``HYPERION_LOCK_GENERATION``, ``HYPERION_LOCK_KEY_PREFIX`` and ``HYPERION_LOCK_LOCK_DIR`` for its
+duration and restores the environment afterwards. Every coordinator created meanwhile (``use_lock_for_workers``
+makes one per call) reads them, so it must be created inside the block. Tests that run the job directly
+(``number_of_workers <= 1``) coordinate nothing and need no isolation.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -30,16 +61,22 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ._settings import validate_name
+
 __all__ = [
+    "Isolation",
     "PostgresServer",
     "RedisServer",
     "docker_available",
     "free_port",
+    "hyperion_lock_isolated",
+    "isolated_run_once",
     "postgres_url",
     "redis_server",
     "redis_url",
@@ -285,3 +322,76 @@ def postgres_url() -> Iterator[str]:
         return
     with PostgresServer() as server:
         yield server.url
+
+
+# --- run-once isolation per test --------------------------------------------------------------------------------
+
+GENERATION_ENV = "HYPERION_LOCK_GENERATION"
+KEY_PREFIX_ENV = "HYPERION_LOCK_KEY_PREFIX"
+LOCK_DIR_ENV = "HYPERION_LOCK_LOCK_DIR"
+_ISOLATED_ENV = (GENERATION_ENV, KEY_PREFIX_ENV, LOCK_DIR_ENV)
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """What :func:`isolated_run_once` put in the environment for its block."""
+
+    generation: str
+    key_prefix: str
+    lock_dir: str
+
+
+def _xdist_worker() -> str:
+    """``gw0``, ``gw1``, ... under pytest-xdist (``PYTEST_XDIST_WORKER``), else ``main``; as a valid name part."""
+    worker = re.sub(r"[^A-Za-z0-9_.\-]", "-", os.environ.get("PYTEST_XDIST_WORKER", ""))[:40]
+    return worker or "main"
+
+
+@contextlib.contextmanager
+def isolated_run_once(prefix: str | None = None, generation: str | None = None) -> Iterator[Isolation]:
+    """Give the code inside the block its own run-once state: generation, key prefix and file-lock directory.
+
+    For the block's duration it sets
+
+    * ``HYPERION_LOCK_GENERATION`` to ``generation``, or a fresh ``test-<xdist worker>-<random>``;
+    * ``HYPERION_LOCK_KEY_PREFIX`` to ``prefix``, or a fresh ``hyperion_lock_test:<xdist worker>:<random>``;
+    * ``HYPERION_LOCK_LOCK_DIR`` to a new temporary directory, deleted afterwards;
+
+    and then restores each variable to what it was (or unsets it), also when the block raises. The xdist worker
+    is ``PYTEST_XDIST_WORKER`` (``main`` without xdist); the random part makes two blocks of one process differ.
+    A ``prefix`` or ``generation`` passed in is used as it is (it is checked like every name: 1-200 letters,
+    digits and ``_ . - : /``, else :class:`~hyperion_lock.ConfigurationError`); keeping it unique is then up to
+    the caller. The environment is per process: do not use overlapping blocks from several threads.
+    """
+    worker = _xdist_worker()
+    isolation = Isolation(
+        generation=validate_name(generation, "generation") if generation is not None
+        else f"test-{worker}-{secrets.token_hex(6)}",
+        key_prefix=validate_name(prefix, "key prefix") if prefix is not None
+        else f"hyperion_lock_test:{worker}:{secrets.token_hex(6)}",
+        lock_dir=tempfile.mkdtemp(prefix=f"hyperion-lock-test-{worker}-"),
+    )
+    saved = {name: os.environ.get(name) for name in _ISOLATED_ENV}
+    os.environ[GENERATION_ENV] = isolation.generation
+    os.environ[KEY_PREFIX_ENV] = isolation.key_prefix
+    os.environ[LOCK_DIR_ENV] = isolation.lock_dir
+    try:
+        yield isolation
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        shutil.rmtree(isolation.lock_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def hyperion_lock_isolated() -> Iterator[Isolation]:
+    """This test's own generation, key prefix and file-lock directory (see :func:`isolated_run_once`).
+
+    Opt in per module with ``pytestmark = pytest.mark.usefixtures("hyperion_lock_isolated")``, per test by naming
+    the fixture, or for every test with an autouse fixture in ``conftest.py`` that requests it.
+    """
+    with isolated_run_once() as isolation:
+        yield isolation
