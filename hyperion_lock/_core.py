@@ -273,7 +273,10 @@ class _Waiter:
             return Lease(key=call.key, generation=call.generation, token=call.token, holder=nxt.holder)
         if nxt.act is Act.RETURN:
             assert nxt.outcome is not None
-            call.log.info("%s: done by %s (waited %.2f s)", call.key, nxt.outcome.runner, waited)
+            if not self.policy.wait:
+                call.log.info("%s: already done by %s; did not wait", call.key, nxt.outcome.runner)
+            else:
+                call.log.info("%s: done by %s (waited %.2f s)", call.key, nxt.outcome.runner, waited)
             return nxt.outcome
         if nxt.act is Act.GIVE_UP:
             runner = nxt.holder.runner if nxt.holder else "another worker"

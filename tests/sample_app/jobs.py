@@ -76,4 +76,4 @@ def warm_cache(client: redis.Redis | None) -> None:
     """Takes the app's Redis client as an extra argument (passed through ``use_lock_for_workers``)."""
     _run("warm_cache")
     if client is not None:
-        client.set("sample_app:cache:warmed_by", os.getpid(), ex=60)
+        client.set(f"sample_app:cache:warmed_by:{os.getpid()}", os.getpid(), ex=60)

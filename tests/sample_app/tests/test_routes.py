@@ -19,7 +19,8 @@ def test_redis_route_uses_the_app_client(client: TestClient) -> None:
 
 
 def test_warm_cache_wrote_through_the_client_it_was_given(client: TestClient, one_worker: Any) -> None:
-    assert int(one_worker.get("sample_app:cache:warmed_by")) == os.getpid()
+    # Per process: the xdist workers share one Redis.
+    assert int(one_worker.get(f"sample_app:cache:warmed_by:{os.getpid()}")) == os.getpid()
 
 
 def test_unknown_route(client: TestClient) -> None:
