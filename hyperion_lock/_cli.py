@@ -11,14 +11,15 @@ Exit codes (usable by a health check):
 
 ``status``  0 every job done · 1 a job failed (its latest outcome failed and nothing runs it now) · 2 a job is
             running, or a job named with ``--key`` has no outcome (for ``--generation``) yet · 3 Redis unreachable
-            or refusing the credentials · 64 bad usage. Jobs found without any outcome (reset, or outcomes
+            or refusing us (credentials, ACL, TLS, DB index) · 64 bad usage. Jobs found without any outcome (reset, or outcomes
             expired after the result TTL) show as ``idle`` and count as fine unless named with ``--key``: a
             health check should name its jobs, e.g. ``status --key migrate --key seed --generation "$G"``.
 ``reset``   0 cleared (or nothing to clear) · 1 refused: a live lease exists (``--force`` drops it) · 3 · 64
 ``run``     where the command ran: its exit code (128+N when killed by signal N; SIGTERM/SIGINT are passed on
             to the command's process group, whose exit is recorded as the outcome); elsewhere: 0 once it
-            succeeded somewhere, its exit code when it failed there · 3 Redis unreachable · 64 bad usage (e.g.
-            no generation) · 130 interrupted while waiting
+            succeeded somewhere, its exit code when it failed there · 1 this run lost its lease to another
+            worker · 3 Redis unreachable or refusing us · 64 bad usage (e.g. no generation) · 130 interrupted
+            while waiting
 """
 
 from __future__ import annotations
@@ -48,7 +49,11 @@ from ._core import Coordinator
 from ._errors import (
     HyperionLockError,
     JobFailedError,
+    LeaseLostError,
     RedisAuthError,
+    RedisDatabaseIndexError,
+    RedisPermissionError,
+    RedisTLSError,
     RedisUnavailableError,
     WaitInterruptedError,
 )
@@ -321,8 +326,12 @@ def _run_request(args: argparse.Namespace) -> tuple[list[str], str] | int:
 
 
 def _run_failed(exc: HyperionLockError, job: CommandJob, settings: Settings) -> int:
-    if isinstance(exc, RedisUnavailableError | RedisAuthError):
-        return _unreachable(settings, exc)
+    if isinstance(exc, RedisUnavailableError | RedisAuthError | RedisPermissionError | RedisTLSError
+                  | RedisDatabaseIndexError):
+        return _unreachable(settings, exc)  # the same code as status/reset: Redis cannot be used as configured
+    if isinstance(exc, LeaseLostError):
+        print(f"hyperion-lock run: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     if isinstance(exc, WaitInterruptedError):
         print(f"hyperion-lock run: {exc}", file=sys.stderr)
         return EXIT_INTERRUPTED
