@@ -1,6 +1,6 @@
 """Measured comparison of hyperion_lock against the usual run-once patterns, on a private loopback redis-server.
 
-    python -m benchmarks.run                   # N = 8, 32, 128; job 2 s; 1 ms proxy variant at N = 32 (~10 min)
+    python -m benchmarks.run                   # N = 8, 32, 128; job 2 s; 1 ms proxy variant at N = 32 (~6 min)
     python -m benchmarks.run --quick           # N = 8, 32; job 1 s; TTL 1 s; proxy at N = 8; 1 boot (< 2 min)
     python -m benchmarks.run --n 8,32 --job-seconds 2 --ttl 2 --proxy-n 8 --boot-reps 3 --output FILE
 
@@ -8,7 +8,8 @@ For every (N, implementation) one set of N real processes (``benchmarks.worker``
 library and connects, then reports ready (the start barrier). The set then runs three rounds: the pub/sub *floor*
 (one PUBLISH to N blocked subscribers), a *release* round (one leader runs the job; every other process waits and
 resumes; Redis commands counted with CONFIG RESETSTAT + INFO commandstats and split with MONITOR into top-level
-vs inside-Lua), and a *takeover* round (the first leader is SIGKILLed mid-job). Results go to stdout and ``--output``.
+vs inside-Lua), and a *takeover* round (the first leader is SIGKILLed mid-job). Results go to stdout, and to a file
+with ``--output`` (``benchmarks/RESULTS.md`` is curated by hand from such reports: a run never overwrites it).
 
 Before / after comparison of hyperion_lock itself (issue #7: release lag p50/p99 at N = 32 and Redis commands per
 startup, measured before and after a change in one run):
@@ -194,7 +195,7 @@ class CommandMonitor:
 
     def _run(self) -> None:
         client = redis.Redis.from_url(self.url, driver_info=None, socket_timeout=None)
-        with client.monitor() as mon:
+        with client.monitor() as mon:  # type: ignore[no-untyped-call]
             self._ready.set()
             for cmd in self._listen(mon):
                 text = str(cmd.get("command", ""))
@@ -705,15 +706,13 @@ def main() -> int:
     parser.add_argument("--boot-only", action="store_true", help="only the gunicorn boot-overhead measurement")
     parser.add_argument("--quick", action="store_true", help="N = 8,32, 1 s job, TTL 1 s, proxy at N = 8, 1 boot")
     parser.add_argument("--output", default=None,
-                        help="report file (default benchmarks/RESULTS.md; none in --compare mode)")
+                        help="also write the report to this file (default: stdout only)")
     parser.add_argument("--compare", metavar="BASELINE_TREE", default=None,
                         help="compare mode: hyperion_lock imported from BASELINE_TREE vs from --after (default N 32)")
     parser.add_argument("--after", metavar="TREE", default=str(ROOT),
                         help="the tree measured as 'after' in --compare mode (default: this checkout)")
     parser.add_argument("--rounds", type=int, default=6, help="--compare mode: rounds per side (default 6)")
     args = parser.parse_args()
-    if args.output is None and not args.compare:
-        args.output = str(ROOT / "benchmarks" / "RESULTS.md")
     default_n = "32" if args.compare else ("8,32" if args.quick else "8,32,128")
     args.n = [int(x) for x in (args.n or default_n).split(",") if x]
     proxy = args.proxy_n if args.proxy_n is not None else ("8" if args.quick else "32")
