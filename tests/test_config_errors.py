@@ -7,8 +7,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, cast
 
 import pytest
 import redis
@@ -27,11 +28,16 @@ from hyperion_lock import (
 from hyperion_lock._settings import ProcessInfo, default_generation, default_lock_dir
 from hyperion_lock.testing import RedisServer, free_port
 
-PACKAGE_ROOT = str(Path(__import__("hyperion_lock").__file__).resolve().parent.parent)
+PACKAGE_ROOT = str(Path(cast(str, __import__("hyperion_lock").__file__)).resolve().parent.parent)
 
 
 def _noop() -> None:
     return None
+
+
+def _fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """Settings fields named at run time: mypy cannot match a dict's values to the fields' own types."""
+    return fields
 
 
 @pytest.mark.parametrize(
@@ -52,12 +58,12 @@ def _noop() -> None:
         (None, None),
     ],
 )
-def test_redact_url(url, expected):
+def test_redact_url(url: str | None, expected: str | None) -> None:
     assert redact_url(url) == expected
 
 
 @pytest.mark.parametrize("key", ["", " ", "has space", "a{b}", "x" * 201, "new\nline", "migrate\n"])
-def test_invalid_job_keys_are_refused(key):
+def test_invalid_job_keys_are_refused(key: str) -> None:
     with pytest.raises(ConfigurationError, match="invalid job key"):
         JobKeys("hyperion_lock", key)
     with pytest.raises(ConfigurationError):
@@ -65,12 +71,12 @@ def test_invalid_job_keys_are_refused(key):
 
 
 @pytest.mark.parametrize("ttl", [0, -1, "abc", float("nan"), float("inf"), 0.01])
-def test_nonsensical_lease_ttl(ttl):
+def test_nonsensical_lease_ttl(ttl: float | str) -> None:
     with pytest.raises(ConfigurationError, match="lease_ttl"):
-        Settings(lease_ttl=ttl)
+        Settings(lease_ttl=ttl)  # type: ignore[arg-type]  # a str on purpose
 
 
-def test_settings_from_env_and_repr_hides_password():
+def test_settings_from_env_and_repr_hides_password() -> None:
     env = {
         "HYPERION_LOCK_REDIS_URL": "redis://:hunter2@127.0.0.1:1/0",
         "HYPERION_LOCK_LEASE_TTL": "7.5",
@@ -87,7 +93,7 @@ def test_settings_from_env_and_repr_hides_password():
         Settings.from_env({"HYPERION_LOCK_GENERATION": "has space"})
 
 
-def test_errors_share_one_root_and_carry_context():
+def test_errors_share_one_root_and_carry_context() -> None:
     err = RedisUnavailableError("nope", key="migrate", generation="g1")
     assert isinstance(err, HyperionLockError)
     assert (err.key, err.generation) == ("migrate", "g1")
@@ -96,19 +102,19 @@ def test_errors_share_one_root_and_carry_context():
 
 
 @pytest.mark.parametrize("url", ["http://:pw@localhost/", "redis://:pw@localhost:notaport/0", "nonsense"])
-def test_bad_url_is_a_configuration_error_without_password(url):
+def test_bad_url_is_a_configuration_error_without_password(url: str) -> None:
     with pytest.raises(ConfigurationError) as info:
         Coordinator(url)
     assert ":pw@" not in str(info.value)
 
 
-def test_wrong_type_of_client():
+def test_wrong_type_of_client() -> None:
     with pytest.raises(ConfigurationError, match="redis must be"):
         Coordinator(42)  # type: ignore[arg-type]
 
 
 @pytest.mark.integration
-def test_unreachable_redis_fails_within_connect_timeout():
+def test_unreachable_redis_fails_within_connect_timeout() -> None:
     port = free_port()  # nothing listens here
     coordinator = Coordinator(f"redis://:topsecret@127.0.0.1:{port}/0", connect_timeout=1.0, generation="x")
     t0 = time.monotonic()
@@ -120,7 +126,7 @@ def test_unreachable_redis_fails_within_connect_timeout():
 
 
 @pytest.mark.integration
-def test_blackholed_redis_fails_within_bounded_time():
+def test_blackholed_redis_fails_within_bounded_time() -> None:
     """A port that accepts TCP but never answers (a hung server) must not hang the worker."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
@@ -134,7 +140,7 @@ def test_blackholed_redis_fails_within_bounded_time():
 
 
 @pytest.mark.integration
-def test_wrong_password_is_reported_at_once_without_the_password():
+def test_wrong_password_is_reported_at_once_without_the_password() -> None:
     with RedisServer(password="right-one") as server:
         url = server.url.replace("right-one", "wrong-one")
         t0 = time.monotonic()
@@ -152,7 +158,7 @@ def test_wrong_password_is_reported_at_once_without_the_password():
 
 
 @pytest.mark.integration
-def test_sync_client_with_wrong_password():
+def test_sync_client_with_wrong_password() -> None:
     with RedisServer(password="pw1") as server:
         client = redis.Redis(host="127.0.0.1", port=server.port, password="nope")
         with pytest.raises(RedisAuthError):
@@ -160,7 +166,7 @@ def test_sync_client_with_wrong_password():
         client.close()
 
 
-def test_sync_twin_refuses_an_asyncio_client():
+def test_sync_twin_refuses_an_asyncio_client() -> None:
     import redis.asyncio as aredis
 
     client = aredis.Redis()
@@ -169,7 +175,7 @@ def test_sync_twin_refuses_an_asyncio_client():
 
 
 # --- the optional-Redis FastAPI dependency -------------------------------------------------------------------
-async def test_optional_redis_is_none_without_url():
+async def test_optional_redis_is_none_without_url() -> None:
     dep = OptionalRedis(None, settings=Settings(redis_url=None))
     async with dep.lifespan() as client:
         assert client is None
@@ -177,7 +183,7 @@ async def test_optional_redis_is_none_without_url():
 
 
 @pytest.mark.integration
-async def test_optional_redis_connects_and_closes(redis_url):
+async def test_optional_redis_connects_and_closes(redis_url: str) -> None:
     import httpx
     from fastapi import Depends, FastAPI
     from redis.asyncio import Redis
@@ -199,7 +205,7 @@ async def test_optional_redis_connects_and_closes(redis_url):
 
 
 @pytest.mark.integration
-async def test_optional_redis_unreachable_raises_or_degrades():
+async def test_optional_redis_unreachable_raises_or_degrades() -> None:
     url = f"redis://:pw@127.0.0.1:{free_port()}/0"
     settings = Settings(connect_timeout=0.5)
     with pytest.raises(RedisUnavailableError) as info:
@@ -221,16 +227,16 @@ async def test_optional_redis_unreachable_raises_or_degrades():
         ("progress_interval", 86400.0),
     ],
 )
-def test_durations_have_an_upper_bound_named_in_the_message(name, highest):
-    assert getattr(Settings(**{name: highest}), name) == highest
+def test_durations_have_an_upper_bound_named_in_the_message(name: str, highest: float) -> None:
+    assert getattr(Settings(**_fields({name: highest})), name) == highest
     with pytest.raises(ConfigurationError, match=f"{name} must be .* and at most {int(highest)} s") as info:
-        Settings(**{name: highest * 1.001})
+        Settings(**_fields({name: highest * 1.001}))
     assert "got" in str(info.value)
     with pytest.raises(ConfigurationError, match=f"{name} must be .* and at most"):
         Settings.from_env({f"HYPERION_LOCK_{name.upper()}": str(highest * 2)})
 
 
-def test_lease_ttl_range_message_names_both_ends():
+def test_lease_ttl_range_message_names_both_ends() -> None:
     with pytest.raises(ConfigurationError, match=r"lease_ttl must be at least 0.1 s and at most 86400 s \(1 day\)"):
         Settings(lease_ttl=0.05)
     assert Settings(wait_timeout=None).wait_timeout is None
@@ -238,18 +244,18 @@ def test_lease_ttl_range_message_names_both_ends():
 
 @pytest.mark.parametrize(("what", "field"), [("generation", "generation"), ("key prefix", "key_prefix")])
 @pytest.mark.parametrize("value", ["release-42\n", "\nrelease-42", "release 42"])
-def test_names_must_match_whole(what, field, value):
+def test_names_must_match_whole(what: str, field: str, value: str) -> None:
     with pytest.raises(ConfigurationError, match=f"invalid {what}"):
-        Settings(**{field: value})
+        Settings(**_fields({field: value}))
 
 
-def test_failure_hold_setting():
+def test_failure_hold_setting() -> None:
     assert Settings().failure_hold == 300.0
     assert Settings.from_env({"HYPERION_LOCK_FAILURE_HOLD": "12.5"}).failure_hold == 12.5
     assert "failure_hold=12.5" in repr(Settings(failure_hold=12.5))
     for bad in (0, -1, "abc", float("nan"), float("inf")):
         with pytest.raises(ConfigurationError, match="failure_hold"):
-            Settings(failure_hold=bad)
+            Settings(failure_hold=bad)  # type: ignore[arg-type]  # a str on purpose
     with pytest.raises(ConfigurationError, match="failure_hold must be > 0 and at most result_ttl"):
         Settings(result_ttl=60, failure_hold=61)
     assert Settings(result_ttl=60, failure_hold=60).failure_hold == 60
@@ -259,8 +265,8 @@ def test_failure_hold_setting():
 PY = "/usr/lib/python3.11/bin/python3.11"
 
 
-def _procs(table):
-    def inspect(pid):
+def _procs(table: dict[int, ProcessInfo]) -> Callable[[int], ProcessInfo]:
+    def inspect(pid: int) -> ProcessInfo:
         return table.get(pid, ProcessInfo(pid, None, None))
     return inspect
 
@@ -274,19 +280,19 @@ def _procs(table):
         (ProcessInfo(100, None, None), "web1:200:555"),  # parent's /proc unreadable
     ],
 )
-def test_default_generation_rule(parent, expected):
+def test_default_generation_rule(parent: ProcessInfo, expected: str) -> None:
     inspect = _procs({100: parent, 200: ProcessInfo(200, PY, "555")})
     assert default_generation(pid=200, ppid=100, host="web1", inspect=inspect) == expected
 
 
-def test_default_generation_without_a_parent_is_own_identity():
+def test_default_generation_without_a_parent_is_own_identity() -> None:
     # A container's PID 1 has ppid 0: it used to be "host:0:0" forever, so new code never re-ran its init.
     inspect = _procs({1: ProcessInfo(1, PY, "77"), 0: ProcessInfo(0, PY, "0")})
     assert default_generation(pid=1, ppid=0, host="c1", inspect=inspect) == "c1:1:77"
 
 
 @pytest.mark.parametrize("host", ["web 1.example", "héllo", "a{b}/c", "", "x" * 300])
-def test_default_generation_sanitises_the_host_name(host):
+def test_default_generation_sanitises_the_host_name(host: str) -> None:
     inspect = _procs({200: ProcessInfo(200, PY, "555")})
     generation = default_generation(pid=200, ppid=100, host=host, inspect=inspect)
     assert Settings(generation=generation).generation == generation
@@ -296,16 +302,16 @@ def test_default_generation_sanitises_the_host_name(host):
 _PRINT_GENERATION = "from hyperion_lock._settings import Settings; print(Settings().generation)"
 
 
-def _child_env():
+def _child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": PACKAGE_ROOT, "HYPERION_LOCK_GENERATION": ""}
 
 
-def _own_start_ticks():
+def _own_start_ticks() -> str:
     return Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]
 
 
 @pytest.mark.integration
-def test_restarts_under_a_shell_get_new_generations():
+def test_restarts_under_a_shell_get_new_generations() -> None:
     """A single-process app restarted by the same non-Python parent (here bash) runs its init again."""
     py = sys.executable
     script = f"{py} -c '{_PRINT_GENERATION}'; {py} -c '{_PRINT_GENERATION}'; true"
@@ -316,7 +322,7 @@ def test_restarts_under_a_shell_get_new_generations():
 
 
 @pytest.mark.integration
-def test_children_of_one_python_parent_share_the_parents_generation():
+def test_children_of_one_python_parent_share_the_parents_generation() -> None:
     """Workers of one Python master (forked or spawned) share the master's identity."""
     outputs = [
         subprocess.run([sys.executable, "-c", _PRINT_GENERATION], env=_child_env(), capture_output=True,
@@ -328,7 +334,7 @@ def test_children_of_one_python_parent_share_the_parents_generation():
 
 
 # --- default lock directory ---------------------------------------------------------------------------------
-def test_default_lock_dir_is_per_app_directory(tmp_path):
+def test_default_lock_dir_is_per_app_directory(tmp_path: Path) -> None:
     (tmp_path / "a" / "app").mkdir(parents=True)
     (tmp_path / "b" / "app").mkdir(parents=True)
     (tmp_path / "link").symlink_to(tmp_path / "a" / "app")
@@ -340,7 +346,7 @@ def test_default_lock_dir_is_per_app_directory(tmp_path):
 
 
 @pytest.mark.integration
-def test_default_lock_dir_follows_the_working_directory(tmp_path):
+def test_default_lock_dir_follows_the_working_directory(tmp_path: Path) -> None:
     app = tmp_path / "my app"
     app.mkdir()
     code = "from hyperion_lock._settings import Settings; s = Settings(); print(s.lock_dir); print(s.describe_target())"

@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -14,11 +15,12 @@ import redis.asyncio as aredis
 
 from hyperion_lock import Coordinator, JobKeys, Status, current_lease, use_lock_for_workers
 from hyperion_lock.testing import RedisServer
+from tests.conftest import Workers
 
 pytestmark = pytest.mark.integration
 
 
-def _one_run(workers, n: int) -> dict:
+def _one_run(workers: Workers, n: int) -> dict[str, Any]:
     ran = workers.events("ran")
     assert len(ran) == 1, f"job ran {len(ran)} times: {ran}"
     returned = workers.events("returned")
@@ -33,25 +35,25 @@ def _one_run(workers, n: int) -> dict:
 
 
 @pytest.mark.parametrize("client", ["url", "async", "sync"])
-def test_sixteen_processes_run_the_job_once(redis_url, workers, client):
+def test_sixteen_processes_run_the_job_once(redis_url: str, workers: Workers, client: str) -> None:
     workers.spawn(16, url=redis_url, job="sleep:1.5", generation=f"once-{client}", client=client)
     assert workers.join() == [0] * 16
     _one_run(workers, 16)
 
 
-def test_sync_api_and_sync_job(redis_url, workers):
+def test_sync_api_and_sync_job(redis_url: str, workers: Workers) -> None:
     workers.spawn(8, url=redis_url, job="syncsleep:1", generation="sync-api", client="sync", sync_api=True)
     assert workers.join() == [0] * 8
     _one_run(workers, 8)
 
 
-def test_lease_is_renewed_for_a_job_many_times_the_ttl(redis_url, workers):
+def test_lease_is_renewed_for_a_job_many_times_the_ttl(redis_url: str, workers: Workers) -> None:
     workers.spawn(6, url=redis_url, job="check:3", ttl=0.5, generation="long-job")
     assert workers.join() == [0] * 6
     _one_run(workers, 6)
 
 
-def test_leader_sigkill_one_takeover_all_proceed(redis_url, workers):
+def test_leader_sigkill_one_takeover_all_proceed(redis_url: str, workers: Workers) -> None:
     ttl = 1.0
     procs = workers.spawn(16, url=redis_url, job="sleep:3", ttl=ttl, generation="kill-leader")
     first = workers.wait_for("ran")[0]
@@ -71,7 +73,7 @@ def test_leader_sigkill_one_takeover_all_proceed(redis_url, workers):
     assert len(returned) == 15 and {r["runner_pid"] for r in returned} == {successor["pid"]}
 
 
-def test_job_raises_every_waiter_raises_promptly(redis_url, workers):
+def test_job_raises_every_waiter_raises_promptly(redis_url: str, workers: Workers) -> None:
     workers.spawn(16, url=redis_url, job="fail:1.5", generation="failing")
     codes = workers.join()
     assert codes == [3] * 16
@@ -88,7 +90,7 @@ def test_job_raises_every_waiter_raises_promptly(redis_url, workers):
     assert leader["error"] == "ValueError"  # the leader re-raises the job's own exception
 
 
-def test_failure_is_recorded_and_a_new_generation_runs_again(redis_url, workers):
+def test_failure_is_recorded_and_a_new_generation_runs_again(redis_url: str, workers: Workers) -> None:
     workers.spawn(3, url=redis_url, job="fail:0.5", generation="failed-gen")
     assert workers.join() == [3, 3, 3]
     # The next deploy (a new generation) runs the job again instead of failing forever.
@@ -97,7 +99,7 @@ def test_failure_is_recorded_and_a_new_generation_runs_again(redis_url, workers)
     assert len(workers.events("job-finished")) == 1
 
 
-def test_same_generation_skips_new_generation_reruns(redis_url, workers):
+def test_same_generation_skips_new_generation_reruns(redis_url: str, workers: Workers) -> None:
     workers.spawn(4, url=redis_url, job="sleep:0.3", generation="gen-a")
     assert workers.join() == [0] * 4
     workers.spawn(4, url=redis_url, job="sleep:0.3", generation="gen-a")  # respawned workers
@@ -111,7 +113,7 @@ def test_same_generation_skips_new_generation_reruns(redis_url, workers):
     assert {r["generation"] for r in returned} == {"gen-a", "gen-b"}
 
 
-def test_redis_restart_mid_job_completes_with_one_runner(workers):
+def test_redis_restart_mid_job_completes_with_one_runner(workers: Workers) -> None:
     with RedisServer() as server:
         workers.spawn(8, url=server.url, job="sleep:4", ttl=1.0, generation="restart")
         workers.wait_for("ran")
@@ -129,13 +131,13 @@ def test_redis_restart_mid_job_completes_with_one_runner(workers):
         client.close()
 
 
-def test_file_lock_single_host_runs_once_across_four_processes(workers, tmp_path):
+def test_file_lock_single_host_runs_once_across_four_processes(workers: Workers, tmp_path: Path) -> None:
     workers.spawn(4, job="sleep:1", lock_dir=str(tmp_path / "locks"), generation="local")
     assert workers.join() == [0] * 4
     _one_run(workers, 4)
 
 
-def test_file_lock_leader_killed_next_takes_over_at_once(workers, tmp_path):
+def test_file_lock_leader_killed_next_takes_over_at_once(workers: Workers, tmp_path: Path) -> None:
     procs = workers.spawn(4, job="sleep:3", lock_dir=str(tmp_path / "locks"), generation="local-kill")
     first = workers.wait_for("ran")[0]
     time.sleep(0.2)
@@ -149,14 +151,14 @@ def test_file_lock_leader_killed_next_takes_over_at_once(workers, tmp_path):
     assert ran[1]["fence"] == first["fence"] + 1
 
 
-def test_file_lock_failure_propagates(workers, tmp_path):
+def test_file_lock_failure_propagates(workers: Workers, tmp_path: Path) -> None:
     workers.spawn(4, job="fail:0.5", lock_dir=str(tmp_path / "locks"), generation="local-fail")
     assert workers.join() == [3] * 4
     assert len(workers.events("ran")) == 1
     assert sorted(r["error"] for r in workers.events("raised")) == ["JobFailedError"] * 3 + ["ValueError"]
 
 
-def test_sigterm_ends_a_wait_promptly(redis_url, workers):
+def test_sigterm_ends_a_wait_promptly(redis_url: str, workers: Workers) -> None:
     procs = workers.spawn(3, url=redis_url, job="sleep:20", generation="sigterm")
     first = workers.wait_for("ran")[0]
     waiters = [p for p in procs if p.pid != first["pid"]]
@@ -171,7 +173,7 @@ def test_sigterm_ends_a_wait_promptly(redis_url, workers):
     assert {r["error"] for r in raised} == {"WaitInterruptedError"}
 
 
-async def test_async_api_with_async_client_and_fencing(redis_url):
+async def test_async_api_with_async_client_and_fencing(redis_url: str) -> None:
     client = aredis.Redis.from_url(redis_url)
     seen: list[int] = []
 
@@ -195,7 +197,7 @@ async def test_async_api_with_async_client_and_fencing(redis_url):
     assert current_lease() is None
 
 
-async def test_sync_client_does_not_block_the_event_loop(redis_url):
+async def test_sync_client_does_not_block_the_event_loop(redis_url: str) -> None:
     """A waiter with a sync redis.Redis keeps the loop responsive (ticks keep coming while it waits)."""
     sync_client = redis.Redis.from_url(redis_url)
     ticks = 0
@@ -224,7 +226,9 @@ async def test_sync_client_does_not_block_the_event_loop(redis_url):
     assert ticks >= 10  # ~80 ticks in 0.8 s when the loop never blocks; ~1 if the wait blocked it
 
 
-async def test_use_lock_for_workers_seed_signature(redis_url, monkeypatch, tmp_path):
+async def test_use_lock_for_workers_seed_signature(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     import logging
 
     log = logging.getLogger("seed")
@@ -259,13 +263,13 @@ async def test_use_lock_for_workers_seed_signature(redis_url, monkeypatch, tmp_p
     assert calls[-1] == (1, "")
 
 
-def test_process_pid_is_reported(redis_url):
+def test_process_pid_is_reported(redis_url: str) -> None:
     outcome = Coordinator(redis_url, generation="pid-check").run_once_sync("pid", lambda: None)
     assert outcome.runner_pid == os.getpid() and outcome.ran_here
     assert Path("/proc").exists()
 
 
-def test_sigterm_while_leading_keeps_its_default_meaning(tmp_path):
+def test_sigterm_while_leading_keeps_its_default_meaning(tmp_path: Path) -> None:
     """In a plain script (SIGTERM at its default action) a SIGTERM during the job still terminates the process."""
     import subprocess
     import sys
@@ -287,7 +291,7 @@ def test_sigterm_while_leading_keeps_its_default_meaning(tmp_path):
         proc.communicate()
 
 
-async def test_sync_twin_called_from_a_running_loop(tmp_path):
+async def test_sync_twin_called_from_a_running_loop(tmp_path: Path) -> None:
     """From inside an event loop the sync API runs the same coroutine on a loop of its own."""
     coordinator = Coordinator(None, generation="in-loop", lock_dir=str(tmp_path))
     ran: list[int] = []
