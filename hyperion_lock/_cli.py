@@ -11,9 +11,9 @@ Exit codes (usable by a health check):
 
 ``status``  0 every job done · 1 a job failed (its latest outcome failed and nothing runs it now) · 2 a job is
             running, or a job named with ``--key`` has no outcome (for ``--generation``) yet · 3 Redis unreachable
-            or refusing us (credentials, ACL, TLS, DB index) · 64 bad usage. Jobs found without any outcome (reset, or outcomes
-            expired after the result TTL) show as ``idle`` and count as fine unless named with ``--key``: a
-            health check should name its jobs, e.g. ``status --key migrate --key seed --generation "$G"``.
+            or refusing us (credentials, ACL, TLS, DB index) · 64 bad usage. Jobs found without any outcome
+            (reset, or outcomes expired after the result TTL) show as ``idle`` and count as fine unless named with
+            ``--key``: a health check should name its jobs, e.g. ``status --key migrate --key seed --generation "$G"``.
 ``reset``   0 cleared (or nothing to clear) · 1 refused: a live lease exists (``--force`` drops it) · 3 · 64
 ``run``     where the command ran: its exit code (128+N when killed by signal N; SIGTERM/SIGINT are passed on
             to the command's process group, whose exit is recorded as the outcome); elsewhere: 0 once it
