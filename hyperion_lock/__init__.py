@@ -8,6 +8,8 @@ objects gunicorn hands them).
 
 from typing import TYPE_CHECKING, Any
 
+from ._cache import Cache, CacheSettings, CacheStatus
+from ._cache_errors import CacheComputeError, CacheError, CacheSerializationError, CacheValueTooLargeError
 from ._compat import use_lock_for_workers
 from ._core import Coordinator, current_lease
 from ._errors import (
@@ -38,6 +40,13 @@ from ._settings import Settings, redact_url
 from ._signals import stop_requested
 
 __all__ = [
+    "Cache",
+    "CacheComputeError",
+    "CacheError",
+    "CacheSerializationError",
+    "CacheSettings",
+    "CacheStatus",
+    "CacheValueTooLargeError",
     "ConfigurationError",
     "Coordinator",
     "Holder",

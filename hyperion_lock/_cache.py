@@ -1,0 +1,978 @@
+"""Response caching across workers: one computation per key at a time, everywhere, and failing open.
+
+Timeline of one lookup of entry ``E`` (namespace ``N``) -- the same for ``await cache.get_or_compute(...)``, a
+decorated function and a cached FastAPI endpoint:
+
+1. Concurrent callers in this process share one *flight*: only its first caller talks to the store.
+2. If the circuit breaker is open (the store failed just before), compute directly: nothing else is tried.
+3. Listen to ``N``'s channel (once per process), register interest in ``E``, then one Lua call reads ``E`` and,
+   if there is no valid entry, takes ``E``'s compute lease (owner token, short TTL).
+4. A valid entry is served: FRESH -> HIT; soon stale -> HIT and one background refresh; past its TTL but within
+   the stale period -> STALE and one background refresh. The lease makes each refresh single everywhere.
+5. Lease won -> compute (the lease renewed every third of its TTL), store the value (fenced: only while the
+   lease is ours and nothing was invalidated since), publish "ok": every waiter reads it. If the computation
+   raises, the waiters get the error at once through the channel (it is cached only with ``cache_errors``).
+6. Lease held elsewhere -> wait for its message, at most until that lease would expire: if its holder died
+   (SIGKILL) the lease expires and the next read takes it over. No polling.
+
+Redis trouble (dead, SIGSTOPped, OOM, wrong password): every store call has a short timeout
+(``op_timeout``), the failure is logged once, the breaker opens and every request is computed directly with
+nothing added; a background check (never a request) closes it when Redis answers writes again.
+
+With no Redis (``Cache(None)`` and no ``HYPERION_LOCK_REDIS_URL``), the same steps run against this process's
+memory: the same semantics inside one worker, one computation per worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import inspect
+import logging
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+import types
+import typing
+import weakref
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from enum import StrEnum
+from typing import Any, Literal, TypeVar, overload
+
+import redis as _redis
+import redis.asyncio as aredis
+
+from ._cache_codec import Codec, JsonCodec, PickleCodec, etag_of
+from ._cache_errors import CacheComputeError, CacheError, CacheValueTooLargeError
+from ._cache_keys import CacheKeys, canonical, identity
+from ._cache_policy import Breaker, BreakerChange, EntryAge, Freshness, default_refresh_ahead, freshness, wait_for
+from ._cache_store import (
+    Header,
+    LeaseState,
+    MemoryStore,
+    Message,
+    PutResult,
+    Read,
+    RedisStore,
+    Store,
+    TakeMode,
+    client_for_cache,
+    within,
+)
+from ._connect import describe_client, redis_error
+from ._errors import ConfigurationError
+from ._settings import ENV_PREFIX, Settings, positive_seconds, redact_url
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+RedisLike = aredis.Redis | _redis.Redis
+
+log = logging.getLogger(__name__)
+
+
+class CacheStatus(StrEnum):
+    HIT = "HIT"  # served from the cache (also: delivered by another caller's computation)
+    MISS = "MISS"  # computed by this call, and stored
+    STALE = "STALE"  # past its TTL, served within the stale period while one worker refreshes it
+    BYPASS = "BYPASS"  # the store is unavailable: computed directly, not stored
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """Tunables shared by every cached function of one :class:`Cache`, from ``HYPERION_LOCK_CACHE_*``.
+
+    - ``op_timeout`` (0.05 s): bound on every store call; the event loop's own lateness is not counted.
+    - ``lease_ttl`` (3 s): a computing worker that dies is taken over after at most this long.
+    - ``wait_timeout`` (30 s): a waiter computes directly after waiting this long in total.
+    - ``max_size`` (1 MiB): largest encoded value; larger raises :class:`CacheValueTooLargeError`.
+    - ``breaker_failures`` (2): store failures in a row that open the circuit breaker;
+      ``breaker_retry`` (0.5 s) first recovery check, doubling up to ``breaker_max_retry`` (10 s).
+    - ``stats_interval`` (5 s): how often this process adds its counts to the shared ones in Redis.
+    - ``memory_max_entries`` (10000): per namespace, without Redis.
+    """
+
+    op_timeout: float = 0.05
+    lease_ttl: float = 3.0
+    wait_timeout: float = 30.0
+    max_size: int = 1 << 20
+    breaker_failures: int = 2
+    breaker_retry: float = 0.5
+    breaker_max_retry: float = 10.0
+    stats_interval: float = 5.0
+    memory_max_entries: int = 10_000
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            what = f"cache setting {f.name}"
+            if f.type in ("int", int):
+                if isinstance(value, str | float):
+                    value = int(positive_seconds(value, what))
+                if not isinstance(value, int) or value < 1:
+                    raise ConfigurationError(f"{what} must be a whole number >= 1, got {value!r}")
+            else:
+                value = positive_seconds(value, what)
+            object.__setattr__(self, f.name, value)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> CacheSettings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"{ENV_PREFIX}CACHE_{f.name.upper()}", "").strip()
+            if raw:
+                values[f.name] = raw
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigurationError(f"unknown cache setting(s): {', '.join(sorted(unknown))}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one function or endpoint is cached."""
+
+    keys: CacheKeys
+    ttl: float
+    stale: float = 0.0
+    refresh_ahead: float | None = None
+    codec: Codec = field(default_factory=JsonCodec)
+    cache_errors: bool = False
+    error_ttl: float = 5.0
+    max_size: int | None = None
+    lease_ttl: float | None = None
+    refresh: Literal["background", "inline"] = "background"
+    decode: bool = True  # decode hits (functions); the HTTP layer serves the stored bytes as they are
+
+    def __post_init__(self) -> None:
+        positive_seconds(self.ttl, "ttl")
+        if self.stale < 0 or (self.refresh_ahead is not None and self.refresh_ahead < 0):
+            raise ConfigurationError("stale and refresh_ahead must be >= 0 seconds")
+        if self.refresh not in ("background", "inline"):
+            raise ConfigurationError(f"refresh must be 'background' or 'inline', got {self.refresh!r}")
+
+    @property
+    def namespace(self) -> str:
+        return self.keys.namespace
+
+    @property
+    def refresh_ahead_ms(self) -> int:
+        ahead = default_refresh_ahead(self.ttl) if self.refresh_ahead is None else self.refresh_ahead
+        return int(ahead * 1000)
+
+
+_UNSET: Any = object()
+
+
+@dataclass(frozen=True)
+class Result:
+    """One lookup's answer: the stored bytes and their ETag, how it was served, and its freshness."""
+
+    payload: bytes
+    etag: str
+    status: CacheStatus
+    max_age: int
+    age: int
+    value: Any = _UNSET  # the decoded (or computed) value, for the caller that got it first
+
+    def shared(self) -> Result:
+        """The same answer for a caller that joined this process's flight: served, not computed, by it."""
+        status = CacheStatus.HIT if self.status is CacheStatus.MISS else self.status
+        return replace(self, status=status, value=_UNSET)
+
+
+@dataclass
+class NamespaceStats:
+    hits: int = 0
+    misses: int = 0
+    stale: int = 0
+    bypass: int = 0
+    errors: int = 0
+    computations: int = 0
+    compute_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class _Unavailable(Exception):
+    """The store failed or the breaker is open: compute directly."""
+
+
+def _runner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class _Loop:
+    """What one event loop uses: its store (Redis clients are bound to a loop), breaker and flights."""
+
+    def __init__(self, store: Store, breaker: Breaker) -> None:
+        self.store = store
+        self.breaker = breaker
+        self.flights: dict[tuple[str, str], asyncio.Future[Result]] = {}
+        self.refreshing: set[tuple[str, str]] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.recovering = False
+
+    def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+
+@dataclass
+class _Lead:
+    """This call computes the entry: it holds the lease (``direct``: nothing is stored, the store is down)."""
+
+    ctx: _Loop | None
+    spec: Spec
+    ident: str
+    tags: tuple[str, ...]
+    token: str = ""
+    version: int = 0
+    renewer: asyncio.Task[None] | None = None
+
+    @property
+    def direct(self) -> bool:
+        return self.ctx is None
+
+    async def stop_renewing(self) -> None:
+        if self.renewer is not None:
+            self.renewer.cancel()
+            await asyncio.gather(self.renewer, return_exceptions=True)
+            self.renewer = None
+
+
+class Cache:
+    """Caches results of functions and endpoints across every worker and host sharing a Redis.
+
+    ``redis`` is a URL, a ``redis.asyncio.Redis`` or ``redis.Redis`` (its connection settings are used for
+    private per-event-loop clients), or ``None``: then ``settings.redis_url`` (``HYPERION_LOCK_REDIS_URL``), and
+    without one this process's memory. Keyword ``overrides`` replace :class:`CacheSettings` fields.
+    """
+
+    def __init__(
+        self,
+        redis: RedisLike | str | None = None,
+        *,
+        settings: Settings | None = None,
+        cache_settings: CacheSettings | None = None,
+        logger: logging.Logger | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        **overrides: Any,
+    ) -> None:
+        self.settings = settings if settings is not None else Settings.from_env()
+        base = cache_settings if cache_settings is not None else CacheSettings.from_env()
+        self.cache_settings = replace(base, **overrides) if overrides else base
+        if redis is not None and not isinstance(redis, str | aredis.Redis | _redis.Redis):
+            raise ConfigurationError(
+                f"redis must be a URL, a redis.asyncio.Redis, a redis.Redis or None, not {type(redis).__name__}"
+            )
+        self._source: RedisLike | str | None = redis if redis is not None else self.settings.redis_url
+        if isinstance(self._source, str):
+            client_for_cache(self._source, 1.0)  # validate the URL now (no connection is made)
+        self.log = logger or log
+        self._clock = clock
+        self._memory = MemoryStore(self.cache_settings.memory_max_entries, clock)
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Loop] = weakref.WeakKeyDictionary()
+        self._stats: dict[str, NamespaceStats] = {}
+        self._flushed: dict[str, dict[str, float]] = {}
+        self._lock = threading.Lock()
+        self._sync_flights: dict[tuple[str, str], concurrent.futures.Future[Result]] = {}
+        self._bg: tuple[asyncio.AbstractEventLoop, threading.Thread] | None = None
+        self._warned: set[str] = set()
+
+    # -- description ----------------------------------------------------------------------------------------------
+    @property
+    def uses_redis(self) -> bool:
+        return self._source is not None
+
+    def describe(self) -> str:
+        if isinstance(self._source, str):
+            return f"Redis at {redact_url(self._source)}"
+        if self._source is not None:
+            return f"Redis at {describe_client(self._source)}"
+        return "process memory (no Redis: one computation per worker)"
+
+    def __repr__(self) -> str:
+        return f"Cache({self.describe()!r})"
+
+    def keys(self, namespace: str) -> CacheKeys:
+        return CacheKeys(self.settings.key_prefix, namespace)
+
+    def spec(self, namespace: str, *, ttl: float, codec: Codec | None = None, **options: Any) -> Spec:
+        return Spec(self.keys(namespace), ttl=ttl, codec=codec or JsonCodec(), **options)
+
+    # -- explicit API -----------------------------------------------------------------------------------------------
+    @overload
+    async def get_or_compute(
+        self, namespace: str, key: str | Mapping[str, Any], compute: Callable[[], Awaitable[T]], *, ttl: float,
+        tags: Iterable[str] = (), returns: Any = Any, **options: Any,
+    ) -> T: ...
+
+    @overload
+    async def get_or_compute(
+        self, namespace: str, key: str | Mapping[str, Any], compute: Callable[[], T], *, ttl: float,
+        tags: Iterable[str] = (), returns: Any = Any, **options: Any,
+    ) -> T: ...
+
+    async def get_or_compute(
+        self,
+        namespace: str,
+        key: str | Mapping[str, Any],
+        compute: Callable[[], Any],
+        *,
+        ttl: float,
+        tags: Iterable[str] = (),
+        returns: Any = Any,
+        **options: Any,
+    ) -> Any:
+        """The cached value of ``key`` in ``namespace``, computing it with ``compute()`` (async or sync, run in a
+        thread) in one caller across all workers when it is missing. ``returns`` is the value's type, for
+        decoding hits back into it. ``options``: the fields of :class:`Spec` (``stale``, ``refresh_ahead``,
+        ``cache_errors``, ``max_size``, ``codec``...)."""
+        spec = self.spec(namespace, ttl=ttl, codec=options.pop("codec", None) or JsonCodec(returns), **options)
+        result = await self.lookup(spec, key_identity(key), tuple(tags), _as_async(compute))
+        return self.value_of(spec, result)
+
+    def get_or_compute_sync(
+        self,
+        namespace: str,
+        key: str | Mapping[str, Any],
+        compute: Callable[[], T],
+        *,
+        ttl: float,
+        tags: Iterable[str] = (),
+        returns: Any = Any,
+        **options: Any,
+    ) -> T:
+        """Blocking twin of :meth:`get_or_compute` for sync code: ``compute`` runs in the calling thread."""
+        spec = self.spec(namespace, ttl=ttl, codec=options.pop("codec", None) or JsonCodec(returns), **options)
+        result = self.lookup_sync(spec, key_identity(key), tuple(tags), compute)
+        return typing.cast(T, self.value_of(spec, result))
+
+    def value_of(self, spec: Spec, result: Result) -> Any:
+        return result.value if result.value is not _UNSET else spec.codec.decode(result.payload)
+
+    # -- decorator --------------------------------------------------------------------------------------------------
+    def cached(
+        self,
+        namespace: str | None = None,
+        *,
+        ttl: float,
+        tags: Iterable[str] | Callable[..., Iterable[str]] = (),
+        key_args: Iterable[str] | None = None,
+        exclude: Iterable[str] = (),
+        codec: Literal["json", "pickle"] = "json",
+        signing_key: bytes | str | None = None,
+        **options: Any,
+    ) -> Callable[[F], F]:
+        """Cache an async or sync function. Its key is its module and name plus its arguments by name (defaults
+        applied); arguments whose values cannot identify a call (a session, a request, a client) are left out,
+        and so are those in ``exclude``; ``key_args`` names the only ones to use. ``tags``: fixed tags or a
+        function of the arguments (by name) returning them. Hits are decoded through the return annotation."""
+
+        def decorate(fn: F) -> F:
+            spec, ident_of, tags_of = self._function_spec(fn, namespace, ttl, tags, key_args, exclude, codec,
+                                                          signing_key, options)
+            if inspect.iscoroutinefunction(fn):
+                @functools.wraps(fn)
+                async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                    bound = ident_of(args, kwargs)
+                    result = await self.lookup(spec, bound[0], tags_of(bound[1]), lambda: fn(*args, **kwargs))
+                    return self.value_of(spec, result)
+            else:
+                @functools.wraps(fn)
+                def wrapper(*args: Any, **kwargs: Any) -> Any:
+                    bound = ident_of(args, kwargs)
+                    result = self.lookup_sync(spec, bound[0], tags_of(bound[1]), lambda: fn(*args, **kwargs))
+                    return self.value_of(spec, result)
+            wrapper.cache_spec = spec  # type: ignore[attr-defined]
+            return typing.cast(F, wrapper)
+
+        return decorate
+
+    def _function_spec(
+        self, fn: Callable[..., Any], namespace: str | None, ttl: float,
+        tags: Iterable[str] | Callable[..., Iterable[str]], key_args: Iterable[str] | None, exclude: Iterable[str],
+        codec: str, signing_key: bytes | str | None, options: dict[str, Any],
+    ) -> tuple[Spec, Callable[[tuple[Any, ...], dict[str, Any]], tuple[str, dict[str, Any]]],
+               Callable[[dict[str, Any]], tuple[str, ...]]]:
+        sig = inspect.signature(fn)
+        returns = return_type(fn)
+        chosen: Codec = PickleCodec(signing_key) if codec == "pickle" else JsonCodec(returns)
+        endpoint = f"{fn.__module__}.{fn.__qualname__}"
+        ns = namespace or re.sub(r"[^A-Za-z0-9_.\-/]", "-", fn.__qualname__)[:200]
+        spec = self.spec(ns, ttl=ttl, codec=chosen, **options)
+        only, skip = (set(key_args) if key_args is not None else None), set(exclude)
+        unknown = ((only or set()) | skip) - set(sig.parameters)
+        if unknown:
+            raise ConfigurationError(f"{endpoint} has no parameter(s) {', '.join(sorted(unknown))} (key_args/exclude)")
+
+        def ident_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return self._call_identity(endpoint, bound.arguments, only, skip), bound.arguments
+
+        def tags_of(arguments: dict[str, Any]) -> tuple[str, ...]:
+            return tuple(tags(**arguments) if callable(tags) else tags)
+
+        return spec, ident_of, tags_of
+
+    def _call_identity(self, endpoint: str, arguments: Mapping[str, Any], only: set[str] | None,
+                       skip: set[str]) -> str:
+        params = []
+        for name, value in arguments.items():
+            if name in skip or (only is not None and name not in only):
+                continue
+            text = canonical(value)
+            if text is None:
+                if only is not None:
+                    raise ConfigurationError(
+                        f"argument {name!r} of {endpoint} ({type(value).__name__}) cannot be part of a cache key: "
+                        "use str, numbers, dates, UUIDs, enums, models or lists/dicts of them"
+                    )
+                self._once(f"skip:{endpoint}:{name}", logging.DEBUG, "cache key of %s leaves out argument %r (%s): "
+                           "not part of a call's identity", endpoint, name, type(value).__name__)
+                continue
+            params.append(("a", name, text))
+        return identity(endpoint, params)
+
+    def endpoint(self, namespace: str | None = None, *, ttl: float, **options: Any) -> Callable[[F], F]:
+        """Cache a FastAPI path operation (see :func:`hyperion_lock._cache_http.cached_endpoint`)."""
+        from ._cache_http import cached_endpoint
+
+        return cached_endpoint(self, namespace, ttl=ttl, **options)
+
+    # -- invalidation -----------------------------------------------------------------------------------------------
+    async def invalidate(self, namespace: str, key: str | Mapping[str, Any]) -> int:
+        """Drop one entry (an identity string, as in the store, or the mapping given to ``get_or_compute``)."""
+        ident = key if isinstance(key, str) and "?" in key else key_identity(key)
+        return await self._admin(lambda s: s.invalidate_key(self.keys(namespace), ident))
+
+    async def invalidate_tag(self, namespace: str, tag: str) -> int:
+        """Drop every entry of ``namespace`` carrying ``tag``; returns how many were dropped."""
+        return await self._admin(lambda s: s.invalidate_tag(self.keys(namespace), tag))
+
+    async def invalidate_namespace(self, namespace: str) -> int:
+        """Drop every entry of ``namespace`` in O(1); returns how many live entries it had."""
+        return await self._admin(lambda s: s.invalidate_namespace(self.keys(namespace)))
+
+    def invalidate_tag_sync(self, namespace: str, tag: str) -> int:
+        return self._run_bg(self.invalidate_tag(namespace, tag))
+
+    def invalidate_namespace_sync(self, namespace: str) -> int:
+        return self._run_bg(self.invalidate_namespace(namespace))
+
+    async def _admin(self, action: Callable[[Store], Awaitable[int]]) -> int:
+        """Invalidations are not failed open: a caller must know when one did not happen."""
+        ctx = self._ctx()
+        return await within(action(ctx.store), max(self.cache_settings.op_timeout, 1.0))
+
+    # -- statistics ------------------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, dict[str, float]]:
+        """This process's counts per namespace: hits, misses, stale, bypass, errors, computations,
+        compute_seconds. ``hyperion-lock status`` shows the sum over every process (flushed every few seconds)."""
+        with self._lock:
+            return {ns: s.as_dict() for ns, s in self._stats.items()}
+
+    def _count(self, namespace: str, status: CacheStatus | None = None, *, error: bool = False,
+               compute: float | None = None) -> None:
+        with self._lock:
+            s = self._stats.setdefault(namespace, NamespaceStats())
+            if status is not None:
+                name = {CacheStatus.HIT: "hits", CacheStatus.MISS: "misses", CacheStatus.STALE: "stale",
+                        CacheStatus.BYPASS: "bypass"}[status]
+                setattr(s, name, getattr(s, name) + 1)
+            if error:
+                s.errors += 1
+            if compute is not None:
+                s.computations += 1
+                s.compute_seconds += compute
+
+    def _deltas(self) -> dict[str, dict[str, float]]:
+        with self._lock:
+            out = {}
+            for ns, s in self._stats.items():
+                now, before = s.as_dict(), self._flushed.get(ns, {})
+                delta = {k: v - before.get(k, 0) for k, v in now.items() if v != before.get(k, 0)}
+                if delta:
+                    out[ns] = delta
+                    self._flushed[ns] = now
+            return out
+
+    async def _flush_loop(self, ctx: _Loop) -> None:
+        while True:
+            await asyncio.sleep(self.cache_settings.stats_interval)
+            await self._flush(ctx)
+
+    async def _flush(self, ctx: _Loop) -> None:
+        if not ctx.store.shared or not ctx.breaker.allow():
+            return
+        for ns, delta in self._deltas().items():
+            try:
+                await within(ctx.store.add_stats(self.keys(ns), delta), max(self.cache_settings.op_timeout, 0.5))
+            except Exception as exc:
+                self.log.debug("cache: could not add counts of %s to %s: %s", ns, ctx.store.describe(), exc)
+
+    # -- per event loop ------------------------------------------------------------------------------------------
+    def _ctx(self) -> _Loop:
+        loop = asyncio.get_running_loop()
+        ctx = self._loops.get(loop)
+        if ctx is None:
+            cs = self.cache_settings
+            store: Store = self._memory
+            if self._source is not None:
+                store = RedisStore(client_for_cache(self._source, socket_timeout=5.0), self._where(),
+                                   self.settings.key_prefix)
+            ctx = self._loops[loop] = _Loop(store, Breaker(cs.breaker_failures, cs.breaker_retry,
+                                                            cs.breaker_max_retry))
+            if store.shared:
+                ctx.spawn(self._flush_loop(ctx), "hyperion-lock-cache-stats")
+        return ctx
+
+    def _where(self) -> str:
+        return self.describe().removeprefix("Redis at ")
+
+    async def aclose(self) -> None:
+        """Flush the counts and close this loop's connections (call it from the app's lifespan exit)."""
+        loop = asyncio.get_running_loop()
+        ctx = self._loops.pop(loop, None)
+        if ctx is None:
+            return
+        await self._flush(ctx)
+        for task in list(ctx.tasks):
+            task.cancel()
+        await asyncio.gather(*ctx.tasks, return_exceptions=True)
+        await ctx.store.close()
+
+    def close(self) -> None:
+        """Stop the private event loop of the sync API (if it was started)."""
+        with self._lock:
+            bg, self._bg = self._bg, None
+        if bg is not None:
+            loop, thread = bg
+            asyncio.run_coroutine_threadsafe(self.aclose(), loop).result(5)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(5)
+            loop.close()
+
+    # -- guarded store calls -------------------------------------------------------------------------------------
+    async def _guard(self, ctx: _Loop, call: Callable[[], Awaitable[T]]) -> T:
+        if not ctx.breaker.allow():
+            raise _Unavailable
+        try:
+            return await within(call(), self.cache_settings.op_timeout)
+        except Exception as exc:
+            self._failed(ctx, exc)
+            raise _Unavailable from exc
+
+    def _failed(self, ctx: _Loop, exc: Exception) -> None:
+        change = ctx.breaker.on_failure(self._clock())
+        if change is not BreakerChange.OPENED:
+            self.log.debug("cache: %s failed (%s: %s)", ctx.store.describe(), type(exc).__name__, exc)
+            return
+        specific = redis_error(exc, where=self._where(), key=None, generation=None, prefix=self.settings.key_prefix)
+        detail = str(specific) if specific is not None else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, _redis.exceptions.OutOfMemoryError):
+            detail += ("; Redis is out of memory and refuses writes: raise maxmemory, or let it evict cache entries "
+                       "(maxmemory-policy volatile-lru: every cache entry has a TTL)")
+        self.log.warning(
+            "cache: %s is failing (%s); computing every request directly, not caching, until it answers again "
+            "(checked in the background from %.1f s on)", ctx.store.describe(), detail, ctx.breaker.retry_after,
+            exc_info=not isinstance(exc, _redis.RedisError | OSError | TimeoutError),
+        )
+        if not ctx.recovering:
+            ctx.recovering = True
+            ctx.spawn(self._recover(ctx), "hyperion-lock-cache-recovery")
+
+    async def _recover(self, ctx: _Loop) -> None:
+        try:
+            while ctx.breaker.is_open:
+                await asyncio.sleep(ctx.breaker.check_in(self._clock()))
+                try:
+                    await within(ctx.store.check(), max(self.cache_settings.op_timeout, 0.25))
+                except Exception as exc:
+                    ctx.breaker.on_failure(self._clock())
+                    self.log.debug("cache: %s still failing (%s)", ctx.store.describe(), exc)
+                    continue
+                if ctx.breaker.on_success() is BreakerChange.CLOSED:
+                    self.log.warning("cache: %s answers again; caching resumed", ctx.store.describe())
+        finally:
+            ctx.recovering = False
+
+    def _once(self, what: str, level: int, message: str, *args: Any) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            self.log.log(level, message, *args)
+
+    # -- the algorithm (async; the sync API runs the same steps on a private loop) -----------------------------
+    async def lookup(self, spec: Spec, ident: str, tags: tuple[str, ...],
+                     compute: Callable[[], Awaitable[Any]], *, force: bool = False) -> Result:
+        """The entry ``ident`` of ``spec``: served, or computed by one caller while the others wait. Callers of
+        this process share one flight per entry; a cancelled caller does not cancel the computation."""
+        ctx = self._ctx()
+        k = (spec.namespace, ident)
+        flight = ctx.flights.get(k)
+        if flight is not None:
+            try:
+                result = (await asyncio.shield(flight)).shared()
+            except Exception:
+                self._count(spec.namespace, error=True)  # the flight's own caller counted its error already
+                raise
+        else:
+            flight = ctx.flights[k] = asyncio.ensure_future(self._fly(spec, ident, tags, compute, force))
+            flight.add_done_callback(lambda f: ctx.flights.pop(k, None) if ctx.flights.get(k) is f else None)
+            result = await asyncio.shield(flight)
+        self._count(spec.namespace, result.status)
+        return result
+
+    async def _fly(self, spec: Spec, ident: str, tags: tuple[str, ...], compute: Callable[[], Awaitable[Any]],
+                   force: bool) -> Result:
+        begun = await self._begin(spec, ident, tags, compute, force)
+        if isinstance(begun, Result):
+            return begun
+        started = self._clock()
+        try:
+            value = await compute()
+        except Exception as exc:
+            await self._fail(begun, exc, self._clock() - started)
+            raise
+        except BaseException:
+            await self._abandon(begun)
+            raise
+        return await self._finish(begun, value, self._clock() - started)
+
+    async def _begin(self, spec: Spec, ident: str, tags: tuple[str, ...],
+                     refresher: Callable[[], Awaitable[Any]], force: bool) -> Result | _Lead:
+        ctx = self._ctx()
+        if not ctx.breaker.allow():
+            return _Lead(None, spec, ident, tags)
+        try:
+            await self._guard(ctx, lambda: ctx.store.prepare(spec.keys))
+            return await self._read_until_served(ctx, spec, ident, tags, refresher, force)
+        except _Unavailable:
+            return _Lead(None, spec, ident, tags)
+
+    async def _read_until_served(self, ctx: _Loop, spec: Spec, ident: str, tags: tuple[str, ...],
+                                 refresher: Callable[[], Awaitable[Any]], force: bool) -> Result | _Lead:
+        token = secrets.token_hex(16)
+        deadline = self._clock() + self.cache_settings.wait_timeout
+        while True:
+            take = TakeMode.ALWAYS if force else TakeMode.IF_MISSING
+            future = ctx.store.expect(spec.keys, ident)
+            try:
+                read = await self._guard(ctx, functools.partial(ctx.store.read, spec.keys, ident, tags, token,
+                                                                self._lease_ms(spec), take))
+                if read.lease is LeaseState.MINE:
+                    return self._lead(ctx, spec, ident, tags, token, read.version)
+                if read.entry is not None and not force:
+                    served = await self._serve(ctx, spec, ident, tags, read, refresher)
+                    if served is not None:
+                        return served
+                    force = True  # unreadable entry: recompute it
+                    continue
+                message = None
+                if read.lease is LeaseState.OTHER:
+                    message = await self._wait(future, wait_for(self._clock(), read.lease_left_ms, deadline))
+                else:  # free although asked to take it: only when the entry was unreadable; take it next time
+                    force = True
+            finally:
+                ctx.store.forget(spec.keys, ident, future)
+            if message is not None and message.outcome == "error":
+                raise self._remote_error(spec, ident, message)
+            if message is not None and message.outcome == "ok":
+                force = False  # another caller just computed it: that is fresh enough
+            if self._clock() >= deadline:
+                self.log.warning("cache: waited %.0f s for %s %s; computing it here",
+                                 self.cache_settings.wait_timeout, spec.namespace, ident)
+                return _Lead(None, spec, ident, tags)
+
+    @staticmethod
+    async def _wait(future: asyncio.Future[Message], timeout: float) -> Message | None:
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            return None
+
+    def _lease_ms(self, spec: Spec) -> int:
+        return int((spec.lease_ttl or self.cache_settings.lease_ttl) * 1000)
+
+    def _lead(self, ctx: _Loop, spec: Spec, ident: str, tags: tuple[str, ...], token: str, version: int) -> _Lead:
+        lead = _Lead(ctx, spec, ident, tags, token, version)
+        lead.renewer = asyncio.ensure_future(self._renew(lead))
+        return lead
+
+    async def _renew(self, lead: _Lead) -> None:
+        assert lead.ctx is not None
+        ctx, lease_ms = lead.ctx, self._lease_ms(lead.spec)
+        while True:
+            await asyncio.sleep(lease_ms / 3000)
+            try:
+                held = await self._guard(ctx, lambda: ctx.store.renew(lead.spec.keys, lead.ident, lead.token,
+                                                                      lease_ms))
+            except _Unavailable:
+                continue
+            if not held:
+                self.log.debug("cache: lease of %s %s lost while computing (invalidated or taken over)",
+                               lead.spec.namespace, lead.ident)
+                return
+
+    async def _serve(self, ctx: _Loop, spec: Spec, ident: str, tags: tuple[str, ...], read: Read,
+                     refresher: Callable[[], Awaitable[Any]]) -> Result | _Lead | None:
+        entry = read.entry
+        assert entry is not None
+        if entry.header.error:
+            message = Message.parse(entry.payload.decode(errors="replace"))
+            if message is not None:
+                raise self._remote_error(spec, ident, message)
+            return None
+        value = _UNSET
+        if spec.decode:
+            try:
+                value = spec.codec.decode(entry.payload)
+            except Exception as exc:
+                self._once(f"decode:{spec.namespace}", logging.WARNING, "cache: an entry of %s cannot be decoded "
+                           "(%s: %s; written by an older release?); computing it again", spec.namespace,
+                           type(exc).__name__, exc)
+                return None
+        age = EntryAge(entry.header.ttl_ms, entry.header.stale_ms, entry.left_ms)
+        verdict = freshness(age, spec.refresh_ahead_ms)
+        if verdict is not Freshness.FRESH and read.lease is LeaseState.FREE:
+            if spec.refresh == "inline":
+                token = secrets.token_hex(16)
+                if await self._guard(ctx, lambda: ctx.store.take(spec.keys, ident, tags, token, self._lease_ms(spec))):
+                    return self._lead(ctx, spec, ident, tags, token, entry.header.version)
+            else:
+                self._refresh_later(ctx, spec, ident, tags, entry.header.version, refresher)
+        status = CacheStatus.STALE if verdict is Freshness.STALE else CacheStatus.HIT
+        return Result(entry.payload, entry.header.etag, status, age.max_age, age.age, value)
+
+    def _refresh_later(self, ctx: _Loop, spec: Spec, ident: str, tags: tuple[str, ...], version: int,
+                       refresher: Callable[[], Awaitable[Any]]) -> None:
+        k = (spec.namespace, ident)
+        if k not in ctx.refreshing:
+            ctx.refreshing.add(k)
+            task = ctx.spawn(self._refresh(ctx, spec, ident, tags, version, refresher), "hyperion-lock-cache-refresh")
+            task.add_done_callback(lambda _: ctx.refreshing.discard(k))
+
+    async def _refresh(self, ctx: _Loop, spec: Spec, ident: str, tags: tuple[str, ...], version: int,
+                       refresher: Callable[[], Awaitable[Any]]) -> None:
+        """Recompute a stale or soon-stale entry in the background, if this caller wins its lease."""
+        token = secrets.token_hex(16)
+        try:
+            if not await self._guard(ctx, lambda: ctx.store.take(spec.keys, ident, tags, token,
+                                                                 self._lease_ms(spec))):
+                return  # another worker refreshes it (an expected race)
+        except _Unavailable:
+            return
+        lead = self._lead(ctx, spec, ident, tags, token, version)
+        started = self._clock()
+        try:
+            value = await refresher()
+        except Exception as exc:
+            await self._fail(lead, exc, self._clock() - started)
+            self.log.warning("cache: refreshing %s %s failed (%s: %s); serving the cached value until it expires",
+                             spec.namespace, ident, type(exc).__name__, exc)
+            return
+        except BaseException:
+            await self._abandon(lead)
+            raise
+        try:
+            await self._finish(lead, value, self._clock() - started)
+        except CacheError as exc:
+            self.log.warning("cache: refreshing %s %s failed: %s", spec.namespace, ident, exc)
+
+    def _encode(self, spec: Spec, value: Any, ident: str) -> bytes:
+        payload = spec.codec.encode(value)
+        limit = spec.max_size or self.cache_settings.max_size
+        if len(payload) > limit:
+            raise CacheValueTooLargeError(
+                f"the value of {spec.namespace} is {len(payload)} bytes encoded, more than max_size={limit}: raise "
+                f"max_size for it, or return less", key=f"{spec.namespace}:{ident}",
+            )
+        return payload
+
+    async def _finish(self, lead: _Lead, value: Any, seconds: float) -> Result:
+        spec = lead.spec
+        await lead.stop_renewing()
+        self._count(spec.namespace, compute=seconds)
+        try:
+            payload = self._encode(spec, value, lead.ident)
+        except CacheError as exc:
+            await self._fail(lead, exc, seconds, counted=True)
+            raise
+        etag = etag_of(payload)
+        if lead.ctx is None:
+            return Result(payload, etag, CacheStatus.BYPASS, int(spec.ttl), 0, value)
+        ctx = lead.ctx
+        header = Header(int(spec.ttl * 1000), int(spec.stale * 1000), etag, spec.codec.name, lead.version,
+                        owner=lead.token, compute_ms=int(seconds * 1000), runner=_runner())
+        try:
+            stored = await self._guard(ctx, lambda: ctx.store.put(spec.keys, lead.ident, lead.tags, lead.token, header,
+                                                                  payload, lead.version))
+            if stored is not PutResult.STORED:
+                self.log.debug("cache: %s %s not stored (%s): invalidated or taken over while computing",
+                               spec.namespace, lead.ident, stored.name)
+        except _Unavailable:
+            pass
+        return Result(payload, etag, CacheStatus.MISS, int(spec.ttl), 0, value)
+
+    async def _fail(self, lead: _Lead, exc: Exception, seconds: float, *, counted: bool = False) -> None:
+        """The computation raised: pass the error to the waiters at once (or cache it, with ``cache_errors``)."""
+        spec = lead.spec
+        await lead.stop_renewing()
+        if not counted:
+            self._count(spec.namespace, error=True, compute=seconds)
+        ctx = lead.ctx
+        if ctx is None:
+            return
+        status = getattr(exc, "status_code", None)
+        message = Message(lead.ident, "error", type(exc).__qualname__, str(exc)[:2000],
+                          status if isinstance(status, int) else None, getattr(exc, "detail", None), _runner())
+        try:
+            if spec.cache_errors and not isinstance(exc, CacheError):
+                header = Header(int(spec.error_ttl * 1000), 0, "", "error", lead.version, owner=lead.token,
+                                error=True, compute_ms=int(seconds * 1000), runner=_runner())
+                await self._guard(ctx, lambda: ctx.store.put(spec.keys, lead.ident, lead.tags, lead.token, header,
+                                                             message.to_json().encode(), lead.version))
+            else:
+                await self._guard(ctx, lambda: ctx.store.release(spec.keys, lead.ident, lead.token, message))
+        except _Unavailable:
+            pass
+
+    async def _abandon(self, lead: _Lead) -> None:
+        """Interrupted (cancelled): let the lease go at once so a waiter takes over."""
+        await lead.stop_renewing()
+        ctx = lead.ctx
+        if ctx is not None:
+            with contextlib.suppress(_Unavailable):
+                await self._guard(ctx, lambda: ctx.store.release(lead.spec.keys, lead.ident, lead.token,
+                                                                 Message(lead.ident, "retry")))
+
+    def _remote_error(self, spec: Spec, ident: str, m: Message) -> CacheComputeError:
+        self._count(spec.namespace, error=True)
+        return CacheComputeError(
+            f"the computation of this entry failed in {m.runner or 'another worker'} ({m.error_type}: "
+            f"{m.error_message}); it is tried again by the next request", key=f"{spec.namespace}:{ident}",
+            error_type=m.error_type, error_message=m.error_message, status_code=m.status_code, detail=m.detail,
+            runner=m.runner,
+        )
+
+    # -- the sync API: the same steps on a private event loop, the computation in the calling thread --------------
+    def _bg_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._bg is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="hyperion-lock-cache", daemon=True)
+                thread.start()
+                self._bg = (loop, thread)
+            return self._bg[0]
+
+    def _run_bg(self, coro: Awaitable[T]) -> T:
+        return asyncio.run_coroutine_threadsafe(_coroutine(coro), self._bg_loop()).result()
+
+    def lookup_sync(self, spec: Spec, ident: str, tags: tuple[str, ...], compute: Callable[[], Any],
+                    *, force: bool = False) -> Result:
+        k = (spec.namespace, ident)
+        with self._lock:
+            flight = self._sync_flights.get(k)
+            leading = flight is None
+            if flight is None:
+                flight = self._sync_flights[k] = concurrent.futures.Future()
+        if not leading:
+            try:
+                result = flight.result().shared()
+            except Exception:
+                self._count(spec.namespace, error=True)
+                raise
+            self._count(spec.namespace, result.status)
+            return result
+        try:
+            result = self._fly_sync(spec, ident, tags, compute, force)
+            flight.set_result(result)
+        except BaseException as exc:
+            flight.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                if self._sync_flights.get(k) is flight:
+                    del self._sync_flights[k]
+        self._count(spec.namespace, result.status)
+        return result
+
+    def _fly_sync(self, spec: Spec, ident: str, tags: tuple[str, ...], compute: Callable[[], Any],
+                  force: bool) -> Result:
+        def refresher() -> Awaitable[Any]:
+            return asyncio.get_running_loop().run_in_executor(None, compute)
+
+        begun = self._run_bg(self._begin(spec, ident, tags, refresher, force))
+        if isinstance(begun, Result):
+            return begun
+        started = self._clock()
+        try:
+            value = compute()
+        except Exception as exc:
+            self._run_bg(self._fail(begun, exc, self._clock() - started))
+            raise
+        except BaseException:
+            self._run_bg(self._abandon(begun))
+            raise
+        return self._run_bg(self._finish(begun, value, self._clock() - started))
+
+
+async def _coroutine(awaitable: Awaitable[T]) -> T:
+    return await awaitable
+
+
+def _as_async(compute: Callable[[], Any]) -> Callable[[], Awaitable[Any]]:
+    """A computation as a coroutine function; a sync one runs in a worker thread (the loop keeps serving)."""
+
+    async def run() -> Any:
+        if inspect.iscoroutinefunction(compute) or inspect.iscoroutinefunction(type(compute).__call__):
+            return await compute()
+        result = await asyncio.to_thread(compute)
+        if inspect.isawaitable(result):
+            return await result
+        return result
+
+    return run
+
+
+def return_type(fn: Callable[..., Any]) -> Any:
+    """``fn``'s resolved return annotation (``Any`` when it has none or it cannot be resolved: the value is then
+    checked to survive plain JSON on first use). Resolved on its own, so an unresolvable parameter annotation (a
+    class local to a function) does not lose it."""
+    annotation = getattr(fn, "__annotations__", {}).get("return", Any)
+    if not isinstance(annotation, str):
+        return annotation
+    holder = types.SimpleNamespace(__annotations__={"return": annotation})
+    try:
+        return typing.get_type_hints(holder, globalns=getattr(fn, "__globals__", None)).get("return", Any)
+    except Exception:
+        return Any
+
+
+def key_identity(key: str | Mapping[str, Any]) -> str:
+    """The identity of an explicit key: a string as it is (encoded), a mapping by its sorted items."""
+    if isinstance(key, str):
+        return identity(key, [])
+    params = []
+    for name, value in key.items():
+        text = canonical(value)
+        if text is None:
+            raise ConfigurationError(f"key item {name!r} ({type(value).__name__}) cannot be part of a cache key")
+        params.append(("a", str(name), text))
+    return identity("", params)
+
+
+__all__ = ["Cache", "CacheSettings", "CacheStatus", "NamespaceStats", "Result", "Spec", "key_identity"]

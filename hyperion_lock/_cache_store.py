@@ -1,0 +1,790 @@
+"""Where cache entries live: Redis (shared by every worker and host) or this process's memory (no Redis).
+
+Both stores offer the same steps with the same meaning, so the algorithm in :mod:`._cache` has one path:
+``read`` (and take the compute lease when there is no valid entry), ``take`` (a refresh lease), ``renew``,
+``put`` (fenced: only the lease's owner, only if nothing was invalidated since the lease was taken), ``release``
+(give the lease up and tell the waiters why), the three invalidations, and ``expect``: a future for the next
+message about one entry, registered *before* the read so a message sent in between is not missed.
+
+Every Redis step is one Lua script (below), keyed on the owner token of the call. Replies become the typed
+values :class:`Read`, :class:`LeaseState`, :class:`PutResult`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+import json
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, Protocol, TypeVar
+
+import redis as _redis
+import redis.asyncio as aredis
+from redis.asyncio import connection as aconn
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from ._cache_keys import CacheKeys
+from ._connect import as_text, client_kwargs
+from ._connect import close_quietly as _close_quietly
+from ._errors import ConfigurationError
+from ._settings import redact_url, redis_url_problem
+
+T = TypeVar("T")
+
+# -- Lua ---------------------------------------------------------------------------------------------------------
+# Every script touches the keys of one namespace only (one hash tag, one Cluster slot). The tag-invalidation
+# script builds entry and lease names from the namespace's own prefix (ARGV), so they are in that slot too.
+
+# Read an entry; take its compute lease when there is no valid entry (or always, for a forced refresh).
+# KEYS[1] entry (HASH h = header JSON, v = payload)
+# KEYS[2] namespace version
+# KEYS[3] compute lease
+# KEYS[4..] tag indexes of this entry (a taken lease is registered there, so tag invalidation can fence it)
+# ARGV[1] owner token of this call
+# ARGV[2] lease TTL (ms)
+# ARGV[3] '0' never take, '1' take when there is no valid entry, '2' take even over a valid entry
+# ARGV[4] the entry's id (member of the indexes)
+# returns [1] header JSON or false (no entry, or one written under an older namespace version: deleted now)
+#         [2] payload or false
+#         [3] remaining life of the entry (ms; -2 when there is none)
+#         [4] lease: 1 held by this token (taken now, or by an earlier call with it), 0 by another, -1 free
+#         [5] remaining life of the lease (ms; -2 when there is none)
+#         [6] namespace version now (the fence a later PUT is checked against)
+READ = """
+local version = tonumber(redis.call('GET', KEYS[2]) or '0')
+local e = redis.call('HMGET', KEYS[1], 'h', 'v')
+local header, payload, left = e[1], e[2], -2
+if header then
+  if tonumber(cjson.decode(header).n) ~= version then
+    redis.call('DEL', KEYS[1])
+    header, payload = false, false
+  else
+    left = redis.call('PTTL', KEYS[1])
+  end
+end
+local holder = redis.call('GET', KEYS[3])
+local state = -1
+if holder == ARGV[1] then state = 1 elseif holder then state = 0 end
+if state == -1 and (ARGV[3] == '2' or (ARGV[3] == '1' and not header)) then
+  redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
+  state = 1
+  local t = redis.call('TIME')
+  local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
+  for i = 4, #KEYS do redis.call('ZADD', KEYS[i], 'GT', expiry, ARGV[4]) end
+end
+return {header, payload, left, state, redis.call('PTTL', KEYS[3]), version}
+"""
+
+# Take the lease to refresh a stale (or soon stale) entry in the background.
+# KEYS[1] compute lease
+# KEYS[2..] tag indexes of this entry
+# ARGV[1] owner token
+# ARGV[2] lease TTL (ms)
+# ARGV[3] the entry's id
+# returns 1 held by this token (taken now, or by an earlier call with it), 0 held by another
+TAKE = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then return 1 end
+if holder then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local t = redis.call('TIME')
+local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
+for i = 2, #KEYS do redis.call('ZADD', KEYS[i], 'GT', expiry, ARGV[3]) end
+return 1
+"""
+
+# Keep the lease while the computation runs. It is never re-created: an invalidation deletes it on purpose.
+# KEYS[1] compute lease
+# ARGV[1] owner token
+# ARGV[2] lease TTL (ms)
+# returns 1 renewed, 0 lost (invalidated, or expired and taken by another worker; nothing changed)
+RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# Store a computed value: only while this token holds the lease, and only if the namespace was not invalidated
+# since the lease was taken (key and tag invalidations delete the lease itself).
+# KEYS[1] entry
+# KEYS[2] namespace version
+# KEYS[3] compute lease
+# KEYS[4] namespace index
+# KEYS[5..] tag indexes of this entry
+# ARGV[1] owner token (also stored in the header as "o", so a retried call can tell it already stored)
+# ARGV[2] header JSON
+# ARGV[3] payload
+# ARGV[4] entry life (ms): ttl + stale period
+# ARGV[5] namespace version seen when the lease was taken
+# ARGV[6] channel
+# ARGV[7] message "stored"
+# ARGV[8] message "nothing stored, read again"
+# ARGV[9] the entry's id
+# returns 1 stored, waiters woken (also for a retry of this token's own earlier call)
+#         0 fenced: the namespace was invalidated meanwhile; nothing stored, lease dropped, waiters told to read again
+#         2 lease lost: invalidated by key or tag, or expired and taken by another worker; nothing stored or
+#           published (the invalidation told the waiters, or the new holder will)
+PUT = """
+local holder = redis.call('GET', KEYS[3])
+if holder ~= ARGV[1] then
+  local h = redis.call('HGET', KEYS[1], 'h')
+  if h and cjson.decode(h).o == ARGV[1] then return 1 end
+  return 2
+end
+redis.call('DEL', KEYS[3])
+if tonumber(redis.call('GET', KEYS[2]) or '0') ~= tonumber(ARGV[5]) then
+  redis.call('PUBLISH', ARGV[6], ARGV[8])
+  return 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'h', ARGV[2], 'v', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local life = tonumber(ARGV[4])
+for i = 4, #KEYS do
+  redis.call('ZADD', KEYS[i], now + life, ARGV[9])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+  if i > 4 and redis.call('PTTL', KEYS[i]) < life then redis.call('PEXPIRE', KEYS[i], life) end
+end
+redis.call('PUBLISH', ARGV[6], ARGV[7])
+return 1
+"""
+
+# Give the lease up without a value (the computation raised, or was interrupted) and tell the waiters why.
+# KEYS[1] compute lease
+# ARGV[1] owner token
+# ARGV[2] channel
+# ARGV[3] message (the error, or "read again")
+# returns 1 released and published, 0 not held by this token (nothing changed)
+RELEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+"""
+
+# Drop one entry, and fence a computation of it that is in flight (its lease is deleted).
+# KEYS[1] entry
+# KEYS[2] compute lease
+# KEYS[3] namespace index
+# ARGV[1] channel
+# ARGV[2] message "read again" (for the waiters of a fenced computation)
+# ARGV[3] the entry's id
+# returns 1 an entry was dropped, 0 there was none
+INVALIDATE_KEY = """
+local n = redis.call('DEL', KEYS[1])
+if redis.call('DEL', KEYS[2]) == 1 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
+redis.call('ZREM', KEYS[3], ARGV[3])
+return n
+"""
+
+# Drop every entry carrying a tag, and fence the computations of such entries in flight. O(entries of the tag).
+# KEYS[1] tag index
+# KEYS[2] namespace index
+# ARGV[1] entry name prefix of the namespace
+# ARGV[2] lease name prefix of the namespace
+# ARGV[3] channel
+# returns the number of entries dropped
+INVALIDATE_TAG = """
+local n = 0
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  n = n + redis.call('DEL', ARGV[1] .. id)
+  if redis.call('DEL', ARGV[2] .. id) == 1 then
+    redis.call('PUBLISH', ARGV[3], cjson.encode({k = id, o = 'retry'}))
+  end
+  redis.call('ZREM', KEYS[2], id)
+end
+redis.call('DEL', KEYS[1])
+return n
+"""
+
+# Drop a whole namespace in O(1): entries written under the old version are ignored (and deleted when read), and
+# computations in flight are fenced by PUT's version check.
+# KEYS[1] namespace version
+# KEYS[2] namespace index
+# returns the number of live entries dropped
+INVALIDATE_NAMESPACE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf')
+redis.call('INCR', KEYS[1])
+redis.call('DEL', KEYS[2])
+return n
+"""
+
+
+# -- typed replies -----------------------------------------------------------------------------------------------
+class LeaseState(IntEnum):
+    FREE = -1
+    OTHER = 0  # another caller computes it
+    MINE = 1
+
+
+class PutResult(IntEnum):
+    FENCED = 0  # invalidated while computing: not stored, waiters read again
+    STORED = 1
+    LOST = 2  # the lease was gone (invalidated by key/tag, or expired and taken over): not stored
+
+
+class TakeMode(IntEnum):
+    NEVER = 0
+    IF_MISSING = 1
+    ALWAYS = 2
+
+
+@dataclass(frozen=True)
+class Header:
+    """What is stored beside a payload (wire names in :meth:`to_json`)."""
+
+    ttl_ms: int
+    stale_ms: int
+    etag: str
+    codec: str
+    version: int  # namespace version it was written under
+    owner: str = ""  # token of the call that wrote it
+    error: bool = False  # a cached error (``cache_errors``): the payload is the error message
+    compute_ms: int = 0
+    runner: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps({"t": self.ttl_ms, "s": self.stale_ms, "e": self.etag, "c": self.codec, "n": self.version,
+                           "o": self.owner, "x": int(self.error), "d": self.compute_ms, "r": self.runner})
+
+    @classmethod
+    def from_json(cls, text: str) -> Header:
+        d = json.loads(text)
+        return cls(ttl_ms=int(d["t"]), stale_ms=int(d["s"]), etag=str(d["e"]), codec=str(d["c"]),
+                   version=int(d["n"]), owner=str(d.get("o", "")), error=bool(d.get("x")),
+                   compute_ms=int(d.get("d", 0)), runner=str(d.get("r", "")))
+
+
+@dataclass(frozen=True)
+class Entry:
+    header: Header
+    payload: bytes
+    left_ms: int
+
+
+@dataclass(frozen=True)
+class Read:
+    entry: Entry | None
+    lease: LeaseState
+    lease_left_ms: int
+    version: int
+
+
+@dataclass(frozen=True)
+class Message:
+    """What a waiter hears about an entry: ``ok`` (stored: read it), ``retry`` (nothing stored: read again,
+    maybe take over) or ``error`` (the computation raised: pass it on)."""
+
+    ident: str
+    outcome: str
+    error_type: str | None = None
+    error_message: str | None = None
+    status_code: int | None = None
+    detail: Any = None
+    runner: str | None = None
+
+    def to_json(self) -> str:
+        data: dict[str, Any] = {"k": self.ident, "o": self.outcome}
+        if self.outcome == "error":
+            data.update(t=self.error_type, m=self.error_message, s=self.status_code, d=self.detail, r=self.runner)
+        return json.dumps(data, default=str)
+
+    @classmethod
+    def parse(cls, text: str) -> Message | None:
+        try:
+            d = json.loads(text)
+            return cls(ident=str(d["k"]), outcome=str(d["o"]), error_type=d.get("t"), error_message=d.get("m"),
+                       status_code=d.get("s"), detail=d.get("d"), runner=d.get("r"))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
+class Store(Protocol):
+    shared: bool  # True: every worker and host sees it (Redis)
+
+    def describe(self) -> str: ...
+
+    def expect(self, keys: CacheKeys, ident: str) -> asyncio.Future[Message]: ...
+
+    def forget(self, keys: CacheKeys, ident: str, future: asyncio.Future[Message]) -> None: ...
+
+    async def prepare(self, keys: CacheKeys) -> None: ...
+
+    async def read(self, keys: CacheKeys, ident: str, tags: tuple[str, ...], token: str, lease_ms: int,
+                   take: TakeMode) -> Read: ...
+
+    async def take(self, keys: CacheKeys, ident: str, tags: tuple[str, ...], token: str, lease_ms: int) -> bool: ...
+
+    async def renew(self, keys: CacheKeys, ident: str, token: str, lease_ms: int) -> bool: ...
+
+    async def put(self, keys: CacheKeys, ident: str, tags: tuple[str, ...], token: str, header: Header,
+                  payload: bytes, seen_version: int) -> PutResult: ...
+
+    async def release(self, keys: CacheKeys, ident: str, token: str, message: Message) -> bool: ...
+
+    async def invalidate_key(self, keys: CacheKeys, ident: str) -> int: ...
+
+    async def invalidate_tag(self, keys: CacheKeys, tag: str) -> int: ...
+
+    async def invalidate_namespace(self, keys: CacheKeys) -> int: ...
+
+    async def check(self) -> None: ...
+
+    async def add_stats(self, keys: CacheKeys, counts: dict[str, float]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+async def close_quietly(resource: Any) -> None:
+    """Close an asyncio client (with its pool) or pub/sub of any redis-py version (``aclose`` since 5.0.1)."""
+    closer = getattr(resource, "aclose", None)
+    if not callable(closer):
+        closer = functools.partial(resource.close, close_connection_pool=True) if isinstance(
+            resource, aredis.Redis) else resource.close
+    await _close_quietly(closer)
+
+
+def _life_ms(header: Header) -> int:
+    return max(1, header.ttl_ms + header.stale_ms)
+
+
+# -- memory -------------------------------------------------------------------------------------------------------
+@dataclass
+class _MemEntry:
+    header: Header
+    payload: bytes
+    expires: float
+
+
+@dataclass
+class _MemNamespace:
+    version: int = 0
+    entries: OrderedDict[str, _MemEntry] = field(default_factory=OrderedDict)
+    leases: dict[str, tuple[str, float]] = field(default_factory=dict)
+    tags: dict[str, set[str]] = field(default_factory=dict)
+
+
+class MemoryStore:
+    """This process's memory: the same semantics inside one worker, shared by its event loops and threads.
+
+    At most ``max_entries`` entries per namespace (least recently used ones go first). Waiters on another loop
+    of this process are woken with ``call_soon_threadsafe``.
+    """
+
+    shared = False
+
+    def __init__(self, max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_entries = max_entries
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._spaces: dict[str, _MemNamespace] = {}
+        self._waiting: dict[tuple[str, str], set[asyncio.Future[Message]]] = {}
+
+    def describe(self) -> str:
+        return "process memory"
+
+    def _space(self, keys: CacheKeys) -> _MemNamespace:
+        return self._spaces.setdefault(keys.namespace, _MemNamespace())
+
+    def expect(self, keys: CacheKeys, ident: str) -> asyncio.Future[Message]:
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            self._waiting.setdefault((keys.namespace, ident), set()).add(future)
+        return future
+
+    def forget(self, keys: CacheKeys, ident: str, future: asyncio.Future[Message]) -> None:
+        with self._lock:
+            waiting = self._waiting.get((keys.namespace, ident))
+            if waiting is not None:
+                waiting.discard(future)
+                if not waiting:
+                    del self._waiting[(keys.namespace, ident)]
+
+    def _notify(self, namespace: str, message: Message) -> None:
+        for future in list(self._waiting.get((namespace, message.ident), ())):
+            future.get_loop().call_soon_threadsafe(_resolve, future, message)
+
+    async def prepare(self, keys: CacheKeys) -> None:
+        return None
+
+    def _live(self, space: _MemNamespace, ident: str, now: float) -> _MemEntry | None:
+        entry = space.entries.get(ident)
+        if entry is None:
+            return None
+        if entry.expires <= now or entry.header.version != space.version:
+            del space.entries[ident]
+            return None
+        space.entries.move_to_end(ident)
+        return entry
+
+    def _holder(self, space: _MemNamespace, ident: str, now: float) -> tuple[str, float] | None:
+        lease = space.leases.get(ident)
+        if lease is not None and lease[1] <= now:
+            del space.leases[ident]
+            return None
+        return lease
+
+    def _take(self, space: _MemNamespace, ident: str, tags: tuple[str, ...], token: str, until: float) -> None:
+        space.leases[ident] = (token, until)
+        for tag in tags:
+            space.tags.setdefault(tag, set()).add(ident)
+
+    async def read(self, keys: CacheKeys, ident: str, tags: tuple[str, ...], token: str, lease_ms: int,
+                   take: TakeMode) -> Read:
+        now = self._clock()
+        with self._lock:
+            space = self._space(keys)
+            entry = self._live(space, ident, now)
+            lease = self._holder(space, ident, now)
+            state = LeaseState.FREE if lease is None else LeaseState.MINE if lease[0] == token else LeaseState.OTHER
+            if state is LeaseState.FREE and (take is TakeMode.ALWAYS or (take is TakeMode.IF_MISSING and not entry)):
+                self._take(space, ident, tags, token, now + lease_ms / 1000)
+                state, lease = LeaseState.MINE, (token, now + lease_ms / 1000)
+            found = Entry(entry.header, entry.payload, int((entry.expires - now) * 1000)) if entry else None
+            lease_left = int((lease[1] - now) * 1000) if lease else -2
+            return Read(found, state, lease_left, space.version)
+
+    async def take(self, keys: CacheKeys, ident: str, tags: tuple[str, ...], token: str, lease_ms: int) -> bool:
+        now = self._clock()
+        with self._lock:
+            space = self._space(keys)
+            lease = self._holder(space, ident, now)
+            if lease is not None:
+                return lease[0] == token
+            self._take(space, ident, tags, token, now + lease_ms / 1000)
+            return True
+
+    async def renew(self, keys: CacheKeys, ident: str, token: str, lease_ms: int) -> bool:
+        now = self._clock()
+        with self._lock:
+            space = self._space(keys)
+            lease = self._holder(space, ident, now)
+            if lease is None or lease[0] != token:
+                return False
+            space.leases[ident] = (token, now + lease_ms / 1000)
+            return True
+
+    async def put(self, keys: CacheKeys, ident: str, tags: tuple[str, ...], token: str, header: Header,
+                  payload: bytes, seen_version: int) -> PutResult:
+        now = self._clock()
+        with self._lock:
+            space = self._space(keys)
+            lease = self._holder(space, ident, now)
+            if lease is None or lease[0] != token:
+                return PutResult.LOST
+            del space.leases[ident]
+            if space.version != seen_version:
+                self._notify(keys.namespace, Message(ident, "retry"))
+                return PutResult.FENCED
+            space.entries[ident] = _MemEntry(header, payload, now + _life_ms(header) / 1000)
+            space.entries.move_to_end(ident)
+            for tag in tags:
+                space.tags.setdefault(tag, set()).add(ident)
+            while len(space.entries) > self.max_entries:
+                space.entries.popitem(last=False)
+            self._notify(keys.namespace, Message(ident, "ok"))
+            return PutResult.STORED
+
+    async def release(self, keys: CacheKeys, ident: str, token: str, message: Message) -> bool:
+        now = self._clock()
+        with self._lock:
+            space = self._space(keys)
+            lease = self._holder(space, ident, now)
+            if lease is None or lease[0] != token:
+                return False
+            del space.leases[ident]
+            self._notify(keys.namespace, message)
+            return True
+
+    def _drop(self, space: _MemNamespace, namespace: str, ident: str) -> int:
+        dropped = int(space.entries.pop(ident, None) is not None)
+        if space.leases.pop(ident, None) is not None:
+            self._notify(namespace, Message(ident, "retry"))
+        return dropped
+
+    async def invalidate_key(self, keys: CacheKeys, ident: str) -> int:
+        with self._lock:
+            return self._drop(self._space(keys), keys.namespace, ident)
+
+    async def invalidate_tag(self, keys: CacheKeys, tag: str) -> int:
+        with self._lock:
+            space = self._space(keys)
+            return sum(self._drop(space, keys.namespace, ident) for ident in space.tags.pop(tag, set()))
+
+    async def invalidate_namespace(self, keys: CacheKeys) -> int:
+        now = self._clock()
+        with self._lock:
+            space = self._space(keys)
+            live = sum(1 for e in space.entries.values() if e.expires > now and e.header.version == space.version)
+            space.version += 1
+            space.entries.clear()
+            space.tags.clear()
+            return live
+
+    async def check(self) -> None:
+        return None
+
+    async def add_stats(self, keys: CacheKeys, counts: dict[str, float]) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def _resolve(future: asyncio.Future[Message], message: Message) -> None:
+    if not future.done():
+        future.set_result(message)
+
+
+# -- Redis --------------------------------------------------------------------------------------------------------
+def _async_class(sync_class: type) -> type:
+    name = sync_class.__name__
+    found = getattr(aconn, name, None)
+    if not isinstance(found, type):
+        raise ConfigurationError(
+            f"cannot build an asyncio Redis client from a redis.Redis using {name}; pass a URL or a "
+            "redis.asyncio.Redis to the Cache instead"
+        )
+    return found
+
+
+def client_for_cache(source: aredis.Redis | _redis.Redis | str, socket_timeout: float) -> aredis.Redis:
+    """A private asyncio client for one event loop, from a URL or from the connection settings of a given client
+    (its password stays inside redis-py). One immediate retry inside redis-py, for a pooled connection that died
+    with a restarted server; no backoff: the cache fails fast and open, and its own circuit breaker decides when
+    to try again. Responses stay bytes (payloads are binary)."""
+    own = {**client_kwargs(min(1.0, socket_timeout), socket_timeout), "retry": Retry(NoBackoff(), 1),
+           "decode_responses": False}
+    if isinstance(source, str):
+        problem = redis_url_problem(source)
+        if problem is not None:
+            raise ConfigurationError(f"invalid Redis URL {redact_url(source)!r}: {problem}")
+        return aredis.Redis.from_url(source, **own)
+    pool = source.connection_pool
+    cls = pool.connection_class if isinstance(source, aredis.Redis) else _async_class(pool.connection_class)
+    accepted = inspect.signature(cls).parameters
+    kwargs = {k: v for k, v in pool.connection_kwargs.items() if k in accepted or "kwargs" in accepted}
+    kwargs.update({k: v for k, v in own.items() if k in accepted or "kwargs" in accepted})
+    return aredis.Redis(connection_pool=aredis.ConnectionPool(connection_class=cls, **kwargs))
+
+
+class _Listener:
+    """One pub/sub connection per store: subscribes to each namespace's channel once (confirmed before the first
+    read of that namespace) and routes messages to the futures waiting for an entry. If the connection breaks,
+    every waiter is told to read again (messages may have been missed) and the next ``prepare`` reconnects."""
+
+    def __init__(self, client: aredis.Redis) -> None:
+        self._client = client
+        self._pubsub: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._confirmed: dict[str, asyncio.Future[None]] = {}
+        self._waiting: dict[tuple[str, str], set[asyncio.Future[Message]]] = {}
+
+    def expect(self, channel: str, ident: str) -> asyncio.Future[Message]:
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault((channel, ident), set()).add(future)
+        return future
+
+    def forget(self, channel: str, ident: str, future: asyncio.Future[Message]) -> None:
+        waiting = self._waiting.get((channel, ident))
+        if waiting is not None:
+            waiting.discard(future)
+            if not waiting:
+                del self._waiting[(channel, ident)]
+
+    async def subscribe(self, channel: str) -> None:
+        confirmed = self._confirmed.get(channel)
+        if confirmed is None:
+            confirmed = self._confirmed[channel] = asyncio.get_running_loop().create_future()
+            try:
+                if self._pubsub is None:
+                    self._pubsub = self._client.pubsub()
+                await self._pubsub.subscribe(channel)
+            except BaseException:
+                self._reset()
+                raise
+            if self._task is None or self._task.done():
+                self._task = asyncio.create_task(self._read(self._pubsub), name="hyperion-lock-cache-listener")
+        await asyncio.shield(confirmed)
+
+    async def _read(self, pubsub: Any) -> None:
+        try:
+            while True:
+                message = await pubsub.get_message(timeout=None)
+                if message is not None:
+                    self._route(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if self._pubsub is pubsub:
+                self._reset(exc)
+
+    def _route(self, message: dict[str, Any]) -> None:
+        channel = as_text(message.get("channel")) or ""
+        if message.get("type") == "subscribe":
+            confirmed = self._confirmed.get(channel)
+            if confirmed is not None and not confirmed.done():
+                confirmed.set_result(None)
+            return
+        if message.get("type") != "message":
+            return
+        parsed = Message.parse(as_text(message.get("data")) or "")
+        if parsed is not None:
+            for future in list(self._waiting.get((channel, parsed.ident), ())):
+                _resolve(future, parsed)
+
+    def _reset(self, exc: BaseException | None = None) -> None:
+        """Forget the connection; waiters read again (and find Redis down, or the value)."""
+        pubsub, self._pubsub = self._pubsub, None
+        for confirmed in self._confirmed.values():
+            if not confirmed.done():
+                confirmed.set_exception(exc or ConnectionError("pub/sub connection lost"))
+                confirmed.exception()  # retrieved: nobody may be waiting for it
+        self._confirmed.clear()
+        for (_channel, ident), futures in list(self._waiting.items()):
+            for future in list(futures):
+                _resolve(future, Message(ident, "retry"))
+        if pubsub is not None:
+            asyncio.get_running_loop().create_task(close_quietly(pubsub))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        self._reset()
+
+
+class RedisStore:
+    """Entries in Redis, shared by every worker and host; one instance per event loop."""
+
+    shared = True
+
+    def __init__(self, client: aredis.Redis, where: str, prefix: str) -> None:
+        self._client = client
+        self.where = where
+        self.prefix = prefix
+        self._scripts: dict[str, Any] = {}
+        self._listener = _Listener(client)
+        self._registered: set[str] = set()
+
+    def describe(self) -> str:
+        return f"Redis at {self.where}"
+
+    def _run(self, script: str, keys: list[str], args: list[Any]) -> Awaitable[Any]:
+        if script not in self._scripts:
+            self._scripts[script] = self._client.register_script(script)
+        result: Awaitable[Any] = self._scripts[script](keys=keys, args=args)
+        return result
+
+    def expect(self, keys: CacheKeys, ident: str) -> asyncio.Future[Message]:
+        return self._listener.expect(keys.channel, ident)
+
+    def forget(self, keys: CacheKeys, ident: str, future: asyncio.Future[Message]) -> None:
+        self._listener.forget(keys.channel, ident, future)
+
+    async def prepare(self, keys: CacheKeys) -> None:
+        """Listen to the namespace's channel (before its first read) and list the namespace for the CLI."""
+        await self._listener.subscribe(keys.channel)
+        if keys.namespace not in self._registered:
+            await self._client.sadd(CacheKeys.registry(keys.prefix), keys.namespace)
+            self._registered.add(keys.namespace)
+
+    async def read(self, keys: CacheKeys, ident: str, tags: tuple[str, ...], token: str, lease_ms: int,
+                   take: TakeMode) -> Read:
+        header, payload, left, state, lease_left, version = await self._run(
+            READ, [keys.entry(ident), keys.version, keys.lease(ident), *(keys.tag_index(t) for t in tags)],
+            [token, lease_ms, int(take), ident],
+        )
+        entry = None
+        if header is not None and payload is not None:
+            entry = Entry(Header.from_json(as_text(header) or "{}"), bytes(payload), int(left))
+        return Read(entry, LeaseState(int(state)), int(lease_left), int(version))
+
+    async def take(self, keys: CacheKeys, ident: str, tags: tuple[str, ...], token: str, lease_ms: int) -> bool:
+        taken = await self._run(TAKE, [keys.lease(ident), *(keys.tag_index(t) for t in tags)],
+                                [token, lease_ms, ident])
+        return bool(int(taken))
+
+    async def renew(self, keys: CacheKeys, ident: str, token: str, lease_ms: int) -> bool:
+        return bool(int(await self._run(RENEW, [keys.lease(ident)], [token, lease_ms])))
+
+    async def put(self, keys: CacheKeys, ident: str, tags: tuple[str, ...], token: str, header: Header,
+                  payload: bytes, seen_version: int) -> PutResult:
+        result = await self._run(
+            PUT,
+            [keys.entry(ident), keys.version, keys.lease(ident), keys.index, *(keys.tag_index(t) for t in tags)],
+            [token, header.to_json(), payload, _life_ms(header), seen_version, keys.channel,
+             Message(ident, "ok").to_json(), Message(ident, "retry").to_json(), ident],
+        )
+        return PutResult(int(result))
+
+    async def release(self, keys: CacheKeys, ident: str, token: str, message: Message) -> bool:
+        return bool(int(await self._run(RELEASE, [keys.lease(ident)], [token, keys.channel, message.to_json()])))
+
+    async def invalidate_key(self, keys: CacheKeys, ident: str) -> int:
+        return int(await self._run(INVALIDATE_KEY, [keys.entry(ident), keys.lease(ident), keys.index],
+                                   [keys.channel, Message(ident, "retry").to_json(), ident]))
+
+    async def invalidate_tag(self, keys: CacheKeys, tag: str) -> int:
+        return int(await self._run(INVALIDATE_TAG, [keys.tag_index(tag), keys.index],
+                                   [keys.entry_prefix, keys.lease_prefix, keys.channel]))
+
+    async def invalidate_namespace(self, keys: CacheKeys) -> int:
+        return int(await self._run(INVALIDATE_NAMESPACE, [keys.version, keys.index], []))
+
+    async def check(self) -> None:
+        """The circuit breaker's recovery check: a small write (an OOM or read-only server refuses it)."""
+        await self._client.set(CacheKeys.probe(self.prefix), b"1", px=1000)
+
+    async def add_stats(self, keys: CacheKeys, counts: dict[str, float]) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for name, value in counts.items():
+            if isinstance(value, int):
+                pipe.hincrby(keys.stats, name, value)
+            else:
+                pipe.hincrbyfloat(keys.stats, name, value)
+        await pipe.execute()
+
+    async def close(self) -> None:
+        await self._listener.close()
+        await close_quietly(self._client)
+
+
+async def within(awaitable: Awaitable[T], timeout: float) -> T:
+    """Await with a timeout that only counts time the event loop could listen.
+
+    When the wait wakes late because the loop was busy (a burst of requests), the reply may already sit unread in
+    a socket: the wait is extended (up to three times) by the lateness instead of failing, so a loaded worker
+    does not mistake its own lag for a dead Redis. An idle loop times out after ``timeout`` exactly.
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(awaitable)
+    deadline = loop.time() + timeout
+    try:
+        for _ in range(4):
+            await asyncio.wait({task}, timeout=max(0.0, deadline - loop.time()))
+            if task.done():
+                return task.result()
+            late = loop.time() - deadline
+            if late < timeout / 2:
+                break
+            deadline = loop.time() + max(timeout, 2 * late)
+        raise TimeoutError(f"no reply within {timeout * 1000:.0f} ms")
+    finally:
+        if not task.done():
+            task.cancel()

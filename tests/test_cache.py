@@ -1,0 +1,572 @@
+"""The cache core on a real Redis (and in process memory): single flight across workers, errors, takeover,
+invalidation, freshness, values, and failing open when Redis is paused, killed or out of memory.
+
+Each Cache instance stands for one worker: it has its own clients, flights and breaker, exactly as in a
+separate process; one test runs a real separate process. Every wait is bounded; nothing asserts a duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from pydantic import BaseModel
+from redis.crc import key_slot
+
+from hyperion_lock import (
+    Cache,
+    CacheComputeError,
+    CacheSerializationError,
+    CacheStatus,
+    CacheValueTooLargeError,
+    Settings,
+)
+from hyperion_lock._cache_codec import JsonCodec
+from hyperion_lock._cache_keys import CacheKeys
+from hyperion_lock._cache_store import LeaseState, Read, RedisStore
+from hyperion_lock.testing import RedisServer
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.integration
+LOGGER = "hyperion_lock._cache"
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+def make(url: str | None, prefix: str, **overrides: Any) -> Cache:
+    return Cache(url, settings=Settings(redis_url=None, key_prefix=prefix), **overrides)
+
+
+class Counter:
+    """A computation that counts its runs and returns a typed value; optionally waits for ``gate``."""
+
+    def __init__(self, gate: asyncio.Event | None = None, fail: Exception | None = None) -> None:
+        self.runs = 0
+        self.started = asyncio.Event()
+        self.gate = gate
+        self.fail = fail
+
+    async def __call__(self) -> Quote:
+        self.runs += 1
+        self.started.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        else:
+            await asyncio.sleep(0.05)
+        if self.fail is not None:
+            raise self.fail
+        return Quote(symbol="AAPL", run=self.runs, at=dt.datetime.now(dt.UTC))
+
+
+class Quote(BaseModel):
+    symbol: str
+    run: int
+    at: dt.datetime
+
+
+@pytest.fixture
+def read_spy(monkeypatch: pytest.MonkeyPatch) -> list[Read]:
+    """Every reply of RedisStore.read, in order (to know that a caller is waiting for another's computation)."""
+    seen: list[Read] = []
+    original = RedisStore.read
+
+    async def spy(self: RedisStore, *args: Any, **kwargs: Any) -> Read:
+        read = await original(self, *args, **kwargs)
+        seen.append(read)
+        return read
+
+    monkeypatch.setattr(RedisStore, "read", spy)
+    return seen
+
+
+async def until(condition: Callable[[], Any], what: str, timeout: float = 10.0) -> None:
+    """Wait (bounded) for a state another task or process reaches; checked every 10 ms."""
+    async with asyncio.timeout(timeout):
+        while not condition():  # noqa: ASYNC110 -- the conditions are read from other objects, not events
+            await asyncio.sleep(0.01)
+    assert condition(), what
+
+
+def refreshing(*caches: Cache) -> bool:
+    """Whether a background refresh of any of these caches is still running (computing or storing)."""
+    return any(ctx.refreshing for c in caches for ctx in c._loops.values())
+
+
+async def close(*caches: Cache) -> None:
+    for c in caches:
+        await c.aclose()
+
+
+# -- single flight ------------------------------------------------------------------------------------------------
+async def test_concurrent_misses_in_many_workers_compute_once(redis_url: str, prefix: str) -> None:
+    workers = [make(redis_url, prefix) for _ in range(4)]
+    compute = Counter()
+    try:
+        async with asyncio.timeout(20):
+            results = await asyncio.gather(*[
+                w.get_or_compute("quotes", {"symbol": "AAPL", "range": "1d"}, compute, ttl=30, returns=Quote)
+                for w in workers for _ in range(8)
+            ])
+        assert compute.runs == 1
+        assert {r.run for r in results} == {1} and all(isinstance(r.at, dt.datetime) for r in results)
+        assert len({id(r) for r in results}) == len(results)  # every caller gets its own copy
+        # The same key in another order is the same entry: a hit, no computation.
+        again = await workers[0].get_or_compute("quotes", {"range": "1d", "symbol": "AAPL"}, compute, ttl=30,
+                                                returns=Quote)
+        assert again.run == 1 and compute.runs == 1
+        totals = [w.stats()["quotes"] for w in workers]
+        assert sum(t["misses"] for t in totals) == 1 and sum(t["computations"] for t in totals) == 1
+        assert sum(t["hits"] for t in totals) == 32
+    finally:
+        await close(*workers)
+
+
+async def test_an_error_reaches_every_waiter_at_once_and_is_not_cached(redis_url: str, prefix: str,
+                                                                         read_spy: list[Read]) -> None:
+    """The waiters' lease wait is 30 s, so only the published error can end their wait within the bound."""
+    leader, other = make(redis_url, prefix, lease_ttl=30), make(redis_url, prefix, lease_ttl=30)
+    gate = asyncio.Event()
+    failing = Counter(gate, fail=ValueError("upstream said no"))
+    spare = Counter()
+    try:
+        async with asyncio.timeout(10):
+            first = asyncio.create_task(leader.get_or_compute("q", "k", failing, ttl=30, returns=Quote))
+            await failing.started.wait()
+            waiters = [asyncio.create_task(other.get_or_compute("q", "k", spare, ttl=30, returns=Quote))
+                       for _ in range(3)]
+            await until(lambda: any(r.lease is LeaseState.OTHER for r in read_spy), "a waiter saw the holder")
+            gate.set()
+            with pytest.raises(ValueError, match="upstream said no"):
+                await first  # the computing caller gets its own exception
+            for waiter in waiters:
+                with pytest.raises(CacheComputeError, match="ValueError: upstream said no") as info:
+                    await waiter
+                assert info.value.error_type == "ValueError" and info.value.runner
+        assert spare.runs == 0  # nobody took over: they got the error
+        # Errors are not cached: the next call computes again.
+        assert (await other.get_or_compute("q", "k", spare, ttl=30, returns=Quote)).run == 1
+        assert other.stats()["q"]["errors"] == 3 and leader.stats()["q"]["errors"] == 1
+    finally:
+        await close(leader, other)
+
+
+async def test_errors_are_cached_only_when_asked(redis_url: str, prefix: str) -> None:
+    cache = make(redis_url, prefix)
+    failing = Counter(fail=RuntimeError("bad"))
+    try:
+        for _ in range(2):
+            with pytest.raises((RuntimeError, CacheComputeError)):
+                await cache.get_or_compute("q", "k", failing, ttl=30, cache_errors=True, error_ttl=30, returns=Quote)
+        assert failing.runs == 1
+    finally:
+        await close(cache)
+
+
+_LEADER = """
+import asyncio, sys
+from hyperion_lock import Cache, Settings
+
+async def main() -> None:
+    cache = Cache(sys.argv[1], settings=Settings(key_prefix=sys.argv[2]), lease_ttl=1.0)
+
+    async def compute() -> str:
+        print("computing", flush=True)
+        await asyncio.sleep(120)
+        return "from the dead"
+
+    await cache.get_or_compute("q", "k", compute, ttl=30)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_waiter_takes_over_when_the_computing_process_is_killed(redis_url: str, prefix: str,
+                                                                        read_spy: list[Read]) -> None:
+    proc = subprocess.Popen(  # noqa: ASYNC220 -- started once, before anything waits
+        [sys.executable, "-c", _LEADER, redis_url, prefix], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT)
+    workers = [make(redis_url, prefix, lease_ttl=1.0) for _ in range(2)]
+    runs = 0
+
+    async def compute() -> str:
+        nonlocal runs
+        runs += 1
+        return "taken over"
+
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)  # type: ignore[union-attr]
+        assert line.strip() == "computing", line
+        async with asyncio.timeout(20):
+            calls = [asyncio.create_task(w.get_or_compute("q", "k", compute, ttl=30)) for w in workers for _ in "abc"]
+            await until(lambda: sum(r.lease is LeaseState.OTHER for r in read_spy) >= 2, "both workers wait")
+            proc.kill()
+            results = await asyncio.gather(*calls)
+        assert results == ["taken over"] * 6
+        assert runs == 1  # one waiter took over, everywhere
+    finally:
+        proc.kill()
+        proc.communicate()
+        await close(*workers)
+
+
+# -- invalidation -------------------------------------------------------------------------------------------------
+async def test_invalidation_by_key_tag_and_namespace_is_seen_by_every_worker(redis_url: str, prefix: str) -> None:
+    a, b = make(redis_url, prefix), make(redis_url, prefix)
+    runs: dict[str, int] = {}
+
+    def compute(name: str) -> Callable[[], Any]:
+        async def run() -> str:
+            runs[name] = runs.get(name, 0) + 1
+            return f"{name}#{runs[name]}"
+        return run
+
+    async def get(c: Cache, name: str, tags: tuple[str, ...]) -> str:
+        return str(await c.get_or_compute("q", {"k": name}, compute(name), ttl=60, tags=tags))
+
+    try:
+        assert await get(a, "aapl-1d", ("symbol:AAPL",)) == "aapl-1d#1"
+        assert await get(a, "aapl-5d", ("symbol:AAPL",)) == "aapl-5d#1"
+        assert await get(a, "msft", ("symbol:MSFT",)) == "msft#1"
+        assert await get(b, "aapl-1d", ("symbol:AAPL",)) == "aapl-1d#1"  # b sees a's entries
+        assert await b.invalidate_tag("q", "symbol:AAPL") == 2
+        assert await get(a, "aapl-1d", ("symbol:AAPL",)) == "aapl-1d#2"  # a sees b's invalidation at once
+        assert await get(a, "aapl-5d", ("symbol:AAPL",)) == "aapl-5d#2"
+        assert await get(a, "msft", ("symbol:MSFT",)) == "msft#1"  # other tags untouched
+        assert await a.invalidate("q", {"k": "msft"}) == 1
+        assert await get(b, "msft", ("symbol:MSFT",)) == "msft#2"
+        assert await a.invalidate_namespace("q") == 3
+        assert await get(b, "aapl-1d", ("symbol:AAPL",)) == "aapl-1d#3"
+        assert await get(b, "msft", ("symbol:MSFT",)) == "msft#3"
+        # Everything of the namespace lives in one slot; nothing was enumerated with KEYS/SCAN to get here.
+        client = redis.Redis.from_url(redis_url)
+        try:
+            names = list(client.scan_iter(match=f"{prefix}:cache:{{q}}:*"))
+            assert names and len({key_slot(n) for n in names}) == 1
+            assert client.sismember(CacheKeys.registry(prefix), "q")
+        finally:
+            client.close()
+    finally:
+        await close(a, b)
+
+
+async def test_invalidation_during_a_computation_fences_its_write(redis_url: str, prefix: str) -> None:
+    """A value computed from data older than the invalidation must not be stored after it."""
+    a, b = make(redis_url, prefix), make(redis_url, prefix)
+    gate = asyncio.Event()
+    slow, fresh = Counter(gate), Counter()
+    try:
+        async with asyncio.timeout(10):
+            invalidations: list[Callable[[], Awaitable[int]]] = [
+                lambda: b.invalidate_tag("q", "t"), lambda: b.invalidate_namespace("q"), lambda: b.invalidate("q", "k")]
+            for invalidate in invalidations:
+                gate.clear()
+                slow.started.clear()
+                task = asyncio.create_task(a.get_or_compute("q", "k", slow, ttl=60, tags=("t",), returns=Quote))
+                await slow.started.wait()
+                await invalidate()
+                gate.set()
+                assert (await task).run == slow.runs  # its caller still gets the value it asked for...
+                before = fresh.runs
+                await b.get_or_compute("q", "k", fresh, ttl=60, tags=("t",), returns=Quote)
+                assert fresh.runs == before + 1  # ...but it was not stored
+                await b.invalidate("q", "k")
+    finally:
+        await close(a, b)
+
+
+# -- freshness ----------------------------------------------------------------------------------------------------
+def _age_entry(url: str, prefix: str, namespace: str, left_ms: int) -> None:
+    """Move every entry of a namespace to a point of its life: ``left_ms`` of life remaining (Redis's clock)."""
+    client = redis.Redis.from_url(url)
+    try:
+        for name in client.scan_iter(match=CacheKeys(prefix, namespace).entry("*")):
+            client.pexpire(name, left_ms)
+    finally:
+        client.close()
+
+
+async def test_stale_entries_are_served_while_exactly_one_worker_refreshes(redis_url: str, prefix: str) -> None:
+    workers = [make(redis_url, prefix) for _ in range(3)]
+    compute = Counter()
+    spec = [w.spec("q", ttl=30, stale=60, codec=JsonCodec(Quote)) for w in workers]
+    try:
+        async with asyncio.timeout(10):
+            first = await workers[0].lookup(spec[0], "k", (), compute)
+            assert first.status is CacheStatus.MISS
+            _age_entry(redis_url, prefix, "q", left_ms=30_000)  # 30 s past its TTL, 30 s of the stale period left
+            served = await asyncio.gather(*[w.lookup(s, "k", (), compute) for w, s in zip(workers, spec, strict=True)
+                                            for _ in range(4)])
+            assert {r.status for r in served} == {CacheStatus.STALE} and {r.etag for r in served} == {first.etag}
+            assert all(r.max_age == 0 and r.age >= 30 for r in served)
+            await until(lambda: compute.runs == 2, "one background refresh")
+            await until(lambda: not refreshing(*workers), "refresh stored")
+            after = await workers[2].lookup(spec[2], "k", (), compute)
+        assert after.status is CacheStatus.HIT and after.etag != first.etag and after.max_age >= 29
+        assert compute.runs == 2
+    finally:
+        await close(*workers)
+
+
+async def test_hot_keys_are_refreshed_once_before_they_expire(redis_url: str, prefix: str) -> None:
+    workers = [make(redis_url, prefix) for _ in range(3)]
+    compute = Counter()
+    spec = [w.spec("q", ttl=30, refresh_ahead=10, codec=JsonCodec(Quote)) for w in workers]
+    try:
+        async with asyncio.timeout(10):
+            first = await workers[0].lookup(spec[0], "k", (), compute)
+            _age_entry(redis_url, prefix, "q", left_ms=5_000)  # fresh for 5 s more: inside the refresh window
+            served = await asyncio.gather(*[w.lookup(s, "k", (), compute) for w, s in zip(workers, spec, strict=True)
+                                            for _ in range(4)])
+            assert {r.status for r in served} == {CacheStatus.HIT} and {r.etag for r in served} == {first.etag}
+            await until(lambda: compute.runs == 2, "one early refresh")
+            await until(lambda: not refreshing(*workers), "stored")
+            after = await workers[1].lookup(spec[1], "k", (), compute)
+        assert after.status is CacheStatus.HIT and after.etag != first.etag and compute.runs == 2
+    finally:
+        await close(*workers)
+
+
+async def test_memory_mode_has_the_same_semantics_inside_one_worker(prefix: str) -> None:
+    now = [1000.0]
+    cache = Cache(None, settings=Settings(redis_url=None, key_prefix=prefix), clock=lambda: now[0])
+    assert not cache.uses_redis and "memory" in cache.describe()
+    compute = Counter()
+    spec = cache.spec("q", ttl=30, stale=10, refresh_ahead=3, codec=JsonCodec(Quote))
+    try:
+        async with asyncio.timeout(10):
+            results = await asyncio.gather(*[cache.lookup(spec, "k", ("t",), compute) for _ in range(8)])
+            assert compute.runs == 1 and sorted(r.status for r in results).count(CacheStatus.MISS) == 1
+            now[0] += 28  # 2 s fresh left: early refresh, once
+            assert (await cache.lookup(spec, "k", ("t",), compute)).status is CacheStatus.HIT
+            await until(lambda: compute.runs == 2 and not refreshing(cache), "early refresh")
+            now[0] += 35  # past the refreshed entry's TTL, within its stale period
+            stale = await cache.lookup(spec, "k", ("t",), compute)
+            assert stale.status is CacheStatus.STALE
+            await until(lambda: compute.runs == 3 and not refreshing(cache), "stale refresh")
+            now[0] += 100  # past the stale period: a miss
+            assert (await cache.lookup(spec, "k", ("t",), compute)).status is CacheStatus.MISS
+            assert await cache.invalidate_tag("q", "t") == 1
+            assert (await cache.lookup(spec, "k", ("t",), compute)).status is CacheStatus.MISS
+            assert await cache.invalidate_namespace("q") == 1
+            assert compute.runs == 5
+    finally:
+        await close(cache)
+
+
+# -- values -------------------------------------------------------------------------------------------------------
+async def test_value_limits_and_serialisation_errors_are_clear_on_first_use(redis_url: str, prefix: str) -> None:
+    a, b = make(redis_url, prefix, max_size=200), make(redis_url, prefix, max_size=200)
+    try:
+        gate, started = asyncio.Event(), asyncio.Event()
+
+        async def big() -> str:
+            started.set()
+            await gate.wait()
+            return "x" * 1000
+
+        async with asyncio.timeout(10):
+            first = asyncio.create_task(a.get_or_compute("q", "big", big, ttl=30))
+            await started.wait()
+            waiter = asyncio.create_task(b.get_or_compute("q", "big", big, ttl=30))
+            gate.set()
+            with pytest.raises(CacheValueTooLargeError, match="more than max_size=200"):
+                await first
+            with pytest.raises((CacheValueTooLargeError, CacheComputeError), match="max_size"):
+                await waiter
+
+        async def when() -> dt.datetime:
+            return dt.datetime(2026, 1, 1)
+
+        with pytest.raises(CacheSerializationError, match="does not survive JSON"):
+            await a.get_or_compute("q", "untyped", when, ttl=30)  # no `returns`: would come back as a str
+        assert await a.get_or_compute("q", "typed", when, ttl=30, returns=dt.datetime) == dt.datetime(2026, 1, 1)
+        assert await b.get_or_compute("q", "typed", when, ttl=30, returns=dt.datetime) == dt.datetime(2026, 1, 1)
+    finally:
+        await close(a, b)
+
+
+async def test_signed_pickle_roundtrips_and_a_foreign_entry_is_recomputed(redis_url: str, prefix: str) -> None:
+    ours, theirs = make(redis_url, prefix), make(redis_url, prefix)
+    runs = 0
+
+    @ours.cached("p", ttl=30, codec="pickle", signing_key=b"a" * 32)
+    async def ours_fn(x: int) -> set[int]:
+        nonlocal runs
+        runs += 1
+        return {x, runs}
+
+    @theirs.cached("p", ttl=30, codec="pickle", signing_key=b"b" * 32)
+    async def theirs_fn(x: int) -> set[int]:
+        return {-1}
+
+    theirs_fn.__qualname__ = ours_fn.__qualname__  # not needed for the key: namespace + module.name below
+    try:
+        assert await ours_fn(1) == {1} | {1} and await ours_fn(1) == {1}
+        await ours.invalidate_namespace("p")
+        # An entry written with another key is never unpickled: it is treated as unreadable and recomputed.
+        with pytest.raises(AssertionError):
+            assert await theirs_fn(1) == {1}
+        assert runs == 1
+    finally:
+        await close(ours, theirs)
+
+
+async def test_decorated_functions_key_by_arguments_and_leave_out_sessions(redis_url: str, prefix: str) -> None:
+    cache = make(redis_url, prefix)
+    runs = 0
+
+    class Session:  # a per-request object: not part of the identity
+        pass
+
+    @cache.cached("fn", ttl=30, tags=lambda symbol, **_: [f"symbol:{symbol}"])
+    async def quote(symbol: str, session: Session, days: int = 1, *, fields: tuple[str, ...] = ("p",)) -> Quote:
+        nonlocal runs
+        runs += 1
+        return Quote(symbol=symbol, run=runs, at=dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
+
+    try:
+        q1 = await quote("AAPL", Session())
+        assert isinstance(q1, Quote) and q1.at.tzinfo is not None
+        assert (await quote(symbol="AAPL", session=Session(), days=1)).run == 1  # defaults applied, new session
+        assert (await quote("AAPL", Session(), 2)).run == 2
+        assert (await quote("AAPL", Session(), 1, fields=("p", "v"))).run == 3
+        assert await cache.invalidate_tag("fn", "symbol:AAPL") == 3
+        assert (await quote("AAPL", Session())).run == 4
+    finally:
+        await close(cache)
+
+
+def test_sync_functions_in_threads_of_many_workers_compute_once(redis_url: str, prefix: str) -> None:
+    workers = [make(redis_url, prefix) for _ in range(2)]
+    runs = 0
+    lock = threading.Lock()
+    go = threading.Event()
+
+    def slow_square(x: int) -> int:
+        nonlocal runs
+        with lock:
+            runs += 1
+        go.wait(10)
+        return x * x
+
+    fns = [w.cached("sync", ttl=30)(slow_square) for w in workers]
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda f=f: results.append(f(7))) for f in fns for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        go.set()
+        for t in threads:
+            t.join(20)
+        assert results == [49] * 8 and runs == 1
+        assert workers[0].get_or_compute_sync("sync", "x", lambda: [1, 2], ttl=30) == [1, 2]
+        assert workers[1].get_or_compute_sync("sync", "x", lambda: [3], ttl=30) == [1, 2]
+        assert workers[1].invalidate_tag_sync("sync", "none") == 0
+    finally:
+        for w in workers:
+            w.close()
+
+
+# -- Redis trouble ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    with RedisServer() as s:
+        yield s
+
+
+def failing_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == LOGGER and "is failing" in r.getMessage()]
+
+
+def resumed(caplog: pytest.LogCaptureFixture) -> bool:
+    return any("caching resumed" in r.getMessage() for r in caplog.records if r.name == LOGGER)
+
+
+async def test_paused_redis_fails_open_logs_once_and_caching_resumes(server: RedisServer, prefix: str,
+                                                                       caplog: pytest.LogCaptureFixture,
+                                                                       read_spy: list[Read]) -> None:
+    caplog.set_level(logging.INFO, LOGGER)
+    cache = make(server.url, prefix, op_timeout=0.05, breaker_retry=0.1, breaker_max_retry=0.2)
+    compute = Counter()
+    spec = cache.spec("q", ttl=60, codec=JsonCodec(Quote))
+    try:
+        async with asyncio.timeout(30):
+            assert (await cache.lookup(spec, "k", (), compute)).status is CacheStatus.MISS
+            server.pause()  # SIGSTOP: connections stay open, nothing answers
+            try:
+                reads_before = len(read_spy)
+                statuses = [(await cache.lookup(spec, "k", (), compute)).status for _ in range(3)]
+                statuses += [r.status for r in await asyncio.gather(*[cache.lookup(spec, f"k{i}", (), compute)
+                                                                     for i in range(20)])]
+                assert set(statuses) == {CacheStatus.BYPASS}
+                assert len(failing_lines(caplog)) == 1, failing_lines(caplog)  # once, not per request
+                assert len(read_spy) == reads_before  # no read ever completed; after the breaker opened, none tried
+            finally:
+                server.resume()
+            await until(lambda: resumed(caplog), "caching resumed", timeout=15)
+            assert (await cache.lookup(spec, "k", (), compute)).status is CacheStatus.HIT  # the entry survived
+        assert cache.stats()["q"]["bypass"] == 23
+    finally:
+        await close(cache)
+
+
+async def test_killed_and_restarted_redis_and_oom_fail_open(server: RedisServer, prefix: str,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, LOGGER)
+    cache = make(server.url, prefix, breaker_retry=0.1, breaker_max_retry=0.2)
+    compute = Counter()
+    spec = cache.spec("q", ttl=60, codec=JsonCodec(Quote))
+    try:
+        async with asyncio.timeout(40):
+            assert (await cache.lookup(spec, "k", (), compute)).status is CacheStatus.MISS
+            server.kill()
+            assert {(await cache.lookup(spec, "k", (), compute)).status for _ in range(5)} == {CacheStatus.BYPASS}
+            server.start()  # same port, empty (no persistence)
+            await until(lambda: resumed(caplog), "caching resumed after restart", timeout=15)
+            assert (await cache.lookup(spec, "k", (), compute)).status is CacheStatus.MISS
+            assert (await cache.lookup(spec, "k", (), compute)).status is CacheStatus.HIT
+            caplog.clear()
+            admin = redis.Redis(port=server.port)
+            try:
+                admin.config_set("maxmemory-policy", "noeviction")
+                admin.config_set("maxmemory", 1)  # every write refused: OOM
+                statuses = {(await cache.lookup(spec, f"oom{i}", (), compute)).status for i in range(5)}
+                assert statuses == {CacheStatus.BYPASS}
+                assert len(failing_lines(caplog)) == 1 and "out of memory" in failing_lines(caplog)[0]
+                admin.config_set("maxmemory", 0)
+            finally:
+                admin.close()
+            await until(lambda: resumed(caplog), "caching resumed after OOM", timeout=15)
+            assert (await cache.lookup(spec, "after", (), compute)).status is CacheStatus.MISS
+            assert (await cache.lookup(spec, "after", (), compute)).status is CacheStatus.HIT
+    finally:
+        await close(cache)
+
+
+async def test_wrong_password_is_named_once_and_requests_still_succeed(prefix: str,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, LOGGER)
+    with RedisServer(password="right-pw") as server:
+        url = server.url.replace("right-pw", "wrong-pw")
+        cache = make(url, prefix)
+        try:
+            values = [await cache.get_or_compute("q", f"k{i}", Counter(), ttl=30, returns=Quote) for i in range(4)]
+            assert len(values) == 4
+            lines = failing_lines(caplog)
+            assert len(lines) == 1 and "refused the credentials" in lines[0]
+            assert "wrong-pw" not in caplog.text
+        finally:
+            await close(cache)
