@@ -14,7 +14,7 @@ Startup timeline of each worker (the lifespan, after gunicorn forked it):
    If a job fails, every worker's lifespan raises: uvicorn reports "Application startup failed", the worker
    exits with code 3 and the gunicorn master halts the deploy with a non-zero exit status.
 4. Serve. ``GET /health`` is 200 from here on; ``GET /startup`` reports the jobs' outcomes, identical in every
-   worker.
+   worker. ``GET /quotes/{symbol}?range=1d&interval=5m`` is cached across all workers (see :mod:`.quotes`).
 5. Shutdown: once the lifespan's exit begins, ``GET /health`` answers 503 (for requests still being served).
 
 Readiness before step 4 cannot be a 503: no worker accepts connections before its lifespan startup finished, so
@@ -49,7 +49,7 @@ from hyperion_lock import (
     stop_requested,
 )
 
-from . import jobs
+from . import jobs, quotes
 from .db import database_url, describe_url, make_engine
 from .models import Item
 
@@ -106,6 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app. Only configuration is read here; Redis and the database are connected in the lifespan."""
     base = settings or Settings.from_env()
     optional_redis = OptionalRedis(settings=base)
+    cache = quotes.make_cache(base)  # connects lazily, per worker, on first use (after the fork)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -140,10 +141,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 yield
             finally:
                 state.finished, state.stopping = False, True  # the lifespan's exit began: /health answers 503
+                await cache.aclose()
                 engine.dispose()
 
     app = FastAPI(title="hyperion_lock reference app", lifespan=lifespan)
+    app.add_middleware(quotes.WorkerPidHeader)
     app.state.startup = StartupState()
+    app.state.cache = cache
     RedisDep = Annotated[aredis.Redis | None, Depends(optional_redis)]
 
     @app.get("/health")
@@ -170,6 +174,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return {"redis": None}
         return {"redis": "ok" if await client.ping() else "no answer"}
 
+    quotes.add_routes(app, cache)
     return app
 
 

@@ -53,3 +53,17 @@ class MigrationAudit(Base):
     revision: Mapped[str] = mapped_column(String(50))
     pid: Mapped[int] = mapped_column(Integer)
     applied_at: Mapped[float] = mapped_column(Float)
+
+
+class UpstreamCall(Base):
+    """Created by revision 0003: one row per simulated upstream call of ``GET /quotes/{symbol}`` (inserted when
+    the call starts), so tests and benchmarks count the calls of every worker."""
+
+    __tablename__ = "upstream_calls"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    symbol: Mapped[str] = mapped_column(String(100))
+    range: Mapped[str] = mapped_column(String(20))
+    interval: Mapped[str] = mapped_column(String(20))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[float] = mapped_column(Float)

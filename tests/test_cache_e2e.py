@@ -1,0 +1,199 @@
+"""End-to-end: the reference app's cached ``GET /quotes/{symbol}`` under a real ``gunicorn -c gunicorn.conf.py``
+with 4 workers, SQLite in tmp_path, and a private Redis (or none).
+
+Upstream calls are counted in the database by every worker (``/upstream-calls``, table ``upstream_calls``), so
+"one call" is read from the same place whichever worker made it. Faults are injected once the database shows
+the computation in flight; recovery is awaited through log lines. Nothing asserts a duration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hyperion_lock.testing import RedisServer
+
+from ._deploy import Gunicorn, running, sqlite_query, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+FAILING = r"cache: Redis at \S+ is failing"
+RESUMED = r"cache: Redis at \S+ answers again; caching resumed"
+
+
+def deploy(tmp_path: Path, redis_url: str | None, **env: str) -> Gunicorn:
+    db = tmp_path / "demo.sqlite3"
+    settings = {"DATABASE_URL": f"sqlite:///{db}", "HYPERION_DEMO_QUOTE_TTL": "300", **env}
+    if redis_url:
+        settings["HYPERION_LOCK_REDIS_URL"] = redis_url
+    return Gunicorn(tmp_path, workers=4, **settings)
+
+
+def get(g: Gunicorn, path: str, attempts: int = 3, headers: dict[str, str] | None = None) -> httpx.Response:
+    """GET on a fresh connection (any worker may take it); retried only when the connection itself broke (a
+    worker killed on purpose)."""
+    for attempt in range(attempts):
+        try:
+            with httpx.Client(timeout=60, limits=httpx.Limits(max_keepalive_connections=0)) as client:
+                return client.get(g.base + path, headers={"Connection": "close", **(headers or {})})
+        except httpx.TransportError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def burst(g: Gunicorn, path: str, n: int) -> list[httpx.Response]:
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(lambda _: get(g, path), range(n)))
+
+
+def calls(g: Gunicorn) -> int:
+    return int(get(g, "/upstream-calls").json()["calls"])
+
+
+def calls_for(db: Path, symbol: str) -> list[int]:
+    """Pids of the workers that started an upstream call for ``symbol``."""
+    return [int(r[0]) for r in sqlite_query(db, f"SELECT pid FROM upstream_calls WHERE symbol = '{symbol}'")]
+
+
+def from_every_worker(g: Gunicorn, path: str, workers: int = 4, limit: int = 400,
+                      headers: dict[str, str] | None = None) -> dict[int, httpx.Response]:
+    """One response per worker pid (``X-Worker-Pid``), asking until ``workers`` distinct pids answered."""
+    seen: dict[int, httpx.Response] = {}
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(limit // 8):
+            for r in pool.map(lambda _: get(g, path, headers=headers), range(8)):
+                seen.setdefault(int(r.headers["x-worker-pid"]), r)
+            if len(seen) >= workers:
+                return seen
+    raise AssertionError(f"only workers {sorted(seen)} answered {path} in {limit} requests")
+
+
+def count(g: Gunicorn, pattern: str) -> int:
+    return len(re.findall(pattern, g.log()))
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    with RedisServer() as s:
+        yield s
+
+
+def test_with_redis_a_burst_makes_one_upstream_call_and_every_worker_agrees(tmp_path: Path,
+                                                                            server: RedisServer) -> None:
+    with running(deploy(tmp_path, server.url, HYPERION_DEMO_UPSTREAM_DELAY="1")) as g:
+        g.wait_healthy()
+        # A burst of concurrent requests for one cold key, spread over the workers: one upstream call.
+        responses = burst(g, "/quotes/AAPL?range=1d&interval=5m", 64)
+        assert {r.status_code for r in responses} == {200}
+        assert calls(g) == 1
+        assert len({r.headers["x-worker-pid"] for r in responses}) >= 2
+        assert len({r.content for r in responses}) == 1 and len({r.headers["etag"] for r in responses}) == 1
+        assert [r.headers["x-cache"] for r in responses].count("MISS") == 1
+        body = responses[0].json()
+        assert body["symbol"] == "AAPL" and body["range"] == "1d" and body["interval"] == "5m"
+        etag = responses[0].headers["etag"]
+        # The same parameters in another order are the same entry.
+        reordered = get(g, "/quotes/AAPL?interval=5m&range=1d")
+        assert (reordered.headers["x-cache"], reordered.headers["etag"]) == ("HIT", etag) and calls(g) == 1
+        # Every worker serves the same ETag and headers, and answers If-None-Match with 304.
+        hits = from_every_worker(g, "/quotes/AAPL?range=1d&interval=5m")
+        assert {r.headers["etag"] for r in hits.values()} == {etag}
+        assert {r.headers["x-cache"] for r in hits.values()} == {"HIT"}
+        assert all(re.fullmatch(r"max-age=\d+", r.headers["cache-control"]) for r in hits.values())
+        not_modified = from_every_worker(g, "/quotes/AAPL?range=1d&interval=5m", headers={"If-None-Match": etag})
+        assert {r.status_code for r in not_modified.values()} == {304}
+        # A client's no-cache does not reach the upstream.
+        refresh = get(g, "/quotes/AAPL?range=1d&interval=5m", headers={"Cache-Control": "no-cache"})
+        assert refresh.headers["etag"] == etag and calls(g) == 1
+        # Tag invalidation drops both cached variants, and no worker serves the old value afterwards.
+        assert get(g, "/quotes/AAPL?range=5d").status_code == 200 and calls(g) == 2
+        with httpx.Client(timeout=30) as client:
+            assert client.post(g.base + "/quotes/AAPL/invalidate").json() == {"invalidated": 2}
+        fresh = from_every_worker(g, "/quotes/AAPL?range=1d&interval=5m")
+        assert len({r.headers["etag"] for r in fresh.values()}) == 1
+        assert etag not in {r.headers["etag"] for r in fresh.values()}
+        assert calls(g) == 3
+        # A failing computation: every waiting request gets its error at once; errors are not cached.
+        failed = burst(g, "/quotes/FAIL1", 32)
+        assert {r.status_code for r in failed} == {502}
+        assert len({r.json()["detail"] for r in failed}) == 1
+        assert calls(g) == 4
+        assert get(g, "/quotes/FAIL1").status_code == 502 and calls(g) == 5
+
+
+def test_with_redis_a_killed_computation_is_taken_over_and_redis_trouble_fails_open(
+        tmp_path: Path, server: RedisServer) -> None:
+    db = tmp_path / "demo.sqlite3"
+    with running(deploy(tmp_path, server.url, HYPERION_DEMO_UPSTREAM_DELAY="2", HYPERION_LOCK_CACHE_LEASE_TTL="1",
+                        HYPERION_LOCK_CACHE_BREAKER_RETRY="0.2", HYPERION_LOCK_CACHE_BREAKER_MAX_RETRY="1")) as g:
+        g.wait_healthy()
+        with ThreadPoolExecutor(33) as pool:
+            # SIGKILL the worker computing a key; the requests waiting in the others take over once its lease
+            # expires, and all get the same value.
+            first = pool.submit(get, g, "/quotes/KILL", 1)
+            victim = wait_until(lambda: calls_for(db, "KILL"), "the first upstream call started")[0]
+            waiting = [pool.submit(get, g, "/quotes/KILL") for _ in range(16)]
+            os.kill(victim, signal.SIGKILL)
+            with contextlib.suppress(httpx.TransportError):
+                first.result(60)  # its connection dies with the worker
+            taken_over = [f.result(60) for f in waiting]
+        assert {r.status_code for r in taken_over} == {200} and len({r.headers["etag"] for r in taken_over}) == 1
+        assert len(calls_for(db, "KILL")) == 2 and victim not in calls_for(db, "KILL")[1:]
+
+        # Redis stopped (SIGSTOP) while a burst waits for a computation: every request is answered, at most one
+        # upstream call per worker, the trouble is logged once per worker, and caching resumes by itself.
+        with ThreadPoolExecutor(32) as pool:
+            stopped = [pool.submit(get, g, "/quotes/STOP") for _ in range(32)]
+            wait_until(lambda: calls_for(db, "STOP"), "the upstream call started")
+            server.pause()
+            try:
+                answered = [f.result(60) for f in stopped]
+            finally:
+                server.resume()
+        assert {r.status_code for r in answered} == {200}
+        assert 1 <= len(calls_for(db, "STOP")) <= 5
+        opened = count(g, FAILING)
+        assert 1 <= opened <= 4
+        wait_until(lambda: count(g, RESUMED) >= opened, "every opened breaker closed again", timeout=30)
+        assert {r.status_code for r in burst(g, "/quotes/AFTER", 32)} == {200}
+        assert len(calls_for(db, "AFTER")) == 1
+
+        # Redis killed: requests are computed directly; restarted (empty): caching resumes by itself.
+        server.kill()
+        assert {r.status_code for r in burst(g, "/quotes/DEAD", 16)} == {200}
+        server.start()
+        wait_until(lambda: count(g, RESUMED) >= count(g, FAILING), "caching resumed after the restart", timeout=30)
+        assert {r.status_code for r in burst(g, "/quotes/BACK", 32)} == {200}
+        assert len(calls_for(db, "BACK")) == 1
+
+
+def test_without_redis_each_worker_computes_at_most_once(tmp_path: Path) -> None:
+    with running(deploy(tmp_path, None, HYPERION_DEMO_UPSTREAM_DELAY="1")) as g:
+        g.wait_healthy()
+        responses = burst(g, "/quotes/MSFT?range=1d", 64)
+        assert {r.status_code for r in responses} == {200}
+        made = calls(g)
+        assert 1 <= made <= 4
+        by_worker: dict[str, set[str]] = {}
+        for r in responses:
+            by_worker.setdefault(r.headers["x-worker-pid"], set()).add(r.headers["etag"])
+        assert all(len(tags) == 1 for tags in by_worker.values())  # one value per worker
+        from_every_worker(g, "/quotes/MSFT?range=1d")
+        after = calls(g)
+        assert after <= 4  # every worker computed at most once, however many requests it served
+        from_every_worker(g, "/quotes/MSFT?range=1d")
+        assert calls(g) == after
+        # Reordered parameters are the same entry in every worker's memory too.
+        from_every_worker(g, "/quotes/MSFT?range=1d&interval=5m")
+        with_both = calls(g)
+        assert with_both <= after + 4
+        reordered = from_every_worker(g, "/quotes/MSFT?interval=5m&range=1d")
+        assert calls(g) == with_both and {r.headers["x-cache"] for r in reordered.values()} == {"HIT"}
