@@ -44,6 +44,7 @@ from typing import Any
 import redis
 
 from . import _scripts
+from ._cache_store import cache_report, describe_report
 from ._connect import as_text, sync_client_from_url
 from ._core import Coordinator
 from ._errors import (
@@ -220,14 +221,25 @@ def _unreachable(settings: Settings, exc: Exception) -> int:
     return EXIT_UNREACHABLE
 
 
+def _cache_section(client: redis.Redis, prefix: str) -> list[dict[str, Any]]:
+    """The cache part of ``status``; a user not allowed to read it (ACL) still gets the jobs' status."""
+    try:
+        return cache_report(client, prefix)
+    except redis.ResponseError as exc:
+        print(f"hyperion-lock: cache section not readable: {exc}", file=sys.stderr)
+        return []
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings(args)
     generation = args.generation and validate_name(args.generation, "generation")
+    cache: list[dict[str, Any]] | None = None  # None: no shared cache (each worker caches in its own memory)
     try:
         if settings.redis_url:
             client = _client(settings)
             try:
                 jobs = redis_jobs(client, settings.key_prefix, generation)
+                cache = _cache_section(client, settings.key_prefix)
             finally:
                 client.close()
         else:
@@ -243,7 +255,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     code = exit_code(jobs)
     if args.json:
         print(json.dumps({"where": _where(settings), "prefix": settings.key_prefix, "generation": generation,
-                          "exit_code": code, "jobs": [asdict(j) for j in jobs]}, indent=2))
+                          "exit_code": code, "jobs": [asdict(j) for j in jobs], "cache": cache}, indent=2))
         return code
     print(f"{_where(settings)}, prefix {settings.key_prefix!r}" + (f", generation {generation}" if generation else ""))
     if not jobs:
@@ -253,6 +265,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{j.key:<20} {j.state:<8} holder={j.holder or '-'} generation={j.generation or '-'} "
               f"token={j.fencing_token if j.fencing_token is not None else '-'} lease_left={left}"
               + (f" last_error={j.last_error}" if j.last_error else ""))
+    print("cache:" if cache is not None else "cache: each worker's own memory (no Redis): no shared view")
+    if cache is not None:
+        print("\n".join(describe_report(cache)))
     return code
 
 

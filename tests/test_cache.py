@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import re
 import subprocess
 import sys
 import threading
@@ -32,7 +33,8 @@ from hyperion_lock import (
 )
 from hyperion_lock._cache_codec import JsonCodec
 from hyperion_lock._cache_keys import CacheKeys
-from hyperion_lock._cache_store import LeaseState, Read, RedisStore
+from hyperion_lock._cache_store import LeaseState, Read, RedisStore, cache_report
+from hyperion_lock._cli import main
 from hyperion_lock.testing import RedisServer
 
 from .conftest import ROOT
@@ -570,3 +572,27 @@ async def test_wrong_password_is_named_once_and_requests_still_succeed(prefix: s
             assert "wrong-pw" not in caplog.text
         finally:
             await close(cache)
+
+
+async def test_status_reports_namespaces_keys_memory_and_every_workers_counts(redis_url: str, prefix: str,
+                                                                               capsys: pytest.CaptureFixture[str]
+                                                                               ) -> None:
+    workers = [make(redis_url, prefix) for _ in range(2)]
+    compute = Counter()
+    for w in workers:
+        for key in ("a", "b", "a"):
+            await w.get_or_compute("quotes", key, compute, ttl=60, returns=Quote)
+    with pytest.raises(ValueError, match="no"):
+        await workers[0].get_or_compute("quotes", "c", Counter(fail=ValueError("no")), ttl=60, returns=Quote)
+    await close(*workers)  # each adds its counts to the shared ones
+    client = redis.Redis.from_url(redis_url)
+    try:
+        (row,) = cache_report(client, prefix)
+    finally:
+        client.close()
+    assert row["namespace"] == "quotes" and row["keys"] == 2 and row["memory_bytes"] > 0
+    assert (row["hits"], row["misses"], row["errors"], row["computations"]) == (4, 2, 1, 3)
+    assert row["compute_seconds"] > 0
+    assert main(["status", "--url", redis_url, "--prefix", prefix]) == 0
+    out = capsys.readouterr().out
+    assert "cache:" in out and re.search(r"quotes\s+keys=2 memory=[\d.]+ KiB hits=4 misses=2", out), out

@@ -9,19 +9,24 @@ the computation in flight; recovery is awaited through log lines. Nothing assert
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from hyperion_lock.testing import RedisServer
 
-from ._deploy import Gunicorn, running, sqlite_query, wait_until
+from ._deploy import ROOT, Gunicorn, clean_env, running, sqlite_query, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 FAILING = r"cache: Redis at \S+ is failing"
@@ -88,7 +93,8 @@ def server() -> Iterator[RedisServer]:
 
 def test_with_redis_a_burst_makes_one_upstream_call_and_every_worker_agrees(tmp_path: Path,
                                                                             server: RedisServer) -> None:
-    with running(deploy(tmp_path, server.url, HYPERION_DEMO_UPSTREAM_DELAY="1")) as g:
+    with running(deploy(tmp_path, server.url, HYPERION_DEMO_UPSTREAM_DELAY="1",
+                        HYPERION_LOCK_CACHE_STATS_INTERVAL="0.5")) as g:
         g.wait_healthy()
         # A burst of concurrent requests for one cold key, spread over the workers: one upstream call.
         responses = burst(g, "/quotes/AAPL?range=1d&interval=5m", 64)
@@ -127,6 +133,29 @@ def test_with_redis_a_burst_makes_one_upstream_call_and_every_worker_agrees(tmp_
         assert len({r.json()["detail"] for r in failed}) == 1
         assert calls(g) == 4
         assert get(g, "/quotes/FAIL1").status_code == 502 and calls(g) == 5
+        # `hyperion-lock status` shows the namespace with the counts of every worker, once they flushed them.
+        def quotes_row() -> dict[str, Any] | None:
+            out = subprocess.run([sys.executable, "-m", "hyperion_lock._cli", "status", "--json", "--url", server.url],
+                                 check=False, capture_output=True, text=True, timeout=30, env=clean_env())
+            rows = {r["namespace"]: r for r in json.loads(out.stdout)["cache"]}
+            row = rows.get("quotes")
+            flushed = row is not None and row["misses"] + row["hits"] >= 64 + 4 + 1 and row["errors"] >= 33 \
+                and row["computations"] >= 5
+            return row if flushed else None
+
+        row = wait_until(quotes_row, "status shows the workers' counts", timeout=30)
+        # Live entries: the 1d variant only (5d was invalidated and not asked again; errors are not cached).
+        assert row["keys"] == 1 and row["memory_bytes"] > 0
+        assert row["computations"] == 5
+
+
+def test_compose_has_an_optional_monitoring_profile() -> None:
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    insight = services["redisinsight"]
+    assert insight["profiles"] == ["monitoring"] and "redisinsight" in insight["image"]
+    assert insight["environment"]["RI_REDIS_HOST"] == "redis"
+    assert all(p.startswith("127.0.0.1:") for p in insight["ports"])  # not exposed beyond the host
+    assert "redisinsight" not in services["app"].get("depends_on", {})  # the app never needs it
 
 
 def test_with_redis_a_killed_computation_is_taken_over_and_redis_trouble_fails_open(
