@@ -144,6 +144,7 @@ def test_with_redis_a_burst_makes_one_upstream_call_and_every_worker_agrees(tmp_
             return row if flushed else None
 
         row = wait_until(quotes_row, "status shows the workers' counts", timeout=30)
+        assert row is not None
         # Live entries: the 1d variant only (5d was invalidated and not asked again; errors are not cached).
         assert row["keys"] == 1 and row["memory_bytes"] > 0
         assert row["computations"] == 5
