@@ -3,6 +3,7 @@
     hyperion-lock status [--json] [--generation G] [--key K ...]
     hyperion-lock reset KEY [--generation G] [--force]
     hyperion-lock run --key K [--generation G] -- CMD [ARG ...]
+    hyperion-lock wait --key K [--generation G] [--timeout S]
 
 Where the state lives: ``--url`` or ``HYPERION_LOCK_REDIS_URL``; without either, the file locks of this host in
 ``HYPERION_LOCK_LOCK_DIR``. ``--prefix`` / ``HYPERION_LOCK_KEY_PREFIX`` select the key prefix.
@@ -20,11 +21,15 @@ Exit codes (usable by a health check):
             succeeded somewhere, its exit code when it failed there · 1 this run lost its lease to another
             worker · 3 Redis unreachable or refusing us · 64 bad usage (e.g. no generation) · 130 interrupted
             while waiting
+``wait``    0 the job is done for the generation · 1 it failed (now, or within the failure hold) · 2 timed out
+            (``--timeout``) · 3 Redis unreachable or refusing us · 64 bad usage · 130 interrupted. It never runs
+            the job, and does not replace a runner that died: pair it with ``run`` (a Kubernetes Job)
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import fcntl
 import json
@@ -57,6 +62,7 @@ from ._errors import (
     RedisTLSError,
     RedisUnavailableError,
     WaitInterruptedError,
+    WaitTimeoutError,
 )
 from ._file_backend import FileLayout
 from ._keys import JobKeys
@@ -324,6 +330,14 @@ class CommandJob:
                     os.killpg(child.pid, signum)
 
 
+def _generation(args: argparse.Namespace) -> str | None:
+    generation = args.generation or os.environ.get("HYPERION_LOCK_GENERATION", "").strip()
+    if not generation:
+        print(f"hyperion-lock {args.command_name}: set --generation (or HYPERION_LOCK_GENERATION): a job runs "
+              "once per generation, e.g. the release id", file=sys.stderr)
+    return generation or None
+
+
 def _run_request(args: argparse.Namespace) -> tuple[list[str], str] | int:
     """The command and generation of ``run``, or the usage exit code."""
     command = list(args.command)
@@ -332,31 +346,50 @@ def _run_request(args: argparse.Namespace) -> tuple[list[str], str] | int:
     if not command:
         print("hyperion-lock run: give the command after '--'", file=sys.stderr)
         return EXIT_USAGE
-    generation = args.generation or os.environ.get("HYPERION_LOCK_GENERATION", "").strip()
-    if not generation:
-        print("hyperion-lock run: set --generation (or HYPERION_LOCK_GENERATION): the command runs once per "
-              "generation, e.g. the release id", file=sys.stderr)
-        return EXIT_USAGE
-    return command, generation
+    generation = _generation(args)
+    return (command, generation) if generation else EXIT_USAGE
 
 
-def _run_failed(exc: HyperionLockError, job: CommandJob, settings: Settings) -> int:
+_EXIT_FOR: tuple[tuple[type[HyperionLockError], int], ...] = (
+    (LeaseLostError, EXIT_FAILED),
+    (WaitInterruptedError, EXIT_INTERRUPTED),
+    (WaitTimeoutError, EXIT_RUNNING),
+    (JobFailedError, EXIT_FAILED),
+)
+
+
+def _exit_for(exc: HyperionLockError, settings: Settings, name: str) -> int:
+    """The exit code of ``run``/``wait`` for an error of the coordinator (configuration errors go to main)."""
     if isinstance(exc, RedisUnavailableError | RedisAuthError | RedisPermissionError | RedisTLSError
                   | RedisDatabaseIndexError):
         return _unreachable(settings, exc)  # the same code as status/reset: Redis cannot be used as configured
-    if isinstance(exc, LeaseLostError):
-        print(f"hyperion-lock run: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    if isinstance(exc, WaitInterruptedError):
-        print(f"hyperion-lock run: {exc}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    if not isinstance(exc, JobFailedError):
+    code = next((code for kind, code in _EXIT_FOR if isinstance(exc, kind)), None)
+    if code is None:
         raise exc
-    if job.status is not None:
-        return job.status
-    print(f"hyperion-lock run: {exc}", file=sys.stderr)
-    match = _STATUS_RE.search(exc.error_message or "")
-    return (int(match.group(1)) % 256 or EXIT_FAILED) if match else EXIT_FAILED
+    print(f"hyperion-lock {name}: {exc}", file=sys.stderr)
+    if isinstance(exc, JobFailedError) and name == "run":  # failed elsewhere: its exit status, if a command
+        match = _STATUS_RE.search(exc.error_message or "")
+        return (int(match.group(1)) % 256 or EXIT_FAILED) if match else EXIT_FAILED
+    return code
+
+
+def _run_failed(exc: HyperionLockError, job: CommandJob, settings: Settings) -> int:
+    if isinstance(exc, JobFailedError) and job.status is not None:
+        return job.status  # it ran here: its own exit status
+    return _exit_for(exc, settings, "run")
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    generation = _generation(args)
+    if generation is None:
+        return EXIT_USAGE
+    settings = _settings(args).with_(generation=generation, wait_timeout=args.timeout)
+    try:
+        outcome = asyncio.run(Coordinator(None, settings=settings).wait_for(args.key))
+    except HyperionLockError as exc:
+        return _exit_for(exc, settings, "wait")
+    print(f"{args.key}: done for generation {generation} by {outcome.runner}")
+    return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -404,6 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--generation", default=None, help="default: $HYPERION_LOCK_GENERATION (required)")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARG ...]")
     run.set_defaults(func=cmd_run)
+    wait = sub.add_parser("wait", parents=[common],
+                          help="wait until a job is done elsewhere, never running it (init containers)")
+    wait.add_argument("--key", required=True, help="job key (e.g. migrate)")
+    wait.add_argument("--generation", default=None, help="default: $HYPERION_LOCK_GENERATION (required)")
+    wait.add_argument("--timeout", type=float, default=None, help="give up after this many seconds (exit 2)")
+    wait.set_defaults(func=cmd_wait)
     return parser
 
 

@@ -120,6 +120,29 @@ class Coordinator:
         already done for this generation or ran here."""
         return await self._run(key, job, args, kwargs, wait=False)
 
+    async def wait_for(self, key: str) -> Outcome:
+        """Wait until job ``key`` is done for this generation, without ever running it (init containers,
+        readiness gates: the job runs elsewhere, e.g. as a Kubernetes Job with ``hyperion-lock run``).
+
+        Returns the outcome once the job succeeded; raises :class:`JobFailedError` when it failed (now, or
+        within the failure hold before the call), :class:`WaitTimeoutError` after ``wait_timeout`` and
+        :class:`WaitInterruptedError` on SIGTERM/SIGINT. A runner that dies is not replaced by this call.
+        """
+        if not self.uses_redis:
+            raise ConfigurationError(
+                "waiting without running needs Redis (set HYPERION_LOCK_REDIS_URL): a file lock only says when "
+                "its holder is gone, not what it recorded; with file locks, call run_once in every process",
+                key=key, generation=self.settings.generation,
+            )
+        keys = JobKeys(self.settings.key_prefix, key)
+        call = Call(key, self.settings, self._backend(keys), self.log, self._clock, self._wall, self._sleep)
+        try:
+            outcome = await _Waiter(call, wait=True, lead=False).run()
+        finally:
+            await call.backend.close()
+        assert isinstance(outcome, Outcome)
+        return outcome
+
     def run_once_sync(self, key: str, job: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> Outcome:
         """Blocking twin of :meth:`run_once` for gunicorn hooks, scripts and the CLI (same algorithm)."""
         if isinstance(self._client, aredis.Redis):
@@ -166,13 +189,13 @@ class Coordinator:
 class _Waiter:
     """Performs the policy's actions for one call until it leads, returns, or raises."""
 
-    def __init__(self, call: Call, wait: bool) -> None:
+    def __init__(self, call: Call, wait: bool, lead: bool = True) -> None:
         self.call = call
         s = call.settings
         self.started = call.clock()
         self.deadline = self.started + s.connect_timeout  # the first round trips are a boot-time check
         self.policy = WaitPolicy(
-            now=self.started, generation=call.generation, grace=call.backend.holder_grace, wait=wait,
+            now=self.started, generation=call.generation, grace=call.backend.holder_grace, wait=wait, lead=lead,
             wait_timeout=s.wait_timeout, failure_hold=s.failure_hold, progress_interval=s.progress_interval,
         )
 

@@ -77,6 +77,7 @@ class WaitPolicy:
         generation: str,
         grace: float,
         wait: bool = True,
+        lead: bool = True,
         wait_timeout: float | None = None,
         failure_hold: float = 300.0,
         progress_interval: float = 5.0,
@@ -86,6 +87,7 @@ class WaitPolicy:
         self.generation = generation
         self.grace = grace
         self.wait = wait
+        self.lead = lead  # False: only wait for the outcome (``hyperion-lock wait``), never take the lease
         self.wait_timeout = wait_timeout
         self.failure_hold = failure_hold
         self.may_take_at = now
@@ -99,7 +101,7 @@ class WaitPolicy:
 
     # -- inputs -----------------------------------------------------------------------------------------------
     def start(self) -> Next:
-        return Next(Act.PROBE, take=True)
+        return Next(Act.PROBE, take=self.lead)
 
     @property
     def seen_fence(self) -> int:
@@ -115,6 +117,8 @@ class WaitPolicy:
         if probe.acquired:
             return Next(Act.LEAD, holder=probe.holder, notice=Notice.STALE_FAILURE if self.stale != stale else None)
         notice = self._see(now, probe.holder) or (Notice.STALE_FAILURE if self.stale != stale else None)
+        if not self.lead and probe.holder is None:  # nothing to take over: look again after a grace
+            self.may_take_at = max(self.may_take_at, now + self.grace)
         if not self.wait:
             return Next(Act.GIVE_UP, holder=self.holder)
         return self._wait(now, notice)
@@ -133,6 +137,9 @@ class WaitPolicy:
         if latency > self.grace / 4:
             self.may_take_at = now + self.grace / 3
             return self._wait(now, Notice.SLOW_STORE)
+        if not self.lead:  # nobody runs it now: look again after another grace, until an outcome or a timeout
+            self.may_take_at = now + self.grace
+            return self._wait(now)
         return Next(Act.PROBE, take=True)
 
     def on_event(self, now: float, event: Event | None) -> Next:
@@ -148,7 +155,7 @@ class WaitPolicy:
                 return verdict
         # Released, or finished for another generation: the lease is free now.
         self.may_take_at = now
-        return Next(Act.PROBE, take=True)
+        return Next(Act.PROBE, take=self.lead)
 
     def on_reconnect(self, now: float) -> Next:
         """The wake-up channel was lost: messages may have been missed (read the state again), and the silence

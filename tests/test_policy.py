@@ -188,3 +188,17 @@ def test_progress_lines_back_off() -> None:
     p = policy(progress_interval=5.0)
     due = [t for t in range(0, 400) if p.progress_due(T0 + t)]
     assert due == [5, 15, 35, 75, 135, 195, 255, 315, 375]  # 5, 10, 20, 40, then every 60 s
+
+
+def test_a_waiter_that_may_not_lead_never_takes_and_keeps_looking() -> None:
+    p = policy(lead=False)
+    assert p.start() == Next(Act.PROBE, take=False)
+    assert p.on_probe(T0, Probe(outcome=None, holder=None)).act is Act.WAIT  # nobody runs it yet
+    nxt = p.on_event(T0 + GRACE, None)
+    assert nxt.act is Act.LOOK
+    free = Probe(outcome=None, holder=None, fence_counter=0)
+    nxt = p.on_look(T0 + GRACE, free, latency=0.0)
+    assert nxt.act is Act.WAIT and nxt.until == T0 + 2 * GRACE  # looks again later, never takes
+    assert p.on_event(T0 + GRACE + 1, Event(Status.RELEASED, "g")) == Next(Act.PROBE, take=False)
+    done = outcome(Status.DONE)
+    assert p.on_event(T0 + 5, Event(Status.DONE, "g", outcome=done)) == Next(Act.RETURN, outcome=done)
