@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import re
 import ssl
@@ -395,6 +396,27 @@ async def with_retries(
             on_retry(last, attempt)
         await sleep(min(delay, max(0.0, budget - (now - first_failure))))
         delay = min(delay * 2, max_backoff)
+
+
+def async_closer(resource: Any) -> Callable[[], Awaitable[object]]:
+    """The coroutine function that closes a ``redis.asyncio`` pub/sub, or a client its caller owns (made from a
+    URL) together with its connection pool, whichever redis-py is installed.
+
+    redis-py >= 5.0.1 has ``aclose`` (``close`` is a deprecated alias there, and warns) and a client made by
+    ``from_url`` closes its own pool; before, only ``close`` exists and such a client leaves its pool, and so
+    its sockets, open unless told ``close_connection_pool=True``.
+    """
+    closer = getattr(resource, "aclose", None)
+    if callable(closer):
+        return closer  # type: ignore[no-any-return]
+    if isinstance(resource, aredis.Redis):
+        return functools.partial(resource.close, close_connection_pool=True)
+    return resource.close  # type: ignore[no-any-return]
+
+
+async def aclose(resource: Any) -> None:
+    """Close a ``redis.asyncio`` pub/sub, or a client the caller owns with its pool (see :func:`async_closer`)."""
+    await async_closer(resource)()
 
 
 async def close_quietly(closer: Callable[[], Awaitable[object]]) -> None:

@@ -12,7 +12,7 @@ from typing import Literal
 import redis.asyncio as aredis
 from fastapi import FastAPI
 
-from ._connect import async_client_from_url, with_retries
+from ._connect import aclose, async_client_from_url, with_retries
 from ._settings import Settings, redact_url
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class OptionalRedis:
                 clock=time.monotonic, sleep=asyncio.sleep,
             )
         except Exception:
-            await client.aclose()
+            await aclose(client)
             if self.on_unreachable == "raise":
                 raise
             logger.warning("Redis at %s is unreachable; serving without it", redact_url(self.url))
@@ -69,7 +69,7 @@ class OptionalRedis:
     async def close(self) -> None:
         if self.client is not None:
             client, self.client = self.client, None
-            await client.aclose()
+            await aclose(client)
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI | None = None) -> AsyncIterator[aredis.Redis | None]:

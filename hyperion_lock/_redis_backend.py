@@ -15,7 +15,7 @@ import time
 from typing import Any, Protocol
 
 from . import _scripts
-from ._connect import as_text, close_quietly, is_transient, redis_error
+from ._connect import as_text, async_closer, close_quietly, is_transient, redis_error
 from ._keys import JobKeys
 from ._model import Event, FinishResult, Holder, Lease, Outcome, Probe, RenewResult, Status
 from ._settings import Settings
@@ -54,7 +54,7 @@ class AsyncOps(_OpsBase):
 
     async def subscribe(self, channel: str) -> None:
         if self._pubsub is not None:
-            await close_quietly(self._pubsub.aclose)
+            await close_quietly(async_closer(self._pubsub))
         self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         await self._pubsub.subscribe(channel)
 
@@ -63,10 +63,10 @@ class AsyncOps(_OpsBase):
 
     async def close(self) -> None:
         if self._pubsub is not None:
-            await close_quietly(self._pubsub.aclose)
+            await close_quietly(async_closer(self._pubsub))
             self._pubsub = None
         if self._owned:
-            await close_quietly(self._client.aclose)
+            await close_quietly(async_closer(self._client))
 
 
 class SyncOps(_OpsBase):

@@ -14,6 +14,7 @@ import redis
 import redis.asyncio as aredis
 
 from hyperion_lock import Coordinator, JobKeys, Status, current_lease, use_lock_for_workers
+from hyperion_lock._connect import aclose
 from hyperion_lock.testing import RedisServer
 from tests.conftest import Workers
 
@@ -190,7 +191,7 @@ async def test_async_api_with_async_client_and_fencing(redis_url: str) -> None:
         o2 = await c2.run_once("fencing", job)
         again = await c1.run_once("fencing", job)  # same generation: skipped
     finally:
-        await client.aclose()
+        await aclose(client)
     assert o1.ran_here and o2.ran_here and not again.ran_here
     assert o1.status is Status.DONE and again.fencing_token == o1.fencing_token
     assert seen == [o1.fencing_token, o2.fencing_token] and seen[1] == seen[0] + 1
@@ -255,7 +256,7 @@ async def test_use_lock_for_workers_seed_signature(
         assert not holder.done()  # returned while the holder still ran: it did not wait
         await holder
     finally:
-        await client.aclose()
+        await aclose(client)
     assert calls == [(7, "a")]
     # Dev mode: no Redis, one worker: run directly.
     monkeypatch.setenv("HYPERION_LOCK_LOCK_DIR", str(tmp_path))

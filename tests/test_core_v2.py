@@ -18,6 +18,7 @@ import redis
 import redis.asyncio as aredis
 
 from hyperion_lock import ConfigurationError, Coordinator, JobKeys, Status
+from hyperion_lock._connect import aclose
 from hyperion_lock._scripts import FINISH, PROBE
 from tests.conftest import ROOT, Workers
 
@@ -136,7 +137,7 @@ async def test_lost_replies_to_probe_and_finish_continue_as_if_they_had_arrived(
         outcome = await Coordinator(client, generation=gen, lease_ttl=2.0).run_once(
             "lost", lambda: ran.append(1))
     finally:
-        await client.aclose()
+        await aclose(client)
     assert not client.lose  # both replies were really lost
     assert outcome.ran_here and ran == [1]
     assert outcome.fencing_token == 1  # the retried probe recognised its own lease: no second leadership
@@ -166,6 +167,7 @@ SIGNAL_IN_PROBE = """
 import asyncio, hashlib, os, signal, sys
 import redis.asyncio as aredis
 from hyperion_lock import Coordinator, WaitInterruptedError
+from hyperion_lock._connect import aclose
 from hyperion_lock._scripts import PROBE
 
 class SignalDuringProbe(aredis.Redis):
@@ -184,7 +186,7 @@ async def main():
     except WaitInterruptedError as exc:
         print("interrupted", exc)
     finally:
-        await client.aclose()
+        await aclose(client)
 
 asyncio.run(main())
 """

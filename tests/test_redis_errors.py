@@ -21,6 +21,7 @@ import redis.asyncio as aredis
 from redis import exceptions as rexc
 
 from hyperion_lock._connect import (
+    aclose,
     async_client_from_url,
     is_transient,
     redis_error,
@@ -57,7 +58,7 @@ async def _retry(
         )
         return result, time.monotonic() - started
     finally:
-        await client.aclose()
+        await aclose(client)
 
 
 async def _fails(url: str, action: Callable[[aredis.Redis], Awaitable[Any]], **kw: Any) -> tuple[Exception, float]:
