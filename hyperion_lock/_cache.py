@@ -571,7 +571,7 @@ class Cache:
         if not ctx.breaker.allow():
             raise _Unavailable
         try:
-            return await within(call(), self.cache_settings.op_timeout)
+            return await within(call(), self.cache_settings.op_timeout, ctx.store.replied_since)
         except Exception as exc:
             self._failed(ctx, exc)
             raise _Unavailable from exc
@@ -658,7 +658,6 @@ class Cache:
         if not ctx.breaker.allow():
             return _Lead(None, spec, ident, tags)
         try:
-            await self._guard(ctx, lambda: ctx.store.prepare(spec.keys))
             return await self._read_until_served(ctx, spec, ident, tags, refresher, force)
         except _Unavailable:
             return _Lead(None, spec, ident, tags)
@@ -667,9 +666,10 @@ class Cache:
                                  refresher: Callable[[], Awaitable[Any]], force: bool) -> Result | _Lead:
         token = secrets.token_hex(16)
         deadline = self._clock() + self.cache_settings.wait_timeout
+        listening = False  # subscribed to the namespace's channel: only callers that wait need it
         while True:
             take = TakeMode.ALWAYS if force else TakeMode.IF_MISSING
-            future = ctx.store.expect(spec.keys, ident)
+            future = ctx.store.expect(spec.keys, ident) if listening else None
             try:
                 read = await self._guard(ctx, functools.partial(ctx.store.read, spec.keys, ident, tags, token,
                                                                 self._lease_ms(spec), take))
@@ -681,13 +681,17 @@ class Cache:
                         return served
                     force = True  # unreadable entry: recompute it
                     continue
-                message = None
-                if read.lease is LeaseState.OTHER:
-                    message = await self._wait(future, wait_for(self._clock(), read.lease_left_ms, deadline))
-                else:  # free although asked to take it: only when the entry was unreadable; take it next time
+                if read.lease is not LeaseState.OTHER:  # free although asked to take it: the entry was unreadable
                     force = True
+                    continue
+                if not listening:
+                    listening = await self._listen(ctx, spec.keys)
+                    if listening:
+                        continue  # read again, now listening: a message sent before the subscription is not lost
+                message = await self._wait(future, wait_for(self._clock(), read.lease_left_ms, deadline))
             finally:
-                ctx.store.forget(spec.keys, ident, future)
+                if future is not None:
+                    ctx.store.forget(spec.keys, ident, future)
             if message is not None and message.outcome == "error":
                 raise self._remote_error(spec, ident, message)
             if message is not None and message.outcome == "ok":
@@ -697,9 +701,23 @@ class Cache:
                                  self.cache_settings.wait_timeout, spec.namespace, ident)
                 return _Lead(None, spec, ident, tags)
 
-    @staticmethod
-    async def _wait(future: asyncio.Future[Message], timeout: float) -> Message | None:
+    async def _listen(self, ctx: _Loop, keys: CacheKeys) -> bool:
+        """Subscribe to the namespace's channel (a new connection the first time). If that fails, the caller
+        still waits, only without wake-ups: it reads again when the holder's lease would have expired."""
         try:
+            await within(ctx.store.listen(keys), max(self.cache_settings.op_timeout, 0.5), ctx.store.replied_since)
+        except Exception as exc:
+            self.log.debug("cache: cannot listen to %s on %s (%s); waiting for the lease instead", keys.channel,
+                           ctx.store.describe(), exc)
+            return False
+        return True
+
+    @staticmethod
+    async def _wait(future: asyncio.Future[Message] | None, timeout: float) -> Message | None:
+        try:
+            if future is None:
+                await asyncio.sleep(timeout)
+                return None
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
             return None

@@ -322,7 +322,9 @@ class Store(Protocol):
 
     def forget(self, keys: CacheKeys, ident: str, future: asyncio.Future[Message]) -> None: ...
 
-    async def prepare(self, keys: CacheKeys) -> None: ...
+    def replied_since(self, when: float) -> bool: ...
+
+    async def listen(self, keys: CacheKeys) -> None: ...
 
     async def read(self, keys: CacheKeys, ident: str, tags: tuple[str, ...], token: str, lease_ms: int,
                    take: TakeMode) -> Read: ...
@@ -418,7 +420,10 @@ class MemoryStore:
         for future in list(self._waiting.get((namespace, message.ident), ())):
             future.get_loop().call_soon_threadsafe(_resolve, future, message)
 
-    async def prepare(self, keys: CacheKeys) -> None:
+    def replied_since(self, when: float) -> bool:
+        return True
+
+    async def listen(self, keys: CacheKeys) -> None:
         return None
 
     def _live(self, space: _MemNamespace, ident: str, now: float) -> _MemEntry | None:
@@ -585,7 +590,7 @@ def client_for_cache(source: aredis.Redis | _redis.Redis | str, socket_timeout: 
 class _Listener:
     """One pub/sub connection per store: subscribes to each namespace's channel once (confirmed before the first
     read of that namespace) and routes messages to the futures waiting for an entry. If the connection breaks,
-    every waiter is told to read again (messages may have been missed) and the next ``prepare`` reconnects."""
+    every waiter is told to read again (messages may have been missed) and the next ``subscribe`` reconnects."""
 
     def __init__(self, client: aredis.Redis) -> None:
         self._client = client
@@ -681,15 +686,38 @@ class RedisStore:
         self._scripts: dict[str, Any] = {}
         self._listener = _Listener(client)
         self._registered: set[str] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._last_reply = -1.0  # event-loop time of the last reply from Redis
 
     def describe(self) -> str:
         return f"Redis at {self.where}"
 
-    def _run(self, script: str, keys: list[str], args: list[Any]) -> Awaitable[Any]:
+    def replied_since(self, when: float) -> bool:
+        """Whether Redis answered anything since ``when`` (loop time): it is alive, even if a reply is late."""
+        return self._last_reply >= when
+
+    async def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         if script not in self._scripts:
             self._scripts[script] = self._client.register_script(script)
-        result: Awaitable[Any] = self._scripts[script](keys=keys, args=args)
+        result = await self._scripts[script](keys=keys, args=args)
+        self._last_reply = asyncio.get_running_loop().time()
         return result
+
+    def _register(self, keys: CacheKeys) -> None:
+        """List the namespace for ``hyperion-lock status`` (its own key and slot: a separate, background call)."""
+        if keys.namespace in self._registered:
+            return
+        self._registered.add(keys.namespace)
+
+        async def register() -> None:
+            try:
+                await self._client.sadd(CacheKeys.registry(keys.prefix), keys.namespace)
+            except Exception:
+                self._registered.discard(keys.namespace)  # try again with the next read
+
+        task = asyncio.get_running_loop().create_task(register())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def expect(self, keys: CacheKeys, ident: str) -> asyncio.Future[Message]:
         return self._listener.expect(keys.channel, ident)
@@ -697,12 +725,9 @@ class RedisStore:
     def forget(self, keys: CacheKeys, ident: str, future: asyncio.Future[Message]) -> None:
         self._listener.forget(keys.channel, ident, future)
 
-    async def prepare(self, keys: CacheKeys) -> None:
-        """Listen to the namespace's channel (before its first read) and list the namespace for the CLI."""
+    async def listen(self, keys: CacheKeys) -> None:
+        """Listen to the namespace's channel (once per store); needed only by callers that wait."""
         await self._listener.subscribe(keys.channel)
-        if keys.namespace not in self._registered:
-            await self._client.sadd(CacheKeys.registry(keys.prefix), keys.namespace)
-            self._registered.add(keys.namespace)
 
     async def read(self, keys: CacheKeys, ident: str, tags: tuple[str, ...], token: str, lease_ms: int,
                    take: TakeMode) -> Read:
@@ -710,6 +735,7 @@ class RedisStore:
             READ, [keys.entry(ident), keys.version, keys.lease(ident), *(keys.tag_index(t) for t in tags)],
             [token, lease_ms, int(take), ident],
         )
+        self._register(keys)
         entry = None
         if header is not None and payload is not None:
             entry = Entry(Header.from_json(as_text(header) or "{}"), bytes(payload), int(left))
@@ -762,29 +788,36 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._listener.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await close_quietly(self._client)
 
 
-async def within(awaitable: Awaitable[T], timeout: float) -> T:
-    """Await with a timeout that only counts time the event loop could listen.
+async def within(awaitable: Awaitable[T], timeout: float, alive: Callable[[float], bool] | None = None,
+                 cap: float = 1.0) -> T:
+    """Await with a timeout that does not mistake a busy worker for a dead Redis.
 
-    When the wait wakes late because the loop was busy (a burst of requests), the reply may already sit unread in
-    a socket: the wait is extended (up to three times) by the lateness instead of failing, so a loaded worker
-    does not mistake its own lag for a dead Redis. An idle loop times out after ``timeout`` exactly.
+    The wait is extended (by ``timeout``, or twice the lateness) when it woke late because the event loop was
+    busy (a burst of requests: the reply may sit unread in a socket), or when ``alive(since)`` says Redis
+    answered other calls during the last ``timeout`` (it is alive, only slow to us). Never past ``cap`` seconds
+    in all. A dead or stopped Redis answers nothing: an idle loop then times out after ``timeout`` exactly.
     """
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(awaitable)
-    deadline = loop.time() + timeout
+    started = loop.time()
+    deadline = started + timeout
     try:
-        for _ in range(4):
+        while True:
             await asyncio.wait({task}, timeout=max(0.0, deadline - loop.time()))
             if task.done():
                 return task.result()
-            late = loop.time() - deadline
-            if late < timeout / 2:
-                break
-            deadline = loop.time() + max(timeout, 2 * late)
-        raise TimeoutError(f"no reply within {timeout * 1000:.0f} ms")
+            now = loop.time()
+            late = now - deadline
+            busy = late >= timeout / 2 or (alive is not None and alive(now - timeout))
+            if not busy or now - started >= cap:
+                raise TimeoutError(f"no reply within {timeout * 1000:.0f} ms")
+            deadline = min(now + max(timeout, 2 * late), started + cap)
     finally:
         if not task.done():
             task.cancel()

@@ -33,7 +33,7 @@ from hyperion_lock import (
 )
 from hyperion_lock._cache_codec import JsonCodec
 from hyperion_lock._cache_keys import CacheKeys
-from hyperion_lock._cache_store import LeaseState, Read, RedisStore, cache_report
+from hyperion_lock._cache_store import Message, Read, RedisStore, cache_report
 from hyperion_lock._cli import main
 from hyperion_lock.testing import RedisServer
 
@@ -79,18 +79,31 @@ class Quote(BaseModel):
     at: dt.datetime
 
 
+class Spy:
+    """What the Redis stores of this process did: every read's reply, and how many callers began waiting for
+    another's computation (listening for its message)."""
+
+    def __init__(self) -> None:
+        self.reads: list[Read] = []
+        self.waits = 0
+
+
 @pytest.fixture
-def read_spy(monkeypatch: pytest.MonkeyPatch) -> list[Read]:
-    """Every reply of RedisStore.read, in order (to know that a caller is waiting for another's computation)."""
-    seen: list[Read] = []
-    original = RedisStore.read
+def spy(monkeypatch: pytest.MonkeyPatch) -> Spy:
+    seen = Spy()
+    original, wait = RedisStore.read, Cache._wait
 
-    async def spy(self: RedisStore, *args: Any, **kwargs: Any) -> Read:
-        read = await original(self, *args, **kwargs)
-        seen.append(read)
-        return read
+    async def read(self: RedisStore, *args: Any, **kwargs: Any) -> Read:
+        reply = await original(self, *args, **kwargs)
+        seen.reads.append(reply)
+        return reply
 
-    monkeypatch.setattr(RedisStore, "read", spy)
+    async def waiting(future: asyncio.Future[Message] | None, timeout: float) -> Message | None:
+        seen.waits += future is not None
+        return await wait(future, timeout)
+
+    monkeypatch.setattr(RedisStore, "read", read)
+    monkeypatch.setattr(Cache, "_wait", staticmethod(waiting))
     return seen
 
 
@@ -137,7 +150,7 @@ async def test_concurrent_misses_in_many_workers_compute_once(redis_url: str, pr
 
 
 async def test_an_error_reaches_every_waiter_at_once_and_is_not_cached(redis_url: str, prefix: str,
-                                                                         read_spy: list[Read]) -> None:
+                                                                         spy: Spy) -> None:
     """The waiters' lease wait is 30 s, so only the published error can end their wait within the bound."""
     leader, other = make(redis_url, prefix, lease_ttl=30), make(redis_url, prefix, lease_ttl=30)
     gate = asyncio.Event()
@@ -149,7 +162,7 @@ async def test_an_error_reaches_every_waiter_at_once_and_is_not_cached(redis_url
             await failing.started.wait()
             waiters = [asyncio.create_task(other.get_or_compute("q", "k", spare, ttl=30, returns=Quote))
                        for _ in range(3)]
-            await until(lambda: any(r.lease is LeaseState.OTHER for r in read_spy), "a waiter saw the holder")
+            await until(lambda: spy.waits >= 1, "a waiter listens for the holder's message")
             gate.set()
             with pytest.raises(ValueError, match="upstream said no"):
                 await first  # the computing caller gets its own exception
@@ -196,7 +209,7 @@ asyncio.run(main())
 
 
 async def test_a_waiter_takes_over_when_the_computing_process_is_killed(redis_url: str, prefix: str,
-                                                                        read_spy: list[Read]) -> None:
+                                                                        spy: Spy) -> None:
     proc = subprocess.Popen(  # noqa: ASYNC220 -- started once, before anything waits
         [sys.executable, "-c", _LEADER, redis_url, prefix], cwd=ROOT, text=True, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT)
@@ -213,7 +226,7 @@ async def test_a_waiter_takes_over_when_the_computing_process_is_killed(redis_ur
         assert line.strip() == "computing", line
         async with asyncio.timeout(20):
             calls = [asyncio.create_task(w.get_or_compute("q", "k", compute, ttl=30)) for w in workers for _ in "abc"]
-            await until(lambda: sum(r.lease is LeaseState.OTHER for r in read_spy) >= 2, "both workers wait")
+            await until(lambda: spy.waits >= 2, "both workers wait")
             proc.kill()
             results = await asyncio.gather(*calls)
         assert results == ["taken over"] * 6
@@ -499,7 +512,7 @@ def resumed(caplog: pytest.LogCaptureFixture) -> bool:
 
 async def test_paused_redis_fails_open_logs_once_and_caching_resumes(server: RedisServer, prefix: str,
                                                                        caplog: pytest.LogCaptureFixture,
-                                                                       read_spy: list[Read]) -> None:
+                                                                       spy: Spy) -> None:
     caplog.set_level(logging.INFO, LOGGER)
     cache = make(server.url, prefix, op_timeout=0.05, breaker_retry=0.1, breaker_max_retry=0.2)
     compute = Counter()
@@ -509,13 +522,13 @@ async def test_paused_redis_fails_open_logs_once_and_caching_resumes(server: Red
             assert (await cache.lookup(spec, "k", (), compute)).status is CacheStatus.MISS
             server.pause()  # SIGSTOP: connections stay open, nothing answers
             try:
-                reads_before = len(read_spy)
+                reads_before = len(spy.reads)
                 statuses = [(await cache.lookup(spec, "k", (), compute)).status for _ in range(3)]
                 statuses += [r.status for r in await asyncio.gather(*[cache.lookup(spec, f"k{i}", (), compute)
                                                                      for i in range(20)])]
                 assert set(statuses) == {CacheStatus.BYPASS}
                 assert len(failing_lines(caplog)) == 1, failing_lines(caplog)  # once, not per request
-                assert len(read_spy) == reads_before  # no read ever completed; after the breaker opened, none tried
+                assert len(spy.reads) == reads_before  # no read ever completed; after the breaker opened, none tried
             finally:
                 server.resume()
             await until(lambda: resumed(caplog), "caching resumed", timeout=15)

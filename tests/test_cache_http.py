@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from hyperion_lock import Cache, Settings
-from hyperion_lock._cache_store import LeaseState, Read, RedisStore
+from hyperion_lock._cache_store import Message
 
 pytestmark = pytest.mark.integration
 HEADERS = ("etag", "cache-control", "age", "x-cache")
@@ -179,14 +179,14 @@ async def test_workers_share_entries_etags_and_http_errors(redis_url: str, prefi
     caches = [make(redis_url, prefix, lease_ttl=30), make(redis_url, prefix, lease_ttl=30)]
     runs: dict[str, int] = {}
     apps = [build(c, runs, gate, started) for c in caches]
-    waiting_reads = spy_waiting_reads(monkeypatch)
+    waiting = spy_waits(monkeypatch)
     try:
         async with client(apps[0]) as c0, client(apps[1]) as c1:
             async with asyncio.timeout(10):
                 first = asyncio.create_task(c0.get("/items/z"))
                 await started.wait()
                 others = [asyncio.create_task(c1.get("/items/z")) for _ in range(3)]
-                await until(lambda: waiting_reads[0] >= 1, 5)  # the other worker waits for the computation
+                await until(lambda: waiting[0] >= 1, 5)  # the other worker waits for the computation
                 gate.set()
                 responses = [await first] + [await o for o in others]
             assert {r.headers["etag"] for r in responses} == {responses[0].headers["etag"]}
@@ -196,10 +196,11 @@ async def test_workers_share_entries_etags_and_http_errors(redis_url: str, prefi
             async with asyncio.timeout(10):
                 failing = asyncio.create_task(c0.get("/items/missing"))
                 await started.wait()
-                waiting = asyncio.create_task(c1.get("/items/missing"))
-                await until(lambda: waiting_reads[0] >= 2, 5)
+                before = waiting[0]
+                second = asyncio.create_task(c1.get("/items/missing"))
+                await until(lambda: waiting[0] > before, 5)
                 gate.set()
-                lost = [await failing, await waiting]
+                lost = [await failing, await second]
             assert [r.status_code for r in lost] == [404, 404]
             assert {r.json()["detail"] for r in lost} == {"no item missing"}
             assert runs["missing attempts"] == 1  # the waiting worker got the error, it did not compute
@@ -208,17 +209,16 @@ async def test_workers_share_entries_etags_and_http_errors(redis_url: str, prefi
             await c.aclose()
 
 
-def spy_waiting_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the reads that found another worker computing the entry (the reader then waits)."""
+def spy_waits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the callers that began waiting for another worker's computation (listening for its message)."""
     count = [0]
-    original = RedisStore.read
+    original = Cache._wait
 
-    async def spy(self: RedisStore, *args: Any, **kwargs: Any) -> Read:
-        read = await original(self, *args, **kwargs)
-        count[0] += read.lease is LeaseState.OTHER
-        return read
+    async def spy(future: asyncio.Future[Message] | None, timeout: float) -> Message | None:
+        count[0] += future is not None
+        return await original(future, timeout)
 
-    monkeypatch.setattr(RedisStore, "read", spy)
+    monkeypatch.setattr(Cache, "_wait", staticmethod(spy))
     return count
 
 
