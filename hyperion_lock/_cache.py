@@ -53,6 +53,7 @@ from ._cache_errors import CacheComputeError, CacheError, CacheValueTooLargeErro
 from ._cache_keys import CacheKeys, canonical, identity
 from ._cache_policy import Breaker, BreakerChange, EntryAge, Freshness, default_refresh_ahead, freshness, wait_for
 from ._cache_store import (
+    Entry,
     Header,
     LeaseState,
     MemoryStore,
@@ -623,6 +624,12 @@ class Cache:
         ctx = self._ctx()
         k = (spec.namespace, ident)
         flight = ctx.flights.get(k)
+        if flight is None and not force:
+            fresh = await self._fresh_hit(ctx, spec, ident, tags)
+            if fresh is not None:
+                self._count(spec.namespace, fresh.status)
+                return fresh
+            flight = ctx.flights.get(k)  # another caller may have started one meanwhile
         if flight is not None:
             try:
                 result = (await asyncio.shield(flight)).shared()
@@ -635,6 +642,35 @@ class Cache:
             result = await asyncio.shield(flight)
         self._count(spec.namespace, result.status)
         return result
+
+    async def _fresh_hit(self, ctx: _Loop, spec: Spec, ident: str, tags: tuple[str, ...]) -> Result | None:
+        """The fast path: one read in the caller's own task, serving an entry that is simply fresh. Anything else
+        (missing, soon stale, stale, an error entry, the store failing) goes through the flight."""
+        try:
+            read = await self._guard(ctx, functools.partial(ctx.store.read, spec.keys, ident, tags, "",
+                                                            self._lease_ms(spec), TakeMode.NEVER))
+        except _Unavailable:
+            return None
+        entry = read.entry
+        if entry is None or entry.header.error:
+            return None
+        age = EntryAge(entry.header.ttl_ms, entry.header.stale_ms, entry.left_ms)
+        if freshness(age, spec.refresh_ahead_ms) is not Freshness.FRESH:
+            return None
+        return self._result(spec, entry, age, CacheStatus.HIT)
+
+    def _result(self, spec: Spec, entry: Entry, age: EntryAge, status: CacheStatus) -> Result | None:
+        """A served entry, decoded for the function API; ``None`` when it cannot be decoded (recompute it)."""
+        value = _UNSET
+        if spec.decode:
+            try:
+                value = spec.codec.decode(entry.payload)
+            except Exception as exc:
+                self._once(f"decode:{spec.namespace}", logging.WARNING, "cache: an entry of %s cannot be decoded "
+                           "(%s: %s; written by an older release?); computing it again", spec.namespace,
+                           type(exc).__name__, exc)
+                return None
+        return Result(entry.payload, entry.header.etag, status, age.max_age, age.age, value)
 
     async def _fly(self, spec: Spec, ident: str, tags: tuple[str, ...], compute: Callable[[], Awaitable[Any]],
                    force: bool) -> Result:
@@ -754,17 +790,12 @@ class Cache:
             if message is not None:
                 raise self._remote_error(spec, ident, message)
             return None
-        value = _UNSET
-        if spec.decode:
-            try:
-                value = spec.codec.decode(entry.payload)
-            except Exception as exc:
-                self._once(f"decode:{spec.namespace}", logging.WARNING, "cache: an entry of %s cannot be decoded "
-                           "(%s: %s; written by an older release?); computing it again", spec.namespace,
-                           type(exc).__name__, exc)
-                return None
         age = EntryAge(entry.header.ttl_ms, entry.header.stale_ms, entry.left_ms)
         verdict = freshness(age, spec.refresh_ahead_ms)
+        status = CacheStatus.STALE if verdict is Freshness.STALE else CacheStatus.HIT
+        result = self._result(spec, entry, age, status)
+        if result is None:
+            return None
         if verdict is not Freshness.FRESH and read.lease is LeaseState.FREE:
             if spec.refresh == "inline":
                 token = secrets.token_hex(16)
@@ -772,8 +803,7 @@ class Cache:
                     return self._lead(ctx, spec, ident, tags, token, entry.header.version)
             else:
                 self._refresh_later(ctx, spec, ident, tags, entry.header.version, refresher)
-        status = CacheStatus.STALE if verdict is Freshness.STALE else CacheStatus.HIT
-        return Result(entry.payload, entry.header.etag, status, age.max_age, age.age, value)
+        return result
 
     def _refresh_later(self, ctx: _Loop, spec: Spec, ident: str, tags: tuple[str, ...], version: int,
                        refresher: Callable[[], Awaitable[Any]]) -> None:

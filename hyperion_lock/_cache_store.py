@@ -44,7 +44,7 @@ T = TypeVar("T")
 # script builds entry and lease names from the namespace's own prefix (ARGV), so they are in that slot too.
 
 # Read an entry; take its compute lease when there is no valid entry (or always, for a forced refresh).
-# KEYS[1] entry (HASH h = header JSON, v = payload)
+# KEYS[1] entry (HASH h = header JSON, v = payload, n = namespace version it was written under)
 # KEYS[2] namespace version
 # KEYS[3] compute lease
 # KEYS[4..] tag indexes of this entry (a taken lease is registered there, so tag invalidation can fence it)
@@ -59,11 +59,11 @@ T = TypeVar("T")
 #         [5] remaining life of the lease (ms; -2 when there is none)
 #         [6] namespace version now (the fence a later PUT is checked against)
 READ = """
-local version = tonumber(redis.call('GET', KEYS[2]) or '0')
-local e = redis.call('HMGET', KEYS[1], 'h', 'v')
+local version = redis.call('GET', KEYS[2]) or '0'
+local e = redis.call('HMGET', KEYS[1], 'h', 'v', 'n')
 local header, payload, left = e[1], e[2], -2
 if header then
-  if tonumber(cjson.decode(header).n) ~= version then
+  if e[3] ~= version then
     redis.call('DEL', KEYS[1])
     header, payload = false, false
   else
@@ -80,7 +80,7 @@ if state == -1 and (ARGV[3] == '2' or (ARGV[3] == '1' and not header)) then
   local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
   for i = 4, #KEYS do redis.call('ZADD', KEYS[i], 'GT', expiry, ARGV[4]) end
 end
-return {header, payload, left, state, redis.call('PTTL', KEYS[3]), version}
+return {header, payload, left, state, redis.call('PTTL', KEYS[3]), tonumber(version)}
 """
 
 # Take the lease to refresh a stale (or soon stale) entry in the background.
@@ -147,7 +147,7 @@ if tonumber(redis.call('GET', KEYS[2]) or '0') ~= tonumber(ARGV[5]) then
   return 0
 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'h', ARGV[2], 'v', ARGV[3])
+redis.call('HSET', KEYS[1], 'h', ARGV[2], 'v', ARGV[3], 'n', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -794,35 +794,6 @@ class RedisStore:
         await close_quietly(self._client)
 
 
-async def within(awaitable: Awaitable[T], timeout: float, alive: Callable[[float], bool] | None = None,
-                 cap: float = 1.0) -> T:
-    """Await with a timeout that does not mistake a busy worker for a dead Redis.
-
-    The wait is extended (by ``timeout``, or twice the lateness) when it woke late because the event loop was
-    busy (a burst of requests: the reply may sit unread in a socket), or when ``alive(since)`` says Redis
-    answered other calls during the last ``timeout`` (it is alive, only slow to us). Never past ``cap`` seconds
-    in all. A dead or stopped Redis answers nothing: an idle loop then times out after ``timeout`` exactly.
-    """
-    loop = asyncio.get_running_loop()
-    task = asyncio.ensure_future(awaitable)
-    started = loop.time()
-    deadline = started + timeout
-    try:
-        while True:
-            await asyncio.wait({task}, timeout=max(0.0, deadline - loop.time()))
-            if task.done():
-                return task.result()
-            now = loop.time()
-            late = now - deadline
-            busy = late >= timeout / 2 or (alive is not None and alive(now - timeout))
-            if not busy or now - started >= cap:
-                raise TimeoutError(f"no reply within {timeout * 1000:.0f} ms")
-            deadline = min(now + max(timeout, 2 * late), started + cap)
-    finally:
-        if not task.done():
-            task.cancel()
-
-
 # -- status (for the CLI; sync client) ------------------------------------------------------------------------------
 def cache_report(client: _redis.Redis, prefix: str, sample: int = 50) -> list[dict[str, Any]]:
     """Per namespace listed in the registry: live entries (from its index, by the server's clock), memory used
@@ -863,3 +834,37 @@ def describe_report(rows: list[dict[str, Any]]) -> list[str]:
             f"compute={r['compute_seconds']:.2f}s ({computations} runs, avg {average:.3f}s)"
         )
     return lines
+
+
+async def within(awaitable: Awaitable[T], timeout: float, alive: Callable[[float], bool] | None = None,
+                 cap: float = 1.0) -> T:
+    """Await in the calling task with a timeout that does not mistake a busy worker for a dead Redis.
+
+    At the deadline a timer decides: if it fired late because the event loop was busy (a burst of requests: the
+    reply may sit unread in a socket), or ``alive(since)`` says Redis answered other calls during the last
+    ``timeout`` (alive, only slow to us), the deadline moves on (by ``timeout``, or twice the lateness), never
+    past ``cap`` seconds in all; otherwise the call is cancelled and ``TimeoutError`` raised. A dead or stopped
+    Redis answers nothing: an idle loop then times out after ``timeout`` exactly. No extra task per call.
+    """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with asyncio.timeout(None) as limit:
+        timer: asyncio.TimerHandle | None = None
+
+        def check(deadline: float) -> None:
+            nonlocal timer
+            now = loop.time()
+            late = now - deadline
+            busy = late >= timeout / 2 or (alive is not None and alive(now - timeout))
+            if busy and now - started < cap:
+                later = min(now + max(timeout, 2 * late), started + cap)
+                timer = loop.call_at(later, check, later)
+            else:
+                limit.reschedule(now)  # expire now: cancels the call, raises TimeoutError here
+
+        timer = loop.call_at(started + timeout, check, started + timeout)
+        try:
+            return await awaitable
+        finally:
+            if timer is not None:
+                timer.cancel()
