@@ -273,6 +273,7 @@ class Cache:
     ) -> None:
         self.settings = settings if settings is not None else Settings.from_env()
         base = cache_settings if cache_settings is not None else CacheSettings.from_env()
+        overrides = {k: v for k, v in overrides.items() if v is not None}  # None: keep the setting
         self.cache_settings = replace(base, **overrides) if overrides else base
         if redis is not None and not isinstance(redis, str | aredis.Redis | _redis.Redis):
             raise ConfigurationError(
@@ -544,6 +545,18 @@ class Cache:
     def _where(self) -> str:
         return self.describe().removeprefix("Redis at ")
 
+    async def connect(self, budget: float = 1.0) -> bool:
+        """Warm this worker up (call it from the lifespan, after the fork): connect to Redis and load the scripts,
+        so the first burst of requests does not pay for it. Fails open: returns False (logged) when Redis does not
+        answer within ``budget`` seconds; requests are then computed directly until it does."""
+        ctx = self._ctx()
+        try:
+            await within(ctx.store.warm(), budget)
+        except Exception as exc:
+            self._failed(ctx, exc, trip=True)
+            return False
+        return True
+
     async def aclose(self) -> None:
         """Flush the counts and close this loop's connections (call it from the app's lifespan exit)."""
         loop = asyncio.get_running_loop()
@@ -577,8 +590,8 @@ class Cache:
             self._failed(ctx, exc)
             raise _Unavailable from exc
 
-    def _failed(self, ctx: _Loop, exc: Exception) -> None:
-        change = ctx.breaker.on_failure(self._clock())
+    def _failed(self, ctx: _Loop, exc: Exception, *, trip: bool = False) -> None:
+        change = ctx.breaker.trip(self._clock()) if trip else ctx.breaker.on_failure(self._clock())
         if change is not BreakerChange.OPENED:
             self.log.debug("cache: %s failed (%s: %s)", ctx.store.describe(), type(exc).__name__, exc)
             return

@@ -116,6 +116,13 @@ class Breaker:
         self.open_until = now + self._interval
         return BreakerChange.OPENED
 
+    def trip(self, now: float) -> BreakerChange | None:
+        """Open at once (a worker's warm-up found no Redis): no request has to find out again."""
+        if self.open_until is not None:
+            return None
+        self.failures = self.threshold - 1
+        return self.on_failure(now)
+
     def check_in(self, now: float) -> float:
         """Seconds until the next recovery check (0 when due); ``math.inf`` when closed."""
         return math.inf if self.open_until is None else max(0.0, self.open_until - now)

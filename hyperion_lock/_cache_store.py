@@ -224,6 +224,9 @@ return n
 """
 
 
+SCRIPTS = (READ, TAKE, RENEW, PUT, RELEASE, INVALIDATE_KEY, INVALIDATE_TAG, INVALIDATE_NAMESPACE)
+
+
 # -- typed replies -----------------------------------------------------------------------------------------------
 class LeaseState(IntEnum):
     FREE = -1
@@ -326,6 +329,8 @@ class Store(Protocol):
 
     async def listen(self, keys: CacheKeys) -> None: ...
 
+    async def warm(self) -> None: ...
+
     async def read(self, keys: CacheKeys, ident: str, tags: tuple[str, ...], token: str, lease_ms: int,
                    take: TakeMode) -> Read: ...
 
@@ -424,6 +429,9 @@ class MemoryStore:
         return True
 
     async def listen(self, keys: CacheKeys) -> None:
+        return None
+
+    async def warm(self) -> None:
         return None
 
     def _live(self, space: _MemNamespace, ident: str, now: float) -> _MemEntry | None:
@@ -693,8 +701,18 @@ class RedisStore:
         return f"Redis at {self.where}"
 
     def replied_since(self, when: float) -> bool:
-        """Whether Redis answered anything since ``when`` (loop time): it is alive, even if a reply is late."""
-        return self._last_reply >= when
+        """Whether Redis answered anything since ``when`` (loop time): it is alive, even if a reply is late. Also
+        true before its first reply ever: connections and scripts are being set up (a worker's first burst), so
+        a slow first call is given the whole cap of :func:`within` (1 s) before it counts as a failure."""
+        return self._last_reply >= when or self._last_reply < 0
+
+    async def warm(self) -> None:
+        """Open a connection and load every script, so the first requests do not pay for it."""
+        for script in SCRIPTS:
+            if script not in self._scripts:
+                self._scripts[script] = self._client.register_script(script)
+            await self._client.script_load(script)
+        self._last_reply = asyncio.get_running_loop().time()
 
     async def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         if script not in self._scripts:
@@ -846,6 +864,16 @@ async def within(awaitable: Awaitable[T], timeout: float, alive: Callable[[float
     past ``cap`` seconds in all; otherwise the call is cancelled and ``TimeoutError`` raised. A dead or stopped
     Redis answers nothing: an idle loop then times out after ``timeout`` exactly. No extra task per call.
     """
+    try:
+        return await _within(awaitable, timeout, alive, cap)
+    except TimeoutError as exc:
+        if str(exc):
+            raise
+        raise TimeoutError(f"no reply within {timeout * 1000:.0f} ms") from None
+
+
+async def _within(awaitable: Awaitable[T], timeout: float, alive: Callable[[float], bool] | None,
+                  cap: float) -> T:
     loop = asyncio.get_running_loop()
     started = loop.time()
     async with asyncio.timeout(None) as limit:

@@ -519,15 +519,19 @@ async def test_paused_redis_fails_open_logs_once_and_caching_resumes(server: Red
     spec = cache.spec("q", ttl=60, codec=JsonCodec(Quote))
     try:
         async with asyncio.timeout(30):
+            assert await cache.connect()
             assert (await cache.lookup(spec, "k", (), compute)).status is CacheStatus.MISS
             server.pause()  # SIGSTOP: connections stay open, nothing answers
             try:
+                late = make(server.url, prefix)  # a worker starting now: its warm-up fails open
+                assert not await late.connect(budget=0.2)
+                await late.aclose()
                 reads_before = len(spy.reads)
                 statuses = [(await cache.lookup(spec, "k", (), compute)).status for _ in range(3)]
                 statuses += [r.status for r in await asyncio.gather(*[cache.lookup(spec, f"k{i}", (), compute)
                                                                      for i in range(20)])]
                 assert set(statuses) == {CacheStatus.BYPASS}
-                assert len(failing_lines(caplog)) == 1, failing_lines(caplog)  # once, not per request
+                assert len(failing_lines(caplog)) == 2, failing_lines(caplog)  # once per worker, not per request
                 assert len(spy.reads) == reads_before  # no read ever completed; after the breaker opened, none tried
             finally:
                 server.resume()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import math
 import uuid
@@ -26,6 +27,7 @@ from hyperion_lock._cache_policy import (
     freshness,
     wait_for,
 )
+from hyperion_lock._cache_store import within
 
 
 # -- freshness ----------------------------------------------------------------------------------------------------
@@ -67,6 +69,9 @@ def test_breaker_opens_after_failures_in_a_row_and_backs_off() -> None:
     # After closing, it takes `threshold` new failures to open again, with the first interval again.
     assert b.on_failure(now=20.0) is None
     assert b.on_failure(now=20.0) is BreakerChange.OPENED and b.check_in(20.0) == pytest.approx(0.5)
+    # A failed warm-up opens it at once, once.
+    fresh = Breaker(threshold=2, retry_after=0.5)
+    assert fresh.trip(now=1.0) is BreakerChange.OPENED and not fresh.allow() and fresh.trip(now=1.1) is None
 
 
 def test_wait_ends_when_the_holders_lease_would_expire_or_at_the_deadline() -> None:
@@ -183,3 +188,20 @@ def test_cache_settings_from_env_and_their_checks() -> None:
         CacheSettings(op_timeout=0)
     with pytest.raises(ConfigurationError, match="unknown cache setting"):
         CacheSettings.from_env({}, lease=1)
+
+
+# -- store-call timeouts ------------------------------------------------------------------------------------------
+async def test_a_store_call_times_out_unless_redis_is_seen_alive() -> None:
+    """A reply 0.2 s late: with no sign of life the call times out after 0.05 s; while other replies arrive (or
+    before the store's first reply ever) it is given up to the cap; never longer than the cap."""
+
+    async def late(value: str) -> str:
+        await asyncio.sleep(0.2)
+        return value
+
+    with pytest.raises(TimeoutError, match="no reply within 50 ms"):
+        await within(late("dead"), 0.05, alive=lambda since: False)
+    assert await within(late("alive"), 0.05, alive=lambda since: True) == "alive"
+    with pytest.raises(TimeoutError):
+        await within(late("too late"), 0.05, alive=lambda since: True, cap=0.1)
+    assert await within(late("fast enough"), 0.5) == "fast enough"

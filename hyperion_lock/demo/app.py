@@ -136,6 +136,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     logger.error("worker pid %d: startup failed, this worker will exit: %s: %s",
                                  os.getpid(), type(exc).__name__, exc)
                     raise
+                await cache.connect()  # warm the cache's connection up; fails open (logged) without Redis
                 state.finished = True
                 logger.info("worker pid %d: startup finished; serving", os.getpid())
                 yield

@@ -1,0 +1,313 @@
+"""Response caching measured against fastapi-cache2, cashews (lock=True), aiocache (cached_stampede) and no cache.
+
+    python -m benchmarks.cache_bench                    # all implementations (~3 min on 2 cores)
+    python -m benchmarks.cache_bench --impl hyperion,none --seconds 3
+    python -m benchmarks.cache_bench --results benchmarks/RESULTS.md   # also replace its caching section
+
+For each implementation: a private loopback ``redis-server`` and a fresh ``gunicorn -w 4`` of
+``benchmarks/cache_app.py`` (same endpoint, same simulated upstream), then four rounds, one run each:
+
+1. cold burst: 256 concurrent requests (fresh connections) to one cold key; upstream calls counted.
+2. expiry under steady load: TTL 3 s, key warmed, 32 closed-loop clients for 4.5 s (one expiry); upstream calls.
+3. hot key: 32 closed-loop keep-alive clients for ``--seconds``; latency p50/p99 and requests/s.
+4. Redis stopped (SIGSTOP) under 16 closed-loop clients on a hot key for ``--seconds``, upstream 50 ms: p99 and
+   errors (non-200 or no answer within 5 s), against the same load on the no-cache app. Reported twice: measured
+   from the SIGSTOP on (the transition included), and from 1 s after it.
+
+Upstream calls are counted by the app in a file (one line per call, every worker), not through Redis. The load
+generator runs in this process (asyncio + httpx) on the same 2 cores as the workers and Redis: figures are for
+comparing the implementations within one run, not absolute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import httpx
+
+from hyperion_lock.testing import RedisServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+IMPLS = ("hyperion", "hyperion-15ms", "fastapi-cache2", "cashews", "aiocache", "none")
+PEERS = {"fastapi-cache2": "fastapi-cache2", "cashews": "cashews", "aiocache": "aiocache"}
+MARK_BEGIN = "<!-- cache-bench:begin -->"
+MARK_END = "<!-- cache-bench:end -->"
+
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
+
+
+def ms(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value * 1000:.1f}"
+
+
+@dataclass
+class Load:
+    latencies: list[float] = field(default_factory=list)  # every request, failed ones included
+    ok: list[float] = field(default_factory=list)  # answered 200
+    errors: int = 0
+    seconds: float = 0.0
+
+    @property
+    def rps(self) -> float:
+        """Successful requests per second."""
+        return len(self.ok) / self.seconds if self.seconds else math.nan
+
+
+@dataclass
+class Row:
+    impl: str
+    burst_calls: int = -1
+    burst_errors: int = 0
+    expiry_calls: int = -1
+    hit: Load = field(default_factory=Load)
+    stopped: Load = field(default_factory=Load)
+    stopped_steady: Load = field(default_factory=Load)
+
+
+class App:
+    """``gunicorn -w 4`` of the benchmark app for one implementation, in its own session."""
+
+    def __init__(self, impl: str, redis_url: str, ttl: float, delay: float, workdir: Path) -> None:
+        self.port = free_port()
+        self.calls_file = workdir / f"calls-{impl}-{self.port}"
+        self.log = workdir / f"gunicorn-{impl}-{self.port}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HYPERION_", "BENCH_"))}
+        env.update(BENCH_CACHE_IMPL=impl, BENCH_REDIS_URL=redis_url, BENCH_TTL=str(ttl), BENCH_DELAY=str(delay),
+                   BENCH_CALLS_FILE=str(self.calls_file), PYTHONPATH=str(ROOT))
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "-w", "4", "-k", "uvicorn_worker.UvicornWorker", "-b",
+                 f"127.0.0.1:{self.port}", "--log-level", "warning", "--graceful-timeout", "5",
+                 "benchmarks.cache_app:app"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def calls(self) -> int:
+        return len(self.calls_file.read_text().splitlines()) if self.calls_file.exists() else 0
+
+    async def ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient(timeout=2) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"gunicorn exited: {self.log.read_text()[-2000:]}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get(self.base + "/health")).status_code == 200:
+                        return
+                await asyncio.sleep(0.1)
+        raise RuntimeError(f"not ready within {timeout} s: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+
+@contextlib.contextmanager
+def deployed(impl: str, redis_url: str, ttl: float, delay: float, workdir: Path) -> Iterator[App]:
+    app = App(impl, redis_url, ttl, delay, workdir)
+    try:
+        yield app
+    finally:
+        app.stop()
+
+
+async def burst(base: str, path: str, n: int) -> int:
+    """``n`` concurrent requests on fresh connections; returns how many did not answer 200."""
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+        replies = await asyncio.gather(*[client.get(base + path) for _ in range(n)], return_exceptions=True)
+    return sum(1 for r in replies if not isinstance(r, httpx.Response) or r.status_code != 200)
+
+
+async def closed_loop(base: str, path: str, clients: int, seconds: float, timeout: float = 5.0,
+                      skip: float = 0.0) -> tuple[Load, Load]:
+    """``clients`` loops, each sending its next request when the previous answered, for ``seconds``. Returns the
+    whole run and the part after ``skip`` seconds."""
+    whole, later = Load(seconds=seconds), Load(seconds=max(seconds - skip, 1e-9))
+    started = time.monotonic()
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+
+        async def loop() -> None:
+            while time.monotonic() - started < seconds:
+                sent = time.monotonic()
+                try:
+                    ok = (await client.get(base + path)).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                took = time.monotonic() - sent
+                for load in (whole, later) if sent - started >= skip else (whole,):
+                    load.latencies.append(took)
+                    if ok:
+                        load.ok.append(took)
+                    else:
+                        load.errors += 1
+
+        await asyncio.gather(*[loop() for _ in range(clients)])
+    return whole, later
+
+
+async def measure(impl: str, workdir: Path, seconds: float) -> Row:
+    row = Row(impl)
+    path = "/quotes/AAPL?range=1d&interval=5m"
+    with RedisServer() as server:
+        with deployed(impl, server.url, ttl=30, delay=0.3, workdir=workdir) as app:
+            await app.ready()
+            row.burst_errors = await burst(app.base, path, 256)
+            row.burst_calls = app.calls()
+            await closed_loop(app.base, path, 8, 1.0)  # warm the connections and the code paths
+            row.hit, _ = await closed_loop(app.base, path, 32, seconds)
+        server.restart()
+        with deployed(impl, server.url, ttl=3, delay=0.3, workdir=workdir) as app:
+            await app.ready()
+            await burst(app.base, path, 1)
+            before = app.calls()
+            await closed_loop(app.base, path, 32, 4.5)
+            row.expiry_calls = app.calls() - before
+        server.restart()
+        with deployed(impl, server.url, ttl=30, delay=0.05, workdir=workdir) as app:
+            await app.ready()
+            await closed_loop(app.base, path, 16, 1.0)
+            server.pause()
+            try:
+                row.stopped, row.stopped_steady = await closed_loop(app.base, path, 16, seconds + 1, skip=1.0)
+            finally:
+                server.resume()
+    return row
+
+
+def versions() -> str:
+    found = []
+    for dist in ("fastapi", "redis", "fastapi-cache2", "cashews", "aiocache", "gunicorn", "uvicorn"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found.append(f"{dist} {metadata.version(dist)}")
+    return ", ".join(found)
+
+
+def report(rows: list[Row], seconds: float) -> list[str]:
+    none = next((r for r in rows if r.impl == "none"), None)
+    cached = [r for r in rows if r.impl != "none"]
+    best_p50 = min((pct(r.hit.ok, 50) for r in cached if not r.impl.startswith("hyperion") and r.hit.ok),
+                   default=math.nan)
+    lines = [
+        "## Response caching (issue #8): `python -m benchmarks.cache_bench`",
+        "",
+        f"Run at {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} on {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}; {versions()}. Load average at the end: "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}. One run; the load generator shares the 2 cores.",
+        "",
+        "Same app (`benchmarks/cache_app.py`), same `gunicorn -w 4 -k uvicorn_worker.UvicornWorker`, private "
+        "loopback Redis 7. Upstream 0.3 s (50 ms in the Redis-stopped round). Added p99 = p99 with Redis stopped "
+        "minus p99 of the no-cache app under the same load; errors = non-200 or no answer within 5 s.",
+        "",
+        "| implementation | upstream calls, burst of 256 to a cold key | upstream calls, one expiry under load "
+        f"(32 clients) | hit p50 / p99 ms (32 clients, {seconds:g} s; 200s only) | hit req/s (200s) | hit errors | "
+        "Redis stopped: p99 ms / added p99 ms / errors (from SIGSTOP) | same, from 1 s after SIGSTOP |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        base99 = pct(none.stopped.latencies, 99) if none else math.nan
+        base99_steady = pct(none.stopped_steady.latencies, 99) if none else math.nan
+        stop = (f"{ms(pct(r.stopped.latencies, 99))} / {ms(pct(r.stopped.latencies, 99) - base99)} / "
+                f"{r.stopped.errors} of {len(r.stopped.latencies)}")
+        steady = (f"{ms(pct(r.stopped_steady.latencies, 99))} / "
+                  f"{ms(pct(r.stopped_steady.latencies, 99) - base99_steady)} / "
+                  f"{r.stopped_steady.errors} of {len(r.stopped_steady.latencies)}")
+        burst_text = f"{r.burst_calls}" + (f" ({r.burst_errors} errors)" if r.burst_errors else "")
+        lines.append(f"| {r.impl} | {burst_text} | {r.expiry_calls} | {ms(pct(r.hit.ok, 50))} / "
+                     f"{ms(pct(r.hit.ok, 99))} | {r.hit.rps:.0f} | {r.hit.errors} | {stop} | {steady} |")
+    ours = next((r for r in rows if r.impl == "hyperion"), None)
+    if ours is not None:
+        lines += ["", "Targets (hyperion_lock):"]
+        lines.append(f"- {'PASS' if ours.burst_calls == 1 else 'MISS'} 1 upstream call per burst: {ours.burst_calls}")
+        lines.append(f"- {'PASS' if ours.expiry_calls == 1 else 'MISS'} 1 upstream call per expiry: "
+                     f"{ours.expiry_calls}")
+        p50 = pct(ours.hit.ok, 50)
+        ok = not math.isnan(best_p50) and p50 <= 1.2 * best_p50
+        lines.append(f"- {'PASS' if ok else 'MISS'} hit p50 {ms(p50)} ms <= 1.2 x fastest peer {ms(best_p50)} ms")
+        if none is not None:
+            for label, load, base in (("from SIGSTOP", ours.stopped, none.stopped),
+                                      ("from 1 s after SIGSTOP", ours.stopped_steady, none.stopped_steady)):
+                added = pct(load.latencies, 99) - pct(base.latencies, 99)
+                ok = added < 0.020 and load.errors == 0
+                lines.append(f"- {'PASS' if ok else 'MISS'} Redis stopped ({label}): added p99 {ms(added)} ms < 20 ms"
+                             f" and {load.errors} errors")
+    return lines
+
+
+def write_results(path: Path, lines: list[str]) -> None:
+    """Replace (or append) this benchmark's section of RESULTS.md, leaving the rest of the file as it is."""
+    text = path.read_text() if path.exists() else ""
+    section = "\n".join([MARK_BEGIN, *lines, MARK_END]) + "\n"
+    if MARK_BEGIN in text and MARK_END in text:
+        head, rest = text.split(MARK_BEGIN, 1)
+        text = head + section + rest.split(MARK_END, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    impls = [i.strip() for i in args.impl.split(",") if i.strip()]
+    unknown = set(impls) - set(IMPLS)
+    if unknown:
+        print(f"unknown implementation(s): {', '.join(sorted(unknown))}; choose from {', '.join(IMPLS)}")
+        return 64
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="cache-bench-") as tmp:
+        for impl in impls:
+            started = time.monotonic()
+            row = await measure(impl, Path(tmp), args.seconds)
+            rows.append(row)
+            print(f"{impl:<15} burst calls {row.burst_calls} ({row.burst_errors} errors), expiry calls "
+                  f"{row.expiry_calls}, hit p50 {ms(pct(row.hit.ok, 50))} ms p99 {ms(pct(row.hit.ok, 99))} ms "
+                  f"{row.hit.rps:.0f} req/s ({row.hit.errors} errors), stopped p99 "
+                  f"{ms(pct(row.stopped.latencies, 99))} ms errors "
+                  f"{row.stopped.errors} ({time.monotonic() - started:.0f} s)", flush=True)
+    lines = report(rows, args.seconds)
+    print("\n".join(lines))
+    if args.results:
+        write_results(Path(args.results), lines)
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--impl", default=",".join(IMPLS), help=f"comma-separated, from {', '.join(IMPLS)}")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of the hot-key and Redis-stopped rounds")
+    parser.add_argument("--results", default=None, help="replace the caching section of this RESULTS.md")
+    return asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
