@@ -24,6 +24,19 @@ from sqlalchemy import make_url
 from hyperion_lock.testing import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def migrations_head() -> str:
+    """The newest revision in migrations/, what a finished upgrade leaves in alembic_version."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(Config(str(ROOT / "alembic.ini"))).get_current_head()
+    assert head is not None
+    return head
+
+
+HEAD = migrations_head()
 _OURS = ("HYPERION_LOCK_", "HYPERION_DEMO_")
 _CLEARED = {"DATABASE_URL", "WEB_CONCURRENCY", "PORT", "HOST", "GUNICORN_CMD_ARGS", "LOG_LEVEL"}
 T = TypeVar("T")

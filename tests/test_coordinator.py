@@ -116,7 +116,7 @@ def test_same_generation_skips_new_generation_reruns(redis_url: str, workers: Wo
 
 def test_redis_restart_mid_job_completes_with_one_runner(workers: Workers) -> None:
     with RedisServer() as server:
-        workers.spawn(8, url=server.url, job="sleep:4", ttl=1.0, generation="restart")
+        workers.spawn(8, url=server.url, job="sleep:6", ttl=2.0, generation="restart")
         workers.wait_for("ran")
         time.sleep(0.5)
         server.restart()  # no persistence: the lease and the fencing counter are gone

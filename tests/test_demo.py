@@ -20,7 +20,7 @@ from hyperion_lock.demo import jobs
 from hyperion_lock.demo.db import database_url, make_engine, migrations_dir, normalize_url, upgrade_to_head
 from hyperion_lock.demo.models import JobFence, SeedRun
 
-from ._deploy import ROOT, clean_env, fresh_database, pg_query, sqlite_query
+from ._deploy import HEAD, ROOT, clean_env, fresh_database, pg_query, sqlite_query
 
 pytestmark = pytest.mark.integration
 
@@ -88,7 +88,7 @@ def test_concurrent_upgrades_without_coordinator_apply_once(tmp_path: Path, post
     with fresh_database(postgres_url) as url:
         assert run(url) == ["at-head", "at-head", "at-head", "migrated"]
         assert pg_query(url, "SELECT count(*) FROM migration_audit") == [(1,)]
-        assert pg_query(url, "SELECT version_num FROM alembic_version") == [("0002",)]
+        assert pg_query(url, "SELECT version_num FROM alembic_version") == [(HEAD,)]
         # The guard never leaks: no advisory lock is left behind.
         assert pg_query(url, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == [(0,)]
 

@@ -25,6 +25,7 @@ from hyperion_lock import JobKeys
 from hyperion_lock.testing import RedisServer, free_port
 
 from ._deploy import (
+    HEAD,
     ROOT,
     Gunicorn,
     assert_same_jobs,
@@ -61,7 +62,7 @@ def test_postgres_and_redis_four_workers_init_once(tmp_path: Path, postgres_url:
         jobs = assert_same_jobs(reports)
         # Exactly once, as recorded in the database itself.
         assert pg_query(db, "SELECT count(*) FROM migration_audit") == [(1,)]
-        assert pg_query(db, "SELECT version_num FROM alembic_version") == [("0002",)]
+        assert pg_query(db, "SELECT version_num FROM alembic_version") == [(HEAD,)]
         seed_token = jobs["seed"]["fencing_token"]
         assert pg_query(db, "SELECT count(*), max(fencing_token) FROM seed_runs") == [(1, seed_token)]
         assert pg_query(db, "SELECT fencing_token FROM job_fences WHERE name = 'seed'") == [
@@ -102,12 +103,12 @@ def test_embedded_default_sqlite_four_workers_then_restart(tmp_path: Path) -> No
     assert db.is_file()
     assert sqlite_query(db, "SELECT count(*) FROM migration_audit") == [(1,)]
     assert sqlite_query(db, "SELECT count(*) FROM seed_runs") == [(1,)]
-    assert sqlite_query(db, "SELECT version_num FROM alembic_version") == [("0002",)]
+    assert sqlite_query(db, "SELECT version_num FROM alembic_version") == [(HEAD,)]
 
     with running(Gunicorn(tmp_path, workers=2)) as g2:
         g2.wait_healthy()
         second = assert_same_jobs(g2.startup_reports(2))
-        assert "already at head 0002: nothing to migrate" in g2.log()
+        assert f"already at head {HEAD}: nothing to migrate" in g2.log()
     assert second["seed"]["fencing_token"] > first["seed"]["fencing_token"]
     assert sqlite_query(db, "SELECT count(*) FROM migration_audit") == [(1,)]
     assert sqlite_query(db, "SELECT count(*), count(DISTINCT generation) FROM seed_runs") == [(2, 2)]
@@ -136,7 +137,7 @@ def test_sigkill_of_the_migrating_worker_is_taken_over(
         assert jobs["migrate"]["runner_pid"] != victim
         assert jobs["migrate"]["fencing_token"] >= 2  # a new leadership
         assert pg_query(db, "SELECT count(*) FROM migration_audit") == [(1,)]
-        assert pg_query(db, "SELECT version_num FROM alembic_version") == [("0002",)]
+        assert pg_query(db, "SELECT version_num FROM alembic_version") == [(HEAD,)]
         assert pg_query(db, "SELECT count(*) FROM seed_runs") == [(1,)]
         log = g.log()
         assert f"Worker (pid:{victim}) was sent SIGKILL" in log
@@ -212,7 +213,7 @@ def test_cli_run_twice_and_a_booting_app_run_the_command_once(
         app_ran = jobs["migrate"]["runner_pid"] not in {p.pid for p in procs}
         assert len(cli_runs) + int(app_ran) == 1, (cli_runs, jobs, outputs)
         assert pg_query(db, "SELECT count(*) FROM migration_audit") == [(1,)]
-        assert pg_query(db, "SELECT version_num FROM alembic_version") == [("0002",)]
+        assert pg_query(db, "SELECT version_num FROM alembic_version") == [(HEAD,)]
 
 
 def test_sigterm_during_a_slow_migration_stops_without_waiting_for_graceful_timeout(
@@ -245,7 +246,7 @@ def test_sigterm_during_a_slow_migration_stops_without_waiting_for_graceful_time
         # The signal arrived while the leader was inside its job: it finished the migration (committed), then
         # started no new job.
         assert f"worker pid {leader}: stop requested before job 'seed'; exiting without serving" in log, log
-        assert pg_query(db, "SELECT version_num FROM alembic_version") == [("0002",)]
+        assert pg_query(db, "SELECT version_num FROM alembic_version") == [(HEAD,)]
         assert pg_query(db, "SELECT count(*) FROM seed_runs") == [(0,)]
         assert "seed: pid" not in log
         # The waiters ended their wait on the signal.
