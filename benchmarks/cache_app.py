@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import importlib
+import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -124,4 +125,8 @@ def build() -> FastAPI:
     return app
 
 
+if os.environ.get("BENCH_LOG_LEVEL"):  # e.g. DEBUG: what the cache decided, per worker, in the gunicorn log
+    logging.basicConfig(level=os.environ["BENCH_LOG_LEVEL"].upper(),
+                        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("asyncio").setLevel(logging.WARNING)
 app = build()

@@ -575,24 +575,30 @@ def _async_class(sync_class: type) -> type:
     return found
 
 
+POOL_SIZE = 64  # connections per worker; a burst beyond it waits for a free one (bounded) instead of failing
+POOL_WAIT = 1.0  # seconds a call may wait for a free connection
+
+
 def client_for_cache(source: aredis.Redis | _redis.Redis | str, socket_timeout: float) -> aredis.Redis:
     """A private asyncio client for one event loop, from a URL or from the connection settings of a given client
-    (its password stays inside redis-py). One immediate retry inside redis-py, for a pooled connection that died
-    with a restarted server; no backoff: the cache fails fast and open, and its own circuit breaker decides when
-    to try again. Responses stay bytes (payloads are binary)."""
+    (its password stays inside redis-py). Its pool blocks (up to ``POOL_WAIT``) when all ``POOL_SIZE`` connections
+    are busy: redis-py's default pool raises "Too many connections" in a burst instead. One immediate retry inside
+    redis-py, for a pooled connection that died with a restarted server; no backoff: the cache fails fast and
+    open, and its own circuit breaker decides when to try again. Responses stay bytes (payloads are binary)."""
     own = {**client_kwargs(min(1.0, socket_timeout), socket_timeout), "retry": Retry(NoBackoff(), 1),
            "decode_responses": False}
+    sizing: dict[str, Any] = {"max_connections": POOL_SIZE, "timeout": POOL_WAIT}
     if isinstance(source, str):
         problem = redis_url_problem(source)
         if problem is not None:
             raise ConfigurationError(f"invalid Redis URL {redact_url(source)!r}: {problem}")
-        return aredis.Redis.from_url(source, **own)
+        return aredis.Redis(connection_pool=aredis.BlockingConnectionPool.from_url(source, **own, **sizing))
     pool = source.connection_pool
     cls = pool.connection_class if isinstance(source, aredis.Redis) else _async_class(pool.connection_class)
     accepted = inspect.signature(cls).parameters
     kwargs = {k: v for k, v in pool.connection_kwargs.items() if k in accepted or "kwargs" in accepted}
     kwargs.update({k: v for k, v in own.items() if k in accepted or "kwargs" in accepted})
-    return aredis.Redis(connection_pool=aredis.ConnectionPool(connection_class=cls, **kwargs))
+    return aredis.Redis(connection_pool=aredis.BlockingConnectionPool(connection_class=cls, **kwargs, **sizing))
 
 
 class _Listener:
@@ -810,6 +816,7 @@ class RedisStore:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await close_quietly(self._client)
+        await _close_quietly(self._client.connection_pool.disconnect)  # a pool passed in is not closed by the client
 
 
 # -- status (for the CLI; sync client) ------------------------------------------------------------------------------
