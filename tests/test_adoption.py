@@ -23,7 +23,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -39,6 +38,8 @@ import redis
 
 from hyperion_lock import JobKeys
 from hyperion_lock.testing import free_port
+
+from ._venv import make_venv, package_source
 
 pytestmark = [pytest.mark.integration]
 
@@ -124,15 +125,8 @@ def sample_env(tmp_path_factory: pytest.TempPathFactory) -> SampleEnv:
     # Copies: building, compiling or running tests in the working tree would leave artefacts others then see.
     project = root / "project"
     shutil.copytree(SAMPLE, project / "sample_app", ignore=skip)
-    src = root / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, src / name)
-    shutil.copytree(ROOT / "hyperion_lock", src / "hyperion_lock", ignore=skip)
-
-    venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=_clean_env(), timeout=120)
-    python = venv / "bin" / "python"
+    src = package_source(root / "src")
+    python = make_venv(root / "venv")
     _pip(python, "install", "-q", "-r", str(project / "sample_app" / "requirements.txt"), cwd=root)
     before = _installed(python, root)
     install_log = _pip(python, "install", str(src), cwd=root)  # what a user of the app runs: no flags

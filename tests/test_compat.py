@@ -5,10 +5,7 @@ asyncio client."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -16,6 +13,8 @@ import pytest
 import redis
 
 from hyperion_lock import JobKeys
+
+from ._venv import make_venv, package_source, venv_env
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_PINS = {"redis": "5.0.8", "arq": "0.26.3"}
@@ -89,15 +88,9 @@ def _installed(python: str, env: dict[str, str], cwd: Path) -> dict[str, str]:
 def test_installs_next_to_an_app_pinning_redis_5_and_arq(tmp_path: Path, redis_url: str) -> None:
     # Build from a copy of what the package is made of: building in the repository would leave build/ and
     # *.egg-info in a working tree others use at the same time.
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, src / name)
-    shutil.copytree(ROOT / "hyperion_lock", src / "hyperion_lock", ignore=shutil.ignore_patterns("__pycache__"))
-    venv = tmp_path / "venv"
-    env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"}}
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=env, timeout=120)
-    python = str(venv / "bin" / "python")
+    src = package_source(tmp_path / "src")
+    env = venv_env()
+    python = str(make_venv(tmp_path / "venv"))
 
     # The app's environment first, then the library into it, as `pip install hyperion_lock` would.
     _pip(python, "install", "-q", *(f"{name}=={version}" for name, version in APP_PINS.items()), env=env, cwd=tmp_path)

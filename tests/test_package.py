@@ -6,8 +6,6 @@ from __future__ import annotations
 import ast
 import inspect
 import json
-import os
-import shutil
 import subprocess
 import sys
 import uuid
@@ -18,6 +16,8 @@ import redis
 
 import hyperion_lock
 from hyperion_lock import JobKeys, _errors
+
+from ._venv import make_venv, package_source, venv_env
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "hyperion_lock" / "demo"
@@ -125,15 +125,9 @@ def test_plain_install_needs_only_redis(tmp_path: Path, redis_url: str) -> None:
     Coordinator runs a job once against a real Redis from there."""
     # Build from a copy of what the package is made of (as the Dockerfile does): building in the repository
     # would leave build/ and *.egg-info in a working tree others use at the same time.
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, src / name)
-    shutil.copytree(ROOT / "hyperion_lock", src / "hyperion_lock", ignore=shutil.ignore_patterns("__pycache__"))
-    venv = tmp_path / "venv"
-    env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"}}
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=env, timeout=120)
-    python = str(venv / "bin" / "python")
+    src = package_source(tmp_path / "src")
+    env = venv_env()
+    python = str(make_venv(tmp_path / "venv"))
     subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", str(src)], check=True,
                    env=env, cwd=tmp_path, timeout=540)
 
@@ -149,7 +143,7 @@ def test_plain_install_needs_only_redis(tmp_path: Path, redis_url: str) -> None:
     out = subprocess.run([python, "-c", find], check=True, capture_output=True, text=True, env=env, cwd=tmp_path,
                          timeout=60)
     seen = json.loads(out.stdout)
-    assert seen["file"].startswith(str(venv)), seen  # the installed copy, not the repository's
+    assert seen["file"].startswith(str(tmp_path / "venv")), seen  # the installed copy, not the repository's
     assert seen["found"] == ["hiredis"], seen
     assert heavy_modules_after("import hyperion_lock, hyperion_lock._core", python, tmp_path) == []
 
