@@ -289,16 +289,16 @@ def report(rows: list[Row], seconds: float, hits: dict[str, list[Load]]) -> list
         lines.append(f"| {r.impl} | {burst_text} | {r.expiry_calls} | {ms(pct(r.hit.ok, 50))} / "
                      f"{ms(pct(r.hit.ok, 99))} | {r.hit.rps:.0f} | {r.hit.errors} | {stop} | {steady} |")
     lines += hit_section(hits, seconds) if hits else []
-    lines += [
-        "",
-        "Notes: `hyperion-15ms` is hyperion_lock with `op_timeout=0.015` instead of 0.05: it fails over sooner, but "
-        "on a loaded machine it is more likely to take slow replies for failures and compute directly. \"From SIGSTOP\" includes the requests in flight when Redis stopped: each waits for "
-        "its Redis calls to time out (at most two of 50 ms: the hit read, then the miss path) before the breaker "
-        "opens; after that nothing waits on Redis. aiocache's burst errors are its Redis pool refusing connections "
-        "(`MaxConnectionsError: Too many connections`). fastapi-cache2 has no single flight; cashews' lock "
-        "(`lock=True`) does serialise the computation. With Redis stopped, the peers' requests wait on it for "
+    lines += ["", " ".join([
+        "Notes: `hyperion-15ms` is hyperion_lock with `op_timeout=0.015` instead of 0.05: it fails over sooner, but",
+        "on a loaded machine it is more likely to take slow replies for failures and compute directly.",
+        "\"From SIGSTOP\" includes the requests in flight when Redis stopped: each waits for its Redis calls to",
+        "time out (at most two of 50 ms: the hit read, then the miss path) before the breaker opens; after that",
+        "nothing waits on Redis. aiocache's burst errors are its Redis pool refusing connections",
+        "(`MaxConnectionsError: Too many connections`). fastapi-cache2 has no single flight; cashews' lock",
+        "(`lock=True`) does serialise the computation. With Redis stopped, the peers' requests wait on it for",
         "seconds (no answer within the client's 5 s is counted as an error).",
-    ]
+    ])]
     ours = next((r for r in rows if r.impl == "hyperion"), None)
     if ours is not None:
         lines += ["", "Targets (hyperion_lock):"]
