@@ -575,6 +575,10 @@ def _async_class(sync_class: type) -> type:
     return found
 
 
+#: What is taken over from a given client: where and who it connects as (and its TLS settings, ``ssl_*``); not its
+#: pool's machinery (redis-py 8's maintenance-notification handlers need RESP3, these clients speak RESP2).
+_COPIED = frozenset({"host", "port", "db", "username", "password", "path", "credential_provider", "client_name",
+                     "socket_keepalive", "socket_keepalive_options", "socket_type"})
 POOL_SIZE = 64  # connections per worker; a burst beyond it waits for a free one (bounded) instead of failing
 POOL_WAIT = 1.0  # seconds a call may wait for a free connection
 
@@ -596,7 +600,8 @@ def client_for_cache(source: aredis.Redis | _redis.Redis | str, socket_timeout: 
     pool = source.connection_pool
     cls = pool.connection_class if isinstance(source, aredis.Redis) else _async_class(pool.connection_class)
     accepted = inspect.signature(cls).parameters
-    kwargs = {k: v for k, v in pool.connection_kwargs.items() if k in accepted or "kwargs" in accepted}
+    kwargs = {k: v for k, v in pool.connection_kwargs.items()
+              if (k in _COPIED or k.startswith("ssl_")) and (k in accepted or "kwargs" in accepted)}
     kwargs.update({k: v for k, v in own.items() if k in accepted or "kwargs" in accepted})
     return aredis.Redis(connection_pool=aredis.BlockingConnectionPool(connection_class=cls, **kwargs, **sizing))
 

@@ -613,3 +613,23 @@ async def test_status_reports_namespaces_keys_memory_and_every_workers_counts(re
     assert main(["status", "--url", redis_url, "--prefix", prefix]) == 0
     out = capsys.readouterr().out
     assert "cache:" in out and re.search(r"quotes\s+keys=2 memory=[\d.]+ KiB hits=4 misses=2", out), out
+
+
+async def test_a_ready_sync_or_asyncio_client_can_be_given_instead_of_a_url(prefix: str) -> None:
+    """The cache builds its own per-loop clients from the given client's connection settings (password included,
+    never printed)."""
+    import redis.asyncio as aredis
+
+    with RedisServer(password="client-pw") as server:
+        sync_client, async_client = redis.Redis.from_url(server.url), aredis.Redis.from_url(server.url)
+        caches = [Cache(c, settings=Settings(redis_url=None, key_prefix=prefix)) for c in (sync_client, async_client)]
+        compute = Counter()
+        try:
+            values = [await c.get_or_compute("q", "k", compute, ttl=30, returns=Quote) for c in caches]
+            assert compute.runs == 1 and values[0] == values[1]
+            assert all("client-pw" not in c.describe() and "Redis at redis://127.0.0.1" in c.describe()
+                       for c in caches)
+        finally:
+            await close(*caches)
+            sync_client.close()
+            await async_client.aclose()
