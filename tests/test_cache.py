@@ -33,7 +33,7 @@ from hyperion_lock import (
 )
 from hyperion_lock._cache_codec import JsonCodec
 from hyperion_lock._cache_keys import CacheKeys
-from hyperion_lock._cache_store import Message, Read, RedisStore, cache_report
+from hyperion_lock._cache_store import Message, Read, RedisStore, cache_report, close_quietly
 from hyperion_lock._cli import main
 from hyperion_lock.testing import RedisServer
 
@@ -632,4 +632,4 @@ async def test_a_ready_sync_or_asyncio_client_can_be_given_instead_of_a_url(pref
         finally:
             await close(*caches)
             sync_client.close()
-            await async_client.aclose()
+            await close_quietly(async_client)  # aclose() since redis-py 5.0.1, close() before
