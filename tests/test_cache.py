@@ -31,7 +31,7 @@ from hyperion_lock import (
     CacheValueTooLargeError,
     Settings,
 )
-from hyperion_lock._cache_codec import JsonCodec
+from hyperion_lock._cache_codec import JsonCodec, PickleCodec
 from hyperion_lock._cache_keys import CacheKeys
 from hyperion_lock._cache_store import Message, Read, RedisStore, cache_report, close_quietly
 from hyperion_lock._cli import main
@@ -413,28 +413,33 @@ async def test_value_limits_and_serialisation_errors_are_clear_on_first_use(redi
         await close(a, b)
 
 
-async def test_signed_pickle_roundtrips_and_a_foreign_entry_is_recomputed(redis_url: str, prefix: str) -> None:
+async def test_signed_pickle_roundtrips_and_a_foreign_entry_is_recomputed(redis_url: str, prefix: str,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Pickle only when chosen, signed: a value comes back as itself; an entry signed with another key (written by
+    anyone else who can reach Redis) is never unpickled: it is treated as unreadable, logged once, recomputed."""
+    caplog.set_level(logging.WARNING, LOGGER)
     ours, theirs = make(redis_url, prefix), make(redis_url, prefix)
-    runs = 0
+    runs = {"ours": 0, "theirs": 0}
 
     @ours.cached("p", ttl=30, codec="pickle", signing_key=b"a" * 32)
-    async def ours_fn(x: int) -> set[int]:
-        nonlocal runs
-        runs += 1
-        return {x, runs}
+    async def values(x: int) -> set[int]:
+        runs["ours"] += 1
+        return {x, 2}
 
-    @theirs.cached("p", ttl=30, codec="pickle", signing_key=b"b" * 32)
-    async def theirs_fn(x: int) -> set[int]:
+    async def forged() -> set[int]:
+        runs["theirs"] += 1
         return {-1}
 
-    theirs_fn.__qualname__ = ours_fn.__qualname__  # not needed for the key: namespace + module.name below
     try:
-        assert await ours_fn(1) == {1} | {1} and await ours_fn(1) == {1}
-        await ours.invalidate_namespace("p")
-        # An entry written with another key is never unpickled: it is treated as unreadable and recomputed.
-        with pytest.raises(AssertionError):
-            assert await theirs_fn(1) == {1}
-        assert runs == 1
+        assert await values(1) == {1, 2} and await values(1) == {1, 2} and runs["ours"] == 1
+        with redis.Redis.from_url(redis_url) as client:
+            (ident,) = [name.decode().split(":e:", 1)[1]
+                        for name in client.scan_iter(match=CacheKeys(prefix, "p").entry("*"))]
+        await ours.invalidate("p", ident)
+        spec = theirs.spec("p", ttl=30, codec=PickleCodec(b"z" * 32))
+        await theirs.lookup(spec, ident, (), forged)  # an entry under the same key, signed with another key
+        assert await values(1) == {1, 2} and runs == {"ours": 2, "theirs": 1}  # not unpickled: recomputed
+        assert "cannot be decoded" in caplog.text and "signature does not match" in caplog.text
     finally:
         await close(ours, theirs)
 
