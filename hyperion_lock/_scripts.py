@@ -24,13 +24,14 @@ from __future__ import annotations
 #         [2] lease JSON or false (ours when taken)
 #         [3] 1 when this token holds the lease (taken now, or by an earlier call with this token), else 0
 #         [4] fencing counter or false (only with ARGV[7] = '1')
-#         [5] remaining TTL of the outcome (ms; negative when there is none)
+#         [5] remaining TTL of the outcome (ms; -2 when there is none)
 PROBE = """
 local outcome = redis.call('GET', KEYS[1])
 local lease = redis.call('GET', KEYS[2])
 local counter = false
 if ARGV[7] == '1' then counter = redis.call('GET', KEYS[3]) or '0' end
-local pttl = redis.call('PTTL', KEYS[1])
+local pttl = -2
+if outcome then pttl = redis.call('PTTL', KEYS[1]) end
 if lease then
   if cjson.decode(lease).token == ARGV[1] then return {outcome, lease, 1, counter, pttl} end
   return {outcome, lease, 0, counter, pttl}
