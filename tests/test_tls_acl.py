@@ -1,0 +1,50 @@
+"""Production Redis: a TLS-only server and an ACL user limited to the prefix (real redis-server, real processes)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+
+from hyperion_lock._connect import _ACL_COMMANDS
+from tests.conftest import ROOT, Workers
+from tests.test_redis_errors import TlsRedis, tls_redis
+
+pytestmark = pytest.mark.integration
+__all__ = ["tls_redis"]  # the fixture, shared with test_redis_errors
+
+
+def _grant(server: TlsRedis, *rules: str) -> None:
+    admin = redis.Redis(host="127.0.0.1", port=server.port, ssl=True, ssl_ca_certs=str(server.ca))
+    try:
+        admin.execute_command("ACL", "SETUSER", "app", "on", ">app-pw", "resetchannels", *rules)  # type: ignore[no-untyped-call]
+    finally:
+        admin.close()
+
+
+def test_the_minimal_acl_the_library_names_is_enough_over_tls(tls_redis: TlsRedis, workers: Workers) -> None:
+    """The user gets exactly what a RedisPermissionError tells users to grant: keys and channels under the prefix
+    and the library's commands. Four processes over TLS run the job once; the CLI's status needs SCAN on top."""
+    _grant(tls_redis, "~hyperion_lock:*", "&hyperion_lock:*", *_ACL_COMMANDS.split())
+    url = f"rediss://app:app-pw@127.0.0.1:{tls_redis.port}/0?ssl_ca_certs={tls_redis.ca}"
+    gen = f"tls-acl-{time.time_ns()}"
+    workers.spawn(4, url=url, job="sleep:0.3", generation=gen)
+    assert workers.join() == [0] * 4, workers.outputs
+    assert len(workers.events("ran")) == 1 and len(workers.events("returned")) == 4
+
+    status = [sys.executable, "-m", "hyperion_lock._cli", "status", "--url", url, "--generation", gen, "--key",
+              "migrate"]
+    denied = subprocess.run(status, capture_output=True, text=True, timeout=60, check=False, cwd=ROOT)
+    assert denied.returncode == 3 and "app-pw" not in denied.stderr, denied.stderr
+    _grant(tls_redis, "+scan")
+    allowed = subprocess.run(status, capture_output=True, text=True, timeout=60, check=False, cwd=ROOT)
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+
+    # The documented ACL line grants the same commands, plus SCAN for the CLI.
+    line = next(ln for ln in (ROOT / "docs" / "deployment.md").read_text().splitlines() if "ACL SETUSER" in ln
+                and "~hyperion_lock:*" in ln)
+    assert set(_ACL_COMMANDS.split()) | {"+scan"} == set(re.findall(r"\+[a-z]+", line))
