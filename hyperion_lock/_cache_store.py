@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import inspect
 import json
 import threading
@@ -32,7 +31,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from ._cache_keys import CacheKeys
-from ._connect import as_text, client_kwargs
+from ._connect import as_text, async_closer, client_kwargs
 from ._connect import close_quietly as _close_quietly
 from ._errors import ConfigurationError
 from ._settings import redact_url, redis_url_problem
@@ -357,12 +356,8 @@ class Store(Protocol):
 
 
 async def close_quietly(resource: Any) -> None:
-    """Close an asyncio client (with its pool) or pub/sub of any redis-py version (``aclose`` since 5.0.1)."""
-    closer = getattr(resource, "aclose", None)
-    if not callable(closer):
-        closer = functools.partial(resource.close, close_connection_pool=True) if isinstance(
-            resource, aredis.Redis) else resource.close
-    await _close_quietly(closer)
+    """Close an asyncio client (with its pool) or pub/sub of any redis-py version, ignoring a dead connection."""
+    await _close_quietly(async_closer(resource))
 
 
 def _life_ms(header: Header) -> int:
@@ -451,6 +446,11 @@ class MemoryStore:
             return None
         return lease
 
+    def _owns(self, space: _MemNamespace, ident: str, token: str, now: float) -> bool:
+        """Whether ``token`` holds the live compute lease of ``ident``."""
+        lease = self._holder(space, ident, now)
+        return lease is not None and lease[0] == token
+
     def _take(self, space: _MemNamespace, ident: str, tags: tuple[str, ...], token: str, until: float) -> None:
         space.leases[ident] = (token, until)
         for tag in tags:
@@ -485,8 +485,7 @@ class MemoryStore:
         now = self._clock()
         with self._lock:
             space = self._space(keys)
-            lease = self._holder(space, ident, now)
-            if lease is None or lease[0] != token:
+            if not self._owns(space, ident, token, now):
                 return False
             space.leases[ident] = (token, now + lease_ms / 1000)
             return True
@@ -496,8 +495,7 @@ class MemoryStore:
         now = self._clock()
         with self._lock:
             space = self._space(keys)
-            lease = self._holder(space, ident, now)
-            if lease is None or lease[0] != token:
+            if not self._owns(space, ident, token, now):
                 return PutResult.LOST
             del space.leases[ident]
             if space.version != seen_version:
@@ -516,8 +514,7 @@ class MemoryStore:
         now = self._clock()
         with self._lock:
             space = self._space(keys)
-            lease = self._holder(space, ident, now)
-            if lease is None or lease[0] != token:
+            if not self._owns(space, ident, token, now):
                 return False
             del space.leases[ident]
             self._notify(keys.namespace, message)
