@@ -2,17 +2,22 @@
 
 Environment: WEB_CONCURRENCY (workers, default 4), HOST (default 127.0.0.1) and PORT (default 8000),
 DATABASE_URL (default SQLite ./var/demo.sqlite3), HYPERION_LOCK_REDIS_URL (unset: file locks on this host),
-HYPERION_LOCK_GENERATION (default: new per master start), LOG_LEVEL (default INFO).
+HYPERION_LOCK_GENERATION (default: new per master start), LOG_LEVEL (default INFO), PROMETHEUS_MULTIPROC_DIR
+(default: a new directory per master start, removed at its exit, when prometheus_client is installed).
 """
 
 from hyperion_lock import (
     gunicorn_bind,
+    gunicorn_child_exit,
     gunicorn_logconfig_dict,
+    gunicorn_metrics_dir,
     gunicorn_on_starting,
     gunicorn_post_fork,
     gunicorn_workers,
 )
 
+# Before any worker imports prometheus_client: the workers' metrics meet in this directory, and /metrics sums them.
+gunicorn_metrics_dir()
 wsgi_app = "hyperion_lock.demo.app:app"
 worker_class = "uvicorn_worker.UvicornWorker"
 workers = gunicorn_workers()
@@ -26,4 +31,5 @@ preload_app = False
 control_socket_disable = True
 on_starting = gunicorn_on_starting
 post_fork = gunicorn_post_fork
+child_exit = gunicorn_child_exit
 logconfig_dict = gunicorn_logconfig_dict()

@@ -3,7 +3,7 @@
 Public API: the names in ``__all__`` (the ``hyperion_lock._*`` modules are private and may change; the reference
 app in ``hyperion_lock.demo`` uses nothing else). Importing this package needs only ``redis``: FastAPI is
 imported when ``OptionalRedis`` is first used (extra ``fastapi``), gunicorn never (the hooks only read the
-objects gunicorn hands them).
+objects gunicorn hands them), prometheus_client and OpenTelemetry only when the first metric or span is recorded.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -35,6 +35,7 @@ from ._gunicorn import (
     new_generation,
 )
 from ._keys import JobKeys
+from ._metrics import gunicorn_child_exit, gunicorn_metrics_dir, render_metrics
 from ._model import Holder, Lease, Outcome, Status
 from ._settings import Settings, redact_url
 from ._signals import stop_requested
@@ -68,13 +69,16 @@ __all__ = [
     "WaitTimeoutError",
     "current_lease",
     "gunicorn_bind",
+    "gunicorn_child_exit",
     "gunicorn_logconfig_dict",
+    "gunicorn_metrics_dir",
     "gunicorn_on_starting",
     "gunicorn_post_fork",
     "gunicorn_worker_count",
     "gunicorn_workers",
     "new_generation",
     "redact_url",
+    "render_metrics",
     "stop_requested",
     "use_lock_for_workers",
 ]

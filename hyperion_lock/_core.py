@@ -30,6 +30,7 @@ from ._errors import ConfigurationError, JobFailedError, WaitInterruptedError, W
 from ._file_backend import FileBackend
 from ._keys import JobKeys
 from ._leadership import CURRENT_LEASE, RELEASE_BUDGET, Leadership
+from ._metrics import metrics
 from ._model import Lease, Outcome, Probe
 from ._policy import TERMINAL, Act, Next, Notice, WaitPolicy
 from ._redis_backend import AsyncOps, RedisBackend, SyncOps
@@ -186,6 +187,9 @@ class Coordinator:
             await call.backend.close()
 
 
+_ENDED = {Act.LEAD: "lead", Act.RETURN: "done", Act.FAIL: "failed", Act.GIVE_UP: "gave_up", Act.TIME_OUT: "timeout"}
+
+
 class _Waiter:
     """Performs the policy's actions for one call until it leads, returns, or raises."""
 
@@ -198,8 +202,22 @@ class _Waiter:
             now=self.started, generation=call.generation, grace=call.backend.holder_grace, wait=wait, lead=lead,
             wait_timeout=s.wait_timeout, failure_hold=s.failure_hold, progress_interval=s.progress_interval,
         )
+        self.ended = "error"  # how the wait ended, for the metrics: an Act's label, or why it raised
 
     async def run(self) -> Lease | Outcome | None:
+        call = self.call
+        with metrics.span("hyperion_lock.wait", call.key) as span:
+            try:
+                return await self._run()
+            except asyncio.CancelledError:
+                self.ended = "cancelled"
+                raise
+            finally:
+                span.set("outcome", self.ended)
+                if self.ended != "lead":
+                    metrics.waited(call.key, self.ended, call.clock() - self.started)
+
+    async def _run(self) -> Lease | Outcome | None:
         call = self.call
         with stop_requested() as stop:
             try:
@@ -213,12 +231,14 @@ class _Waiter:
             except asyncio.CancelledError:
                 if not stop.absorb():
                     raise
+                self.ended = "interrupted"
                 raise WaitInterruptedError(
                     "stop requested (SIGTERM/SIGINT) while waiting for the job", key=call.key,
                     generation=call.generation,
                 ) from None
         if stop.is_set() and nxt.act is Act.LEAD:  # asked to stop as the lease was won: hand it straight on
             await self._release(nxt)
+            self.ended = "interrupted"
             raise WaitInterruptedError(
                 "stop requested (SIGTERM/SIGINT) before the job started", key=call.key, generation=call.generation
             )
@@ -285,14 +305,18 @@ class _Waiter:
                 raise err from (None if err is exc else exc)
             call.log.warning("%s: lost the connection to %s (%s); reconnecting", call.key, call.where, exc)
             await call.retry(call.backend.open, "resubscribe", budget=call.settings.reconnect_timeout)
+            metrics.reconnected(call.key)
             return policy.on_reconnect(call.clock())
         return policy.on_event(call.clock(), event)
 
     def _conclude(self, nxt: Next) -> Lease | Outcome | None:
         call = self.call
         waited = call.clock() - self.started
+        self.ended = _ENDED[nxt.act]
         if nxt.act is Act.LEAD:
             assert nxt.holder is not None
+            if self.policy.holder is not None:  # another holder was seen: it died or let go
+                metrics.took_over(call.key)
             return Lease(key=call.key, generation=call.generation, token=call.token, holder=nxt.holder)
         if nxt.act is Act.RETURN:
             assert nxt.outcome is not None

@@ -33,6 +33,7 @@ from ._aio import to_the_end
 from ._call import Call
 from ._connect import is_transient
 from ._errors import JobFailedError, LeaseLostError
+from ._metrics import metrics
 from ._model import FinishResult, Lease, Outcome, RenewResult, Status
 
 CURRENT_LEASE: contextvars.ContextVar[Lease | None] = contextvars.ContextVar("hyperion_lock_lease", default=None)
@@ -56,6 +57,12 @@ class JobEnd:
         if isinstance(exc, Exception | SystemExit):
             return cls(Status.FAILED, exc)
         return cls(None, exc)
+
+    def label(self, lost: bool) -> str:
+        """How the run ended, for the metrics: done, failed, interrupted, or lost (another worker took over)."""
+        if lost:
+            return "lost"
+        return "interrupted" if self.status is None else str(self.status)
 
 
 async def run_job(job: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> BaseException | None:
@@ -98,15 +105,21 @@ class Leadership:
         )
         renewer = asyncio.create_task(self._renew_loop())
         started_wall, started = call.wall(), call.clock()
-        reset = CURRENT_LEASE.set(lease)
-        try:
-            ended, cancelled = await to_the_end(run_job(job, args, kwargs), on_cancel=lambda f: f.cancel())
-        finally:
-            CURRENT_LEASE.reset(reset)
-        end = JobEnd.of(ended)
-        outcome = self._outcome(end, started_wall, call.clock() - started)
-        recorded, cancelled_again = await to_the_end(self._stop_and_finish(renewer, outcome))
-        superseded = recorded.result() is FinishResult.SUPERSEDED
+        with metrics.span("hyperion_lock.job", call.key) as span:
+            span.set("fencing_token", lease.fencing_token)
+            reset = CURRENT_LEASE.set(lease)
+            try:
+                ended, cancelled = await to_the_end(run_job(job, args, kwargs), on_cancel=lambda f: f.cancel())
+            finally:
+                CURRENT_LEASE.reset(reset)
+            end = JobEnd.of(ended)
+            duration = call.clock() - started
+            outcome = self._outcome(end, started_wall, duration)
+            recorded, cancelled_again = await to_the_end(self._stop_and_finish(renewer, outcome))
+            superseded = recorded.result() is FinishResult.SUPERSEDED
+            label = end.label(superseded or lease.lost)
+            span.set("outcome", label)
+            metrics.job_finished(call.key, label, duration)
         if cancelled or cancelled_again:
             raise asyncio.CancelledError
         return self._conclude(end, outcome, superseded)
@@ -153,12 +166,17 @@ class Leadership:
         return replace(outcome, ran_here=True)
 
     def _superseded(self) -> LeaseLostError:
-        self.lease.lost = True
+        self._lose()
         return LeaseLostError(
             f"another worker took over the job while this one (fencing token {self.lease.fencing_token}) was "
             "stalled; its outcome is the one recorded, this run's is discarded",
             key=self.lease.key, generation=self.lease.generation,
         )
+
+    def _lose(self) -> None:
+        if not self.lease.lost:
+            metrics.lease_lost(self.lease.key)
+        self.lease.lost = True
 
     async def _stop_and_finish(self, renewer: asyncio.Task[None], outcome: Outcome | None) -> FinishResult | None:
         # An idle renewer is simply cancelled; one whose renewal is in flight is let finish first, so that renewal
@@ -234,7 +252,7 @@ class Leadership:
                 call.key, self.lease.fencing_token,
             )
         elif result is RenewResult.LOST:
-            self.lease.lost = True
+            self._lose()
             call.log.error(
                 "%s: another worker holds the lease now; this run (fencing token %d) is no longer the leader",
                 call.key, self.lease.fencing_token,

@@ -15,6 +15,7 @@ Startup timeline of each worker (the lifespan, after gunicorn forked it):
    exits with code 3 and the gunicorn master halts the deploy with a non-zero exit status.
 4. Serve. ``GET /health`` is 200 from here on; ``GET /startup`` reports the jobs' outcomes, identical in every
    worker. ``GET /quotes/{symbol}?range=1d&interval=5m`` is cached across all workers (see :mod:`.quotes`).
+   ``GET /metrics``: Prometheus metrics, summed over every worker under gunicorn (see docs/metrics.md).
 5. Shutdown: once the lifespan's exit begins, ``GET /health`` answers 503 (for requests still being served).
 
 Readiness before step 4 cannot be a 503: no worker accepts connections before its lifespan startup finished, so
@@ -36,7 +37,7 @@ from typing import Annotated, Any
 
 import redis.asyncio as aredis
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import Engine, select
 
 from hyperion_lock import (
@@ -46,6 +47,7 @@ from hyperion_lock import (
     Settings,
     WaitInterruptedError,
     gunicorn_worker_count,
+    render_metrics,
     stop_requested,
 )
 
@@ -100,6 +102,12 @@ async def _run_step(coordinator: Coordinator, state: StartupState, name: str, jo
         "ran here" if outcome.ran_here else "was done by another worker", outcome.runner,
         outcome.fencing_token, outcome.duration_s,
     )
+
+
+def metrics() -> Response:
+    """Prometheus metrics; under gunicorn, the sums over every worker of this master (PROMETHEUS_MULTIPROC_DIR)."""
+    body, content_type = render_metrics()
+    return Response(body, headers={"Content-Type": content_type})
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -175,6 +183,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return {"redis": None}
         return {"redis": "ok" if await client.ping() else "no answer"}
 
+    app.add_api_route("/metrics", metrics, methods=["GET"])
     quotes.add_routes(app, cache)
     return app
 
