@@ -88,6 +88,7 @@ class Metrics:
 
     def __init__(self, registry: Any = None, tracer: Any = None) -> None:
         self._registry = registry
+        self._default = registry is None  # the process-wide registry: under gunicorn, summed over the workers
         self._tracer = tracer
         self._prom: _Prometheus | None = None
         self._resolved = False
@@ -161,7 +162,7 @@ class Metrics:
             return NOT_INSTALLED, PLAIN_TEXT
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-        if self._registry is None and os.environ.get(MULTIPROC_ENV):
+        if self._default and os.environ.get(MULTIPROC_ENV):
             from prometheus_client import multiprocess
 
             registry: Any = CollectorRegistry()
@@ -176,16 +177,17 @@ class Metrics:
         if self._resolved:
             return self._prom
         with self._lock:
-            if not self._resolved:
-                try:
-                    import prometheus_client
-                except ImportError:
-                    logger.debug("prometheus_client is not installed: no metrics")
-                else:
-                    if self._registry is None:
-                        self._registry = prometheus_client.REGISTRY
-                    self._prom = _Prometheus(self._registry)
-                self._resolved = True
+            if self._resolved:
+                return self._prom
+            self._resolved = True  # once: a registry that refuses the metrics is not asked again
+            try:
+                import prometheus_client
+            except ImportError:
+                logger.debug("prometheus_client is not installed: no metrics")
+                return None
+            if self._registry is None:
+                self._registry = prometheus_client.REGISTRY
+            self._prom = _Prometheus(self._registry)
         return self._prom
 
     def _get_tracer(self) -> Any:
@@ -247,7 +249,7 @@ def gunicorn_metrics_dir(environ: MutableMapping[str, str] | None = None) -> str
     if current:
         os.makedirs(current, exist_ok=True)
         return current
-    if importlib.util.find_spec("prometheus_client") is None:
+    if not _installed():
         return None
     if "prometheus_client" in sys.modules:
         logger.warning(
@@ -263,6 +265,14 @@ def gunicorn_metrics_dir(environ: MutableMapping[str, str] | None = None) -> str
     return path
 
 
+def _installed() -> bool:
+    """Whether prometheus_client can be imported, without importing it."""
+    try:
+        return importlib.util.find_spec("prometheus_client") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _remove_dir(path: str, owner: int) -> None:
     if os.getpid() == owner:  # not in a forked worker that exits through the inherited handler
         shutil.rmtree(path, ignore_errors=True)
@@ -271,7 +281,7 @@ def _remove_dir(path: str, owner: int) -> None:
 def gunicorn_child_exit(server: Any, worker: Any) -> None:
     """gunicorn ``child_exit`` hook (in the master): tell ``prometheus_client`` that the worker is gone, so its live
     gauges are dropped; its counters and histograms stay in the sums."""
-    if not os.environ.get(MULTIPROC_ENV) or importlib.util.find_spec("prometheus_client") is None:
+    if not os.environ.get(MULTIPROC_ENV) or not _installed():
         return
     from prometheus_client import multiprocess
 
