@@ -522,3 +522,20 @@ def test_gunicorn_metrics_are_summed_over_the_workers(tmp_path: Path, redis_url:
         assert metric_values(text, "hyperion_lock_job_runs_total", "migrate") == {"done": 1.0}
         assert "Traceback" not in g.log() and "not marked dead" not in g.log(), g.log()
     assert not made.exists()
+
+
+def test_a_sync_job_runs_inside_its_span(tmp_path: Path, spans: InMemorySpanExporter) -> None:
+    """The job span is the current span in the job's thread, so the job's own spans are its children."""
+    from opentelemetry import trace
+
+    key = new_key()
+    inside: list[int] = []
+
+    def job() -> None:
+        inside.append(trace.get_current_span().get_span_context().span_id)
+
+    outcome = Coordinator(None, lock_dir=str(tmp_path), generation="g").run_once_sync(key, job)
+    assert outcome.ran_here
+    (job_span,) = spans_of(spans, "hyperion_lock.job", key)
+    assert job_span.context is not None and inside == [job_span.context.span_id]
+    assert outcomes_of(spans_of(spans, "hyperion_lock.wait", key)) == {"lead": 1}
