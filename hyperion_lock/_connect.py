@@ -26,13 +26,23 @@ from ._errors import (
     RedisTLSError,
     RedisUnavailableError,
 )
-from ._settings import redact_url, redis_url_problem
+from ._sentinel import (
+    async_sentinel_client,
+    describe_sentinel_pool,
+    is_sentinel_pool,
+    sync_sentinel_client,
+)
+from ._sentinel_url import SENTINEL_SCHEMES, parse_sentinel_url
+from ._settings import URL_FORMS, redact_url, redis_url_problem
 
 T = TypeVar("T")
 
-#: Errors after which trying again later can succeed (server restarting, network blip, paused server).
+#: Errors after which trying again later can succeed (server restarting, network blip, paused server, a failover:
+#: ``READONLY`` from a primary demoted to a replica -- a Sentinel-managed client also drops that connection and asks
+#: the Sentinels again; a plain URL may point at an address that moves to the new primary).
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     rexc.ConnectionError,
+    rexc.ReadOnlyError,
     rexc.TimeoutError,
     rexc.BusyLoadingError,
     ConnectionError,
@@ -241,31 +251,52 @@ def client_kwargs(connect_timeout: float, socket_timeout: float | None) -> dict[
     return {"socket_connect_timeout": connect_timeout, "socket_timeout": socket_timeout, **_handshake_kwargs()}
 
 
-_URL_FORMS = "Expected redis://[[user]:password@]host[:port][/db], rediss://... or unix:///path/to/socket"
+_URL_FORMS = URL_FORMS
 
 
-def _from_url(factory: Callable[..., T], url: str, connect_timeout: float, socket_timeout: float | None) -> T:
+def _from_url(
+    factory: Callable[..., T], url: str, connect_timeout: float, socket_timeout: float | None, options: dict[str, Any]
+) -> T:
     # Never put the parser's own message in the error: urllib quotes the "port" it could not read, and with an
     # unencoded '/' in the password that port is a piece of the password.
     problem = redis_url_problem(url)
     if problem is not None:
         raise ConfigurationError(f"invalid Redis URL {redact_url(url)!r}: {problem}. {_URL_FORMS}")
     try:
-        return factory(url, **client_kwargs(connect_timeout, socket_timeout))
+        return factory(url, **client_kwargs(connect_timeout, socket_timeout), **options)
     except (ValueError, TypeError) as exc:
         option = re.search(r"keyword argument '(\w+)'", str(exc))
         reason = f"unknown option {option.group(1)!r}" if option else f"redis-py refused it ({type(exc).__name__})"
         raise ConfigurationError(f"invalid Redis URL {redact_url(url)!r}: {reason}. {_URL_FORMS}") from None
 
 
-def async_client_from_url(url: str, *, connect_timeout: float, socket_timeout: float | None) -> aredis.Redis:
-    """An asyncio client for ``url``; a malformed URL raises :class:`ConfigurationError` (password redacted)."""
-    return _from_url(aredis.Redis.from_url, url, connect_timeout, socket_timeout)
+def _is_sentinel_url(url: str) -> bool:
+    return url.partition("://")[0].lower() in SENTINEL_SCHEMES
 
 
-def sync_client_from_url(url: str, *, connect_timeout: float, socket_timeout: float | None) -> redis.Redis:
-    """A sync client for ``url``; a malformed URL raises :class:`ConfigurationError` (password redacted)."""
-    return _from_url(redis.Redis.from_url, url, connect_timeout, socket_timeout)
+def async_client_from_url(
+    url: str, *, connect_timeout: float, socket_timeout: float | None, **options: Any
+) -> aredis.Redis:
+    """An asyncio client for ``url``; a malformed URL raises :class:`ConfigurationError` (password redacted).
+
+    ``redis+sentinel://`` / ``rediss+sentinel://`` URLs give a client of the primary the Sentinels name, built by
+    redis-py's ``Sentinel.master_for`` (see :mod:`._sentinel`); closing it closes the Sentinel connections too.
+    ``options`` are further client options (``retry``, ``decode_responses``, ``max_connections``, ...).
+    """
+    if _is_sentinel_url(url):
+        return _from_url(lambda u, **kw: async_sentinel_client(parse_sentinel_url(u), kw),
+                         url, connect_timeout, socket_timeout, options)
+    return _from_url(aredis.Redis.from_url, url, connect_timeout, socket_timeout, options)
+
+
+def sync_client_from_url(
+    url: str, *, connect_timeout: float, socket_timeout: float | None, **options: Any
+) -> redis.Redis:
+    """A sync client for ``url`` (see :func:`async_client_from_url`)."""
+    if _is_sentinel_url(url):
+        return _from_url(lambda u, **kw: sync_sentinel_client(parse_sentinel_url(u), kw),
+                         url, connect_timeout, socket_timeout, options)
+    return _from_url(redis.Redis.from_url, url, connect_timeout, socket_timeout, options)
 
 
 def describe_client(client: object) -> str:
@@ -274,6 +305,8 @@ def describe_client(client: object) -> str:
     kwargs: dict[str, Any] = getattr(pool, "connection_kwargs", {}) or {}
     if "path" in kwargs:
         return f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
+    if is_sentinel_pool(pool):
+        return describe_sentinel_pool(pool, _uses_tls(pool))
     scheme = "rediss" if _uses_tls(pool) else "redis"
     return f"{scheme}://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
 
@@ -284,13 +317,28 @@ def _uses_tls(pool: object) -> bool:
 
 
 def _scheme_in(where: str) -> str | None:
-    match = re.search(r"\b(rediss|redis|unix)://", where)
+    match = re.search(r"\b(rediss\+sentinel|redis\+sentinel|rediss|redis|unix)://", where)
     return match.group(1) if match else None
 
 
+def _sentinel_hints(where: str) -> str:
+    match = re.search(r"sentinel://(?:[^@/]*@)?([^/?]*)/([^/?]*)", where)
+    addresses, service = (match.group(1), match.group(2)) if match else ("<sentinels>", "<service>")
+    first = addresses.split(",")[0]
+    port = first.rpartition(":")[2] if ":" in first else "26379"
+    return (
+        f"Check that the Sentinels at {addresses} answer and monitor the service {service!r} "
+        f"(redis-cli -p {port} SENTINEL get-master-addr-by-name {service}), that the primary they name is reachable "
+        "from here (its announced address), and, during a failover, that a replica could be promoted"
+    )
+
+
 def unreachable_hints(where: str) -> str:
-    """What to check when a server at ``where`` does not answer; the TLS hint depends on the scheme used."""
+    """What to check when a server at ``where`` does not answer; the TLS hint depends on the scheme used, and a
+    Sentinel URL gets the Sentinel's own checks."""
     scheme = _scheme_in(where)
+    if scheme in ("redis+sentinel", "rediss+sentinel"):
+        return _sentinel_hints(where)
     if scheme == "rediss":
         tls = "a plain (non-TLS) Redis never answers a TLS handshake: use redis:// for it"
     elif scheme == "unix":
@@ -298,6 +346,13 @@ def unreachable_hints(where: str) -> str:
     else:
         tls = "a TLS-only server (tls-port) drops plain connections: use rediss:// for it"
     return f"Check the host and port, a paused, overloaded or non-Redis server at that address, and TLS vs plain: {tls}"
+
+
+def _read_only_hint(last: BaseException | None) -> str:
+    if not isinstance(last, rexc.ReadOnlyError):
+        return ""
+    return (" The server answered READONLY: it is a replica. Point the URL at the primary, or use "
+            "redis+sentinel://host:port/service_name so that the client follows the primary. ")
 
 
 def _unavailable(
@@ -309,7 +364,7 @@ def _unavailable(
         last_text = "no reply to the last attempt" + (f"; before it, {last_text}" if last_text else "")
     return RedisUnavailableError(
         f"could not {what}: {_server(where)} did not answer for {waited:.1f} s "
-        f"({attempts} attempt{'' if attempts == 1 else 's'}; {last_text}). "
+        f"({attempts} attempt{'' if attempts == 1 else 's'}; {last_text}).{_read_only_hint(last) or ' '}"
         f"{unreachable_hints(where)}",
         key=key,
         generation=generation,

@@ -19,6 +19,16 @@ from urllib.parse import ParseResult, parse_qsl, quote, unquote, urlparse
 from redis import connection as _redis_connection
 
 from ._errors import ConfigurationError
+from ._sentinel_url import (
+    CERT_REQS,
+    ENCODE_HINT,
+    SENTINEL_FORM,
+    SENTINEL_SCHEMES,
+    auth_marker,
+    check_tls_value,
+    host_text,
+    parse_sentinel_url,
+)
 
 ENV_PREFIX = "HYPERION_LOCK_"
 _KEY_RE = re.compile(r"[A-Za-z0-9_.\-:/]{1,200}")
@@ -27,7 +37,19 @@ _REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
 _SECRET_QUERY_RE = re.compile(r"pass|pwd|secret|token|key|auth|credential", re.IGNORECASE)
 #: redis-py's own URL parser (the asyncio client's is the same code), typed here.
 _redis_parse_url: Callable[[str], Mapping[str, Any]] = _redis_connection.parse_url
-_ENCODE_HINT = "a '/', '?', '#' or '@' in the password must be percent-encoded (%2F, %3F, %23, %40)"
+_ENCODE_HINT = ENCODE_HINT
+#: Query parameters of redis://, rediss:// and unix:// URLs: those redis-py's URL parser converts itself, plus the
+#: credentials and client name it passes on; rediss:// adds the TLS options. Anything else is a typo, refused
+#: before redis-py would hand it to a connection (which fails at the first connect, far from the cause).
+_PLAIN_QUERY = frozenset({"db", "username", "password", "client_name"}) | {
+    name for name in getattr(_redis_connection, "URL_QUERY_ARGUMENT_PARSERS", {}) if not name.startswith("ssl_")
+}
+_TLS_QUERY = frozenset({"ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname",
+                        "ssl_ca_path", "ssl_password"})
+URL_FORMS = (
+    "Expected redis://[[user]:password@]host[:port][/db], rediss://... (TLS; query parameters ssl_ca_certs, "
+    f"ssl_certfile, ssl_keyfile, ssl_cert_reqs={'|'.join(CERT_REQS)}), unix:///path/to/socket, or {SENTINEL_FORM}"
+)
 UNPARSEABLE_URL = "<unparseable URL: percent-encode special characters in the password>"
 
 # --- URLs: describing them without ever echoing a secret ---------------------------------------------------------
@@ -67,15 +89,11 @@ def _checked_split(url: str) -> ParseResult:
 
 def _auth_marker(userinfo: _Userinfo) -> str:
     """``user:***@`` / ``:***@`` / ``***@`` (a lone userinfo is often a password) / nothing."""
-    if userinfo.username and userinfo.password:
-        return f"{quote(userinfo.username, safe='')}:***@"
-    if userinfo.password:
-        return ":***@"
-    return "***@" if userinfo.username else ""
+    return auth_marker(userinfo.username, userinfo.password)
 
 
 def _host_text(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
+    return host_text(host)
 
 
 def parse_redis_url(url: str) -> dict[str, Any]:
@@ -86,8 +104,8 @@ def parse_redis_url(url: str) -> dict[str, Any]:
     """
     scheme = _scheme_of(url)
     if scheme not in _REDIS_SCHEMES:
-        raise ValueError("the scheme must be redis://, rediss:// or unix://")
-    _checked_split(url)
+        raise ValueError("the scheme must be redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel://")
+    _check_query(scheme, _checked_split(url).query)
     try:
         return dict(_redis_parse_url(url))
     except (ValueError, TypeError) as exc:
@@ -97,10 +115,27 @@ def parse_redis_url(url: str) -> dict[str, Any]:
         ) from None
 
 
+def _check_query(scheme: str, query: str) -> None:
+    """Refuse query parameters redis-py would not understand for ``scheme`` (and a bad ``ssl_cert_reqs``)."""
+    allowed = _PLAIN_QUERY | (_TLS_QUERY if scheme == "rediss" else frozenset())
+    names = dict(parse_qsl(query, keep_blank_values=True))
+    unknown = sorted(set(names) - allowed)
+    if unknown:
+        tls = " (ssl_* parameters need rediss://)" if any(n in _TLS_QUERY for n in unknown) else ""
+        raise ValueError(f"unknown query parameter(s) {', '.join(map(repr, unknown))} for {scheme}://{tls}")
+    for name in ("ssl_cert_reqs", "ssl_check_hostname"):
+        if name in names:
+            check_tls_value(name, names[name])
+
+
 def redis_url_problem(url: str) -> str | None:
-    """Why ``url`` is not a usable Redis URL (text safe to print: nothing from the URL), or None."""
+    """Why ``url`` is not a usable Redis URL (text safe to print: nothing from the URL), or None. Sentinel URLs
+    (``redis+sentinel://``, ``rediss+sentinel://``) are checked by the parser their client is built from."""
     try:
-        parse_redis_url(url)
+        if _scheme_of(url) in SENTINEL_SCHEMES:
+            parse_sentinel_url(url)
+        else:
+            parse_redis_url(url)
     except ValueError as exc:
         return str(exc)
     return None
@@ -135,7 +170,9 @@ def _describe_other(scheme: str, url: str) -> str:
 def redact_url(url: str | None) -> str | None:
     """A description of ``url`` that is safe for logs, reprs, errors and status output.
 
-    Redis URLs are parsed by redis-py's own parser and rebuilt from what it found: scheme, ``user:***@`` (``:***@``
+    Redis URLs are parsed by redis-py's own parser (Sentinel URLs by the one their client is built from, see
+    :mod:`._sentinel_url`, shown with both passwords as ``***``) and rebuilt from what it found: scheme,
+    ``user:***@`` (``:***@``
     when there is only a password, from the userinfo or a ``?password=`` parameter), host, port and database, or
     the socket path for ``unix://``. Nothing of the raw text is echoed, so query parameters never appear. Other URLs
     keep their host, port, path and query, with the password and any password-like query value masked. A URL that
@@ -148,6 +185,8 @@ def redact_url(url: str | None) -> str | None:
     if scheme is None:
         return "<unparseable URL: expected scheme://...>"
     try:
+        if scheme in SENTINEL_SCHEMES:
+            return parse_sentinel_url(url).describe()
         if scheme in _REDIS_SCHEMES:
             return _describe_redis(scheme, parse_redis_url(url))
         return _describe_other(scheme, url)

@@ -73,6 +73,7 @@ __all__ = [
     "Isolation",
     "PostgresServer",
     "RedisServer",
+    "SentinelSet",
     "docker_available",
     "free_port",
     "hyperion_lock_isolated",
@@ -116,7 +117,11 @@ def docker_available() -> bool:
 class RedisServer:
     """A ``redis-server`` process on a free loopback port, without persistence, that tests may kill/restart."""
 
-    def __init__(self, *, password: str | None = None, port: int | None = None, binary: str | None = None) -> None:
+    def __init__(
+        self, *, password: str | None = None, port: int | None = None, binary: str | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.extra_args = extra_args
         self.binary = binary or shutil.which("redis-server") or ""
         if not self.binary:
             raise RuntimeError(
@@ -140,6 +145,7 @@ class RedisServer:
         ]
         if self.password:
             args += ["--requirepass", self.password]
+        args += list(self.extra_args)
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_port(self.port, 10, self.proc)
         return self
@@ -175,6 +181,162 @@ class RedisServer:
 
     def __enter__(self) -> RedisServer:
         return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _redis_call(port: int, *args: str, password: str | None = None) -> Any:
+    """One command to the server (or Sentinel) on a loopback port; short timeouts, a fresh connection."""
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port, password=password, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        return client.execute_command(*args)  # type: ignore[no-untyped-call]
+    finally:
+        client.close()
+
+
+def _poll(condition: Any, what: str, timeout: float) -> Any:
+    """``condition()`` until it returns something truthy (connection errors count as "not yet"), bounded."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            last = condition()
+        except Exception as exc:  # a server still starting, or one that just died
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(0.05)
+    raise TimeoutError(f"{what}: not reached within {timeout} s (last: {last!r})")
+
+
+class SentinelSet:
+    """A Sentinel-managed Redis on free loopback ports: one primary, one replica (``--replicaof``) and three
+    Sentinels (``redis-server <conf> --sentinel``, quorum 2), all without persistence, for tests that fail over.
+
+    ``down_after_ms`` and ``failover_timeout_ms`` are small so that a killed primary is replaced within seconds.
+    :meth:`start` returns once the replica is in sync and every Sentinel sees the replica and both other Sentinels,
+    so a failover can happen; every wait is bounded. ``password`` protects the data nodes (the Sentinels get it as
+    ``auth-pass``), ``sentinel_password`` the Sentinels (``requirepass`` and ``sentinel-pass``).
+    """
+
+    def __init__(
+        self, *, service: str = "mymaster", password: str | None = None, sentinel_password: str | None = None,
+        down_after_ms: int = 1000, failover_timeout_ms: int = 2000, binary: str | None = None,
+    ) -> None:
+        self.service = service
+        self.password = password
+        self.sentinel_password = sentinel_password
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.binary = binary or shutil.which("redis-server") or ""
+        self.dir = tempfile.mkdtemp(prefix="hyperion-sentinel-")
+        # A replica syncs at once (no 5 s diskless-sync delay), and may be promoted.
+        auth = ("--repl-diskless-sync-delay", "0", *(("--masterauth", password) if password else ()))
+        self.primary = RedisServer(password=password, binary=self.binary, extra_args=auth)
+        self.replica = RedisServer(password=password, binary=self.binary, extra_args=(
+            *auth, "--replicaof", "127.0.0.1", str(self.primary.port)))
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.sentinel_procs: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def nodes(self) -> list[RedisServer]:
+        return [self.primary, self.replica]
+
+    def url(self, *, scheme: str = "redis+sentinel", db: int = 0, password: str | None = None,
+            sentinel_password: str | None = None) -> str:
+        """The client URL; ``password`` / ``sentinel_password`` default to the set's own."""
+        pw = password if password is not None else self.password
+        spw = sentinel_password if sentinel_password is not None else self.sentinel_password
+        auth = f":{pw}@" if pw else ""
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        query = f"?sentinel_password={spw}" if spw else ""
+        return f"{scheme}://{auth}{hosts}/{self.service}/{db}{query}"
+
+    def _sentinel_conf(self, port: int) -> str:
+        lines = [
+            f"port {port}", "bind 127.0.0.1", "protected-mode no", f"dir {self.dir}",
+            f"sentinel monitor {self.service} 127.0.0.1 {self.primary.port} 2",
+            f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}",
+            f"sentinel failover-timeout {self.service} {self.failover_timeout_ms}",
+            f"sentinel parallel-syncs {self.service} 1",
+        ]
+        if self.password:
+            lines.append(f"sentinel auth-pass {self.service} {self.password}")
+        if self.sentinel_password:
+            lines += [f"requirepass {self.sentinel_password}", f"sentinel sentinel-pass {self.sentinel_password}"]
+        path = os.path.join(self.dir, f"sentinel-{port}.conf")
+        Path(path).write_text("\n".join(lines) + "\n")
+        return path
+
+    def sentinel(self, index: int, *args: str) -> Any:
+        return _redis_call(self.sentinel_ports[index], *args, password=self.sentinel_password)
+
+    def start(self, timeout: float = 30.0) -> SentinelSet:
+        self.primary.start()
+        self.replica.start()
+        _poll(lambda: _redis_call(self.replica.port, "INFO", "replication", password=self.password)
+              .get("master_link_status") == "up", "replica in sync with the primary", timeout)
+        for port in self.sentinel_ports:
+            proc = subprocess.Popen([self.binary, self._sentinel_conf(port), "--sentinel"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.sentinel_procs.append(proc)
+            _wait_port(port, 10, proc)
+        for index in range(len(self.sentinel_ports)):
+            _poll(lambda i=index: self._sees_everyone(i), f"Sentinel {index} sees the replica and its peers", timeout)
+        return self
+
+    def _sees_everyone(self, index: int) -> bool:
+        raw = self.sentinel(index, "SENTINEL", "MASTER", self.service)  # a dict (bytes keys in redis-py 8)
+        state = {k.decode() if isinstance(k, bytes) else str(k): v for k, v in raw.items()}
+        return int(state["num-slaves"]) >= 1 and int(state["num-other-sentinels"]) >= 2
+
+    def primary_address(self, index: int = 0) -> tuple[str, int]:
+        """The primary as Sentinel ``index`` names it."""
+        host, port = self.sentinel(index, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+        return host.decode(), int(port)
+
+    def node_at(self, port: int) -> RedisServer:
+        return next(node for node in self.nodes if node.port == port)
+
+    def kill_primary(self) -> RedisServer:
+        """SIGKILL the node the Sentinels name as primary (its unreplicated writes are lost); return it."""
+        node = self.node_at(self.primary_address()[1])
+        node.kill()
+        return node
+
+    def wait_failover(self, old_port: int, timeout: float = 60.0) -> int:
+        """Wait until every Sentinel names a primary other than ``old_port`` and that node says it is a master;
+        return its port."""
+
+        def promoted() -> int | None:
+            ports = {self.primary_address(i)[1] for i in range(len(self.sentinel_ports))}
+            if len(ports) != 1 or old_port in ports:
+                return None
+            (port,) = ports
+            role = _redis_call(port, "ROLE", password=self.password)
+            return port if role[0] == b"master" else None
+
+        return int(_poll(promoted, f"failover away from port {old_port}", timeout))
+
+    def stop(self) -> None:
+        for proc in self.sentinel_procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+        for node in self.nodes:
+            node.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> SentinelSet:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
