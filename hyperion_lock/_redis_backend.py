@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import socket
 import time
@@ -18,13 +19,18 @@ from . import _scripts
 from ._connect import as_text, async_closer, close_quietly, is_transient, redis_error
 from ._keys import JobKeys
 from ._model import Event, FinishResult, Holder, Lease, Outcome, Probe, RenewResult, Status
-from ._settings import Settings
+from ._settings import Settings, replica_wait_ms
+
+log = logging.getLogger(__name__)
 
 
 class _Ops(Protocol):
     """The handful of Redis operations the backend needs, whatever the client flavour."""
 
     async def run(self, script: str, keys: list[str], args: list[Any]) -> Any: ...
+    async def run_and_wait(
+        self, script: str, keys: list[str], args: list[Any], replicas: int, timeout_ms: int
+    ) -> tuple[Any, int]: ...
     async def load(self, script: str) -> None: ...
     async def subscribe(self, channel: str) -> None: ...
     async def get_message(self, timeout: float) -> Any: ...
@@ -44,10 +50,24 @@ class _OpsBase:
             self._scripts[script] = self._client.register_script(script)
         return self._scripts[script]
 
+    def _eval_then_wait(self, script: str, keys: list[str], args: list[Any], replicas: int, timeout_ms: int) -> Any:
+        """A pipeline of ``EVAL`` and ``WAIT``: one connection, so WAIT counts the replicas that have the script's
+        writes (WAIT on another connection would wait for that connection's own, older, writes)."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.eval(script, len(keys), *keys, *args)
+        pipe.execute_command("WAIT", replicas, timeout_ms)
+        return pipe
+
 
 class AsyncOps(_OpsBase):
     async def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         return await self._script(script)(keys=keys, args=args)
+
+    async def run_and_wait(
+        self, script: str, keys: list[str], args: list[Any], replicas: int, timeout_ms: int
+    ) -> tuple[Any, int]:
+        result, acked = await self._eval_then_wait(script, keys, args, replicas, timeout_ms).execute()
+        return result, int(acked)
 
     async def load(self, script: str) -> None:
         await self._client.script_load(script)
@@ -74,6 +94,13 @@ class SyncOps(_OpsBase):
 
     async def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         return await asyncio.to_thread(self._script(script), keys=keys, args=args)
+
+    async def run_and_wait(
+        self, script: str, keys: list[str], args: list[Any], replicas: int, timeout_ms: int
+    ) -> tuple[Any, int]:
+        pipe = self._eval_then_wait(script, keys, args, replicas, timeout_ms)
+        result, acked = await asyncio.to_thread(pipe.execute)
+        return result, int(acked)
 
     async def load(self, script: str) -> None:
         await asyncio.to_thread(self._client.script_load, script)
@@ -112,6 +139,7 @@ class RedisBackend:
         self._ttl_ms = max(1, int(settings.lease_ttl * 1000))
         self._result_ttl_ms = max(1, int(settings.result_ttl * 1000))
         self._scripts_loaded = False
+        self._replicas_warned = False
 
     def describe(self) -> str:
         return f"Redis at {self.where}"
@@ -135,13 +163,39 @@ class RedisBackend:
         del record["fence"]
         return json.dumps(record)
 
+    async def _write(
+        self, script: str, keys: list[str], args: list[Any], *, may_write: bool = True
+    ) -> tuple[Any, int | None]:
+        """Run a script that may write the lease; with ``min_replicas`` set, WAIT for the replicas after it.
+
+        Returns the script's reply and the replicas that acknowledged (None without WAIT); the caller passes them to
+        :meth:`_replicas_acked` with whether the reply means the lease was written.
+        """
+        wanted = self.settings.min_replicas
+        if wanted == 0 or not may_write:
+            return await self.ops.run(script, keys, args), None
+        return await self.ops.run_and_wait(script, keys, args, wanted, replica_wait_ms(self.settings.lease_ttl))
+
+    def _replicas_acked(self, acked: int | None, wrote: bool) -> None:
+        """Log once per call when a lease write reached fewer replicas than ``min_replicas``; the job goes on."""
+        if replicas_short(self.settings.min_replicas, acked, wrote) and not self._replicas_warned:
+            self._replicas_warned = True
+            log.warning(
+                "%s: the lease write reached %d of %d replica(s) within %d ms (HYPERION_LOCK_MIN_REPLICAS); "
+                "continuing, but a failover now could lose the lease and let a second worker run the job",
+                self.keys.key, acked, self.settings.min_replicas, replica_wait_ms(self.settings.lease_ttl),
+            )
+
     async def probe(self, token: str, *, take: bool, seen_fence: int = 0, with_counter: bool = False) -> Probe:
-        raw_outcome, raw_lease, taken, raw_counter, pttl = await self.ops.run(
+        reply, acked = await self._write(
             _scripts.PROBE,
             [self.keys.outcome(self.generation), self.keys.lease, self.keys.fence],
             [token, self._ttl_ms, self._holder_template(), "1" if take else "0", seen_fence,
              int(self.settings.failure_hold * 1000), "1" if with_counter else "0"],
+            may_write=take,
         )
+        raw_outcome, raw_lease, taken, raw_counter, pttl = reply
+        self._replicas_acked(acked, wrote=bool(int(taken)))
         outcome_text, lease_text, counter = as_text(raw_outcome), as_text(raw_lease), as_text(raw_counter)
         outcome_data = json.loads(outcome_text) if outcome_text else None
         probe = Probe(
@@ -193,13 +247,15 @@ class RedisBackend:
         return json.dumps({**lease.holder.to_mapping(), "token": lease.token})
 
     async def renew(self, lease: Lease) -> RenewResult:
-        result = await self.ops.run(
+        reply, acked = await self._write(
             _scripts.RENEW,
             [self.keys.lease, self.keys.fence],
             [lease.token, self._ttl_ms, self._lease_record(lease), lease.fencing_token, self.keys.channel,
              self._holder_message(lease, Status.RUNNING)],
         )
-        return RenewResult(int(result))
+        result = RenewResult(int(reply))
+        self._replicas_acked(acked, wrote=result is not RenewResult.LOST)
+        return result
 
     async def finish(self, lease: Lease, outcome: Outcome | None) -> FinishResult:
         """Record ``outcome`` (``None``: give the job up), drop the lease, wake waiters."""
@@ -213,6 +269,11 @@ class RedisBackend:
 
     async def close(self) -> None:
         await self.ops.close()
+
+
+def replicas_short(wanted: int, acked: int | None, wrote: bool) -> bool:
+    """True when a write of the lease reached fewer replicas than wanted (``acked`` None: no WAIT was run)."""
+    return wanted > 0 and wrote and acked is not None and acked < wanted
 
 
 def _age(outcome: dict[str, Any] | None, pttl_ms: int) -> float | None:

@@ -262,6 +262,27 @@ def bounded_seconds(value: float | str, what: str, low: float, high: float) -> f
     return seconds
 
 
+MAX_REPLICAS = 100
+
+
+def replica_count(value: int | str, what: str = "min_replicas") -> int:
+    """Parse the number of replicas a lease write must reach: a whole number from 0 (off) to 100."""
+    try:
+        count = int(str(value).strip())
+    except ValueError:
+        raise ConfigurationError(f"{what} must be a whole number of replicas from 0 to {MAX_REPLICAS}, "
+                                 f"got {value!r}") from None
+    if not 0 <= count <= MAX_REPLICAS:
+        raise ConfigurationError(f"{what} must be from 0 (off) to {MAX_REPLICAS}, got {value!r}")
+    return count
+
+
+def replica_wait_ms(lease_ttl: float) -> int:
+    """How long one ``WAIT`` for replicas may block: a tenth of the lease TTL, at most 1 s, at least 10 ms. It
+    stays well inside the renewal interval (a third of the TTL) and the client's read timeout (>= 1 s)."""
+    return max(10, min(1000, int(lease_ttl * 100)))
+
+
 # --- default generation --------------------------------------------------------------------------------------
 
 
@@ -364,6 +385,10 @@ class Settings:
       process's own identity).
     - ``lock_dir``: see :func:`default_lock_dir` (``$TMP/hyperion_lock-<uid>/<cwd name>-<cwd hash>``, one per
       app directory).
+    - ``min_replicas``: 0 (default, off) to 100. With ``n`` > 0 the leader runs ``WAIT n <ms>`` after taking the
+      lease and after each renewal (``ms``: :func:`replica_wait_ms`). Fewer acknowledgements are logged at WARNING,
+      once per call, and the job goes on: WAIT narrows the window in which a failover loses the lease, it cannot
+      close it (see docs/deployment.md, Sentinel).
     """
 
     redis_url: str | None = None
@@ -377,8 +402,10 @@ class Settings:
     progress_interval: float = 5.0
     lock_dir: str = field(default_factory=default_lock_dir)
     failure_hold: float = 300.0
+    min_replicas: int = 0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "min_replicas", replica_count(self.min_replicas))
         validate_name(self.key_prefix, "key prefix")
         validate_name(self.generation, "generation")
         for name, (low, high) in DURATION_BOUNDS.items():
@@ -398,7 +425,8 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         """Defaults from the environment: ``HYPERION_LOCK_REDIS_URL``, ``_LEASE_TTL``, ``_GENERATION``,
         ``_KEY_PREFIX``, ``_RESULT_TTL``, ``_FAILURE_HOLD``, ``_CONNECT_TIMEOUT``, ``_RECONNECT_TIMEOUT``,
-        ``_WAIT_TIMEOUT``, ``_PROGRESS_INTERVAL``, ``_LOCK_DIR``. Explicit ``overrides`` win over the environment."""
+        ``_WAIT_TIMEOUT``, ``_PROGRESS_INTERVAL``, ``_LOCK_DIR``, ``_MIN_REPLICAS``. Explicit ``overrides`` win over
+        the environment."""
         env = os.environ if environ is None else environ
         kwargs: dict[str, object] = {}
         for name in cls.__dataclass_fields__:

@@ -1,0 +1,125 @@
+"""A Sentinel-managed Redis (hyperion_lock.testing.SentinelSet: primary, replica, three Sentinels), real processes.
+
+The primary is SIGKILLed while a leader runs its job. What can happen is decided by replication and the lease TTL:
+
+* the lease and fencing counter reached the replica before the kill (the test waits until the replica has the
+  lease), so the promoted replica holds them. If the failover ends before the lease's TTL, the leader's next
+  renewal finds its own lease and goes on: the job runs once (``TTL = 10 s``, failover ~2-3 s here).
+* if the failover takes longer than the TTL, the lease has expired on the new primary. Then the leader's renewal
+  (which re-creates a vanished lease for its own fencing token) and a waiter's takeover (fencing token + 1) race;
+  whichever comes first wins, and the fencing token tells them apart (``TTL = 1 s``).
+
+Events, not sleeps: the kill follows the leader's "ran" event and the lease seen on the replica; the failover is
+read from the Sentinels. Times are measured and printed (``FAILOVER ...`` lines), never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from hyperion_lock import JobKeys
+from hyperion_lock.testing import SentinelSet
+
+from .conftest import Workers
+
+pytestmark = [pytest.mark.integration, pytest.mark.fault]
+
+KEY = "migrate"  # proc_worker's job key
+EVENT_TIMEOUT = 60.0
+
+
+@pytest.fixture
+def sentinels() -> Iterator[SentinelSet]:
+    with SentinelSet() as sset:
+        yield sset
+
+
+@pytest.fixture
+def report(capsys: pytest.CaptureFixture[str]) -> Iterator[Any]:
+    lines: list[str] = []
+    yield lines.append
+    with capsys.disabled():
+        for line in lines:
+            print("\n" + line, end="")
+        if lines:
+            print()
+
+
+def _lease_on(port: int) -> dict[str, Any] | None:
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
+    try:
+        raw = client.get(JobKeys("hyperion_lock", KEY).lease)
+    finally:
+        client.close()
+    return json.loads(raw) if raw else None
+
+
+def _wait(condition: Any, what: str, timeout: float = EVENT_TIMEOUT) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"{what}: not seen within {timeout} s")
+
+
+def _kill_primary_mid_job(sset: SentinelSet, w: Workers, ttl: float, job: str) -> tuple[dict[str, Any], float, int]:
+    """8 workers on the Sentinel URL; once one runs the job and the replica has its lease, SIGKILL the primary.
+    Returns (the first "ran" event, seconds from the kill until every Sentinel names the new primary, its port)."""
+    gen = f"failover-{time.time_ns()}"
+    w.spawn(8, url=sset.url(), ttl=ttl, job=job, generation=gen)
+    first = w.wait_for("ran", 1, timeout=EVENT_TIMEOUT)[0]
+    old_port = sset.primary_address()[1]
+    replica_port = next(node.port for node in sset.nodes if node.port != old_port)
+    _wait(lambda: (_lease_on(replica_port) or {}).get("fence") == first["fence"], "the lease on the replica")
+    killed = sset.kill_primary()
+    killed_at = time.monotonic()
+    assert killed.port == old_port
+    new_port = sset.wait_failover(old_port, timeout=EVENT_TIMEOUT)
+    return first, time.monotonic() - killed_at, new_port
+
+
+def test_primary_killed_mid_job_the_leader_keeps_its_lease(sentinels: SentinelSet, workers: Workers,
+                                                           report: Any) -> None:
+    """Lease TTL 10 s > failover time: the leader renews on the new primary, the job runs once, all 8 return."""
+    first, failover_s, new_port = _kill_primary_mid_job(sentinels, workers, ttl=10.0, job="sleep:5")
+    codes = workers.join(timeout=EVENT_TIMEOUT)
+    ran, returned = workers.events("ran"), workers.events("returned")
+    report(f"FAILOVER ttl 10 s: primary SIGKILLed ~at job start -> new primary after {failover_s:.2f} s -> "
+           f"job ran {len(ran)}x, {len(returned)}/8 returned, fences {sorted({r['fence'] for r in returned})}")
+    assert codes == [0] * 8, workers.outputs
+    assert len(ran) == 1, ran
+    assert len(returned) == 8 and {r["fence"] for r in returned} == {first["fence"]}
+    assert sum(r["ran_here"] for r in returned) == 1
+    assert _lease_on(new_port) is None  # released on the new primary when the outcome was recorded
+
+
+def test_primary_killed_mid_job_with_a_short_lease(sentinels: SentinelSet, workers: Workers, report: Any) -> None:
+    """Lease TTL 1 s < failover time: the lease expired on the new primary before anyone could renew it there.
+    Either the leader re-created it first (job ran once) or a waiter took over with a higher fencing token (job ran
+    twice, the first run's outcome discarded, its worker raises LeaseLostError). Every worker ends either way."""
+    first, failover_s, _ = _kill_primary_mid_job(sentinels, workers, ttl=1.0, job="sleep:5")
+    codes = workers.join(timeout=EVENT_TIMEOUT)
+    ran, returned, raised = workers.events("ran"), workers.events("returned"), workers.events("raised")
+    fences = [r["fence"] for r in ran]
+    recreated = sum("had vanished" in out for out in workers.outputs.values())
+    report(f"FAILOVER ttl 1 s: new primary after {failover_s:.2f} s -> job ran {len(ran)}x (fences {fences}), "
+           f"{len(returned)}/8 returned, raised {[r['error'] for r in raised]}, lease re-created by the leader: "
+           f"{bool(recreated)}")
+    assert len(codes) == 8
+    if len(ran) == 1:
+        assert codes == [0] * 8, workers.outputs
+        assert {r["fence"] for r in returned} == {first["fence"]}
+        return
+    assert len(ran) == 2, ran
+    assert fences[1] > fences[0] == first["fence"]
+    # The superseded leader learns it: its outcome is discarded and it raises LeaseLostError.
+    assert [r["error"] for r in raised] == ["LeaseLostError"] and int(raised[0]["pid"]) == int(first["pid"])
+    assert len(returned) == 7 and {r["fence"] for r in returned} == {fences[1]}
