@@ -27,6 +27,9 @@ import redis.asyncio as aredis
 from redis import exceptions as rexc
 from redis import sentinel as sync_sentinel
 from redis.asyncio import sentinel as async_sentinel
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry as SyncRetry
 
 from ._sentinel_url import SentinelURL, host_text
 
@@ -143,8 +146,15 @@ class SyncSentinelRedis(redis.Redis):
 
 def async_sentinel_client(target: SentinelURL, options: dict[str, Any]) -> AsyncSentinelRedis:
     """An asyncio client for ``target``'s primary. ``options`` (timeouts, handshake) apply to the Sentinels too;
-    no connection is made here."""
-    manager = AsyncSentinel(list(target.sentinels), sentinel_kwargs=_sentinel_kwargs(target, options))
+    no connection is made here.
+
+    Retries inside redis-py are cut down: none for a Sentinel query, one immediate retry of a command whose pooled
+    connection died (a failover closes them all). redis-py's defaults (up to 3 retries with exponential backoff, each
+    asking every Sentinel again) would multiply, and a first connect could outlast the caller's whole budget
+    before reporting anything; the caller's own retry loop (``with_retries``, the renewal loop) paces the rest."""
+    manager = AsyncSentinel(list(target.sentinels),
+                            sentinel_kwargs={**_sentinel_kwargs(target, options), "retry": AsyncRetry(NoBackoff(), 0)})
+    options = {"retry": AsyncRetry(NoBackoff(), 1), **options}
     client = manager.master_for(target.service, redis_class=AsyncSentinelRedis, **options, **target.data_kwargs())
     assert isinstance(client, AsyncSentinelRedis)
     client.sentinel_clients = list(manager.sentinels)
@@ -153,7 +163,9 @@ def async_sentinel_client(target: SentinelURL, options: dict[str, Any]) -> Async
 
 def sync_sentinel_client(target: SentinelURL, options: dict[str, Any]) -> SyncSentinelRedis:
     """A sync client for ``target``'s primary (see :func:`async_sentinel_client`)."""
-    manager = SyncSentinel(list(target.sentinels), sentinel_kwargs=_sentinel_kwargs(target, options))
+    manager = SyncSentinel(list(target.sentinels),
+                           sentinel_kwargs={**_sentinel_kwargs(target, options), "retry": SyncRetry(NoBackoff(), 0)})
+    options = {"retry": SyncRetry(NoBackoff(), 1), **options}
     client = manager.master_for(target.service, redis_class=SyncSentinelRedis, **options,
                                  **target.data_kwargs())  # type: ignore[no-untyped-call]
     assert isinstance(client, SyncSentinelRedis)
