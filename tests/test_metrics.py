@@ -18,6 +18,7 @@ import sys
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -490,6 +491,23 @@ def metric_values(text: str, name: str, key: str) -> dict[str, float]:
     return found
 
 
+def metrics_from_workers(g: Gunicorn, distinct: int, max_requests: int = 2000) -> dict[int, str]:
+    """GET /metrics, 8 at a time on fresh connections, until ``distinct`` workers answered: pid -> text."""
+    texts: dict[int, str] = {}
+
+    def one(_: int) -> tuple[int, str]:
+        response = g.get("/metrics")
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+        return int(response.headers["x-worker-pid"]), response.text
+
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(0, max_requests, 16):
+            texts.update(pool.map(one, range(16)))
+            if len(texts) >= distinct:
+                return texts
+    raise AssertionError(f"only workers {sorted(texts)} answered {max_requests} requests")
+
+
 @pytest.mark.e2e
 @pytest.mark.integration
 def test_gunicorn_metrics_are_summed_over_the_workers(tmp_path: Path, redis_url: str) -> None:
@@ -501,12 +519,7 @@ def test_gunicorn_metrics_are_summed_over_the_workers(tmp_path: Path, redis_url:
         g.wait_healthy()
         reports = g.startup_reports(3)
         (made,) = list(tmp.glob("hyperion-lock-metrics-*"))
-        texts = {}
-        for _ in range(30):  # fresh connections: several workers answer
-            response = g.get("/metrics")
-            assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
-            texts[int(response.headers["x-worker-pid"])] = response.text
-        assert len(texts) >= 2, texts.keys()
+        texts = metrics_from_workers(g, distinct=2)
         for text in texts.values():
             for job in ("migrate", "seed"):
                 assert metric_values(text, "hyperion_lock_job_runs_total", job) == {"done": 1.0}, text
