@@ -50,6 +50,7 @@ from hyperion_lock._metrics import (
     cache_counted,
     metrics,
 )
+from hyperion_lock.testing import RedisServer
 
 from ._deploy import ROOT, Gunicorn, running, wait_until
 
@@ -453,8 +454,11 @@ async def test_a_superseded_leader_counts_a_lost_lease(redis_url: str, spans: In
 
 
 @pytest.mark.integration
-async def test_a_broken_event_stream_counts_a_reconnect(redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
-    key, generation = new_key(), f"gen-{uuid.uuid4().hex}"
+async def test_a_broken_event_stream_counts_a_reconnect(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a Redis of its own: every subscription to it is cut."""
+    key, generation, redis_url = new_key(), f"gen-{uuid.uuid4().hex}", redis_server.url
     caplog.set_level(logging.DEBUG, logger="hyperion_lock")
     admin = aredis.Redis.from_url(redis_url)
 
