@@ -290,8 +290,9 @@ class SentinelSet:
         return self
 
     def _sees_everyone(self, index: int) -> bool:
-        raw = self.sentinel(index, "SENTINEL", "MASTER", self.service)  # a dict (bytes keys in redis-py 8)
-        state = {k.decode() if isinstance(k, bytes) else str(k): v for k, v in raw.items()}
+        raw = self.sentinel(index, "SENTINEL", "MASTER", self.service)  # a dict in redis-py 8, a flat list in 4.6
+        pairs = raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2], strict=True)
+        state = {k.decode() if isinstance(k, bytes) else str(k): v for k, v in pairs}
         return int(state["num-slaves"]) >= 1 and int(state["num-other-sentinels"]) >= 2
 
     def primary_address(self, index: int = 0) -> tuple[str, int]:
