@@ -74,6 +74,7 @@ __all__ = [
     "PostgresServer",
     "RedisServer",
     "SentinelSet",
+    "TlsFiles",
     "docker_available",
     "free_port",
     "hyperion_lock_isolated",
@@ -186,11 +187,55 @@ class RedisServer:
         self.stop()
 
 
-def _redis_call(port: int, *args: str, password: str | None = None) -> Any:
+@dataclass(frozen=True)
+class TlsFiles:
+    """A test CA, a server certificate for 127.0.0.1 and a client certificate, both signed by the CA (PEM files)."""
+
+    ca: str
+    server_cert: str
+    server_key: str
+    client_cert: str
+    client_key: str
+
+    @classmethod
+    def make(cls, directory: str) -> TlsFiles:
+        """Create them with the ``openssl`` CLI (valid for one day)."""
+        path = Path(directory)
+
+        def run(*args: str) -> None:
+            subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
+
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+            "-subj", "/CN=hyperion-lock test CA")
+        (path / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        for name in ("server", "client"):
+            run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={'127.0.0.1' if name == 'server' else 'hyperion-lock client'}")
+            run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "1", "-extfile", "san.ext")
+        return cls(*(str(path / name) for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")))
+
+    def server_args(self, port: int, *, auth_clients: str = "yes") -> tuple[str, ...]:
+        """``redis-server`` arguments for TLS only on ``port`` (the plain port is closed), replication over TLS."""
+        return ("--port", "0", "--tls-port", str(port), "--tls-cert-file", self.server_cert, "--tls-key-file",
+                self.server_key, "--tls-ca-cert-file", self.ca, "--tls-auth-clients", auth_clients,
+                "--tls-replication", "yes")
+
+    def client_kwargs(self) -> dict[str, Any]:
+        return {"ssl": True, "ssl_ca_certs": self.ca, "ssl_certfile": self.client_cert,
+                "ssl_keyfile": self.client_key}
+
+    def query(self) -> str:
+        """The URL query that makes a client trust the CA and present the client certificate."""
+        return f"ssl_ca_certs={self.ca}&ssl_certfile={self.client_cert}&ssl_keyfile={self.client_key}"
+
+
+def _redis_call(port: int, *args: str, password: str | None = None, tls: TlsFiles | None = None) -> Any:
     """One command to the server (or Sentinel) on a loopback port; short timeouts, a fresh connection."""
     import redis
 
-    client = redis.Redis(host="127.0.0.1", port=port, password=password, socket_timeout=2, socket_connect_timeout=2)
+    client = redis.Redis(host="127.0.0.1", port=port, password=password, socket_timeout=2, socket_connect_timeout=2,
+                         **(tls.client_kwargs() if tls else {}))
     try:
         return client.execute_command(*args)  # type: ignore[no-untyped-call]
     finally:
@@ -226,8 +271,10 @@ class SentinelSet:
     def __init__(
         self, *, service: str = "mymaster", password: str | None = None, sentinel_password: str | None = None,
         down_after_ms: int = 1000, failover_timeout_ms: int = 2000, binary: str | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.service = service
+        self.tls = tls
         self.password = password
         self.sentinel_password = sentinel_password
         self.down_after_ms = down_after_ms
@@ -239,6 +286,8 @@ class SentinelSet:
         self.primary = RedisServer(password=password, binary=self.binary, extra_args=auth)
         self.replica = RedisServer(password=password, binary=self.binary, extra_args=(
             *auth, "--replicaof", "127.0.0.1", str(self.primary.port)))
+        for node in self.nodes:
+            node.extra_args += tls.server_args(node.port) if tls else ()
         self.sentinel_ports = [free_port() for _ in range(3)]
         self.sentinel_procs: list[subprocess.Popen[bytes]] = []
 
@@ -253,7 +302,10 @@ class SentinelSet:
         spw = sentinel_password if sentinel_password is not None else self.sentinel_password
         auth = f":{pw}@" if pw else ""
         hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
-        query = f"?sentinel_password={spw}" if spw else ""
+        params = ([f"sentinel_password={spw}"] if spw else []) + ([self.tls.query()] if self.tls else [])
+        if self.tls and scheme == "redis+sentinel":
+            scheme = "rediss+sentinel"
+        query = f"?{'&'.join(params)}" if params else ""
         return f"{scheme}://{auth}{hosts}/{self.service}/{db}{query}"
 
     def _sentinel_conf(self, port: int) -> str:
@@ -268,6 +320,9 @@ class SentinelSet:
             lines.append(f"sentinel auth-pass {self.service} {self.password}")
         if self.sentinel_password:
             lines += [f"requirepass {self.sentinel_password}", f"sentinel sentinel-pass {self.sentinel_password}"]
+        if self.tls:
+            lines += [f"tls-cert-file {self.tls.client_cert}", f"tls-key-file {self.tls.client_key}",
+                      f"tls-ca-cert-file {self.tls.ca}", "tls-replication yes"]
         path = os.path.join(self.dir, f"sentinel-{port}.conf")
         Path(path).write_text("\n".join(lines) + "\n")
         return path
@@ -278,7 +333,7 @@ class SentinelSet:
     def start(self, timeout: float = 30.0) -> SentinelSet:
         self.primary.start()
         self.replica.start()
-        _poll(lambda: _redis_call(self.replica.port, "INFO", "replication", password=self.password)
+        _poll(lambda: _redis_call(self.replica.port, "INFO", "replication", password=self.password, tls=self.tls)
               .get("master_link_status") == "up", "replica in sync with the primary", timeout)
         for port in self.sentinel_ports:
             proc = subprocess.Popen([self.binary, self._sentinel_conf(port), "--sentinel"],
@@ -318,7 +373,7 @@ class SentinelSet:
             if len(ports) != 1 or old_port in ports:
                 return None
             (port,) = ports
-            role = _redis_call(port, "ROLE", password=self.password)
+            role = _redis_call(port, "ROLE", password=self.password, tls=self.tls)
             return port if role[0] == b"master" else None
 
         return int(_poll(promoted, f"failover away from port {old_port}", timeout))
