@@ -123,3 +123,31 @@ def test_primary_killed_mid_job_with_a_short_lease(sentinels: SentinelSet, worke
     # The superseded leader learns it: its outcome is discarded and it raises LeaseLostError.
     assert [r["error"] for r in raised] == ["LeaseLostError"] and int(raised[0]["pid"]) == int(first["pid"])
     assert len(returned) == 7 and {r["fence"] for r in returned} == {fences[1]}
+
+
+def test_graceful_failover_mid_job_demotes_a_live_primary(sentinels: SentinelSet, workers: Workers,
+                                                          report: Any) -> None:
+    """``SENTINEL FAILOVER``: the old primary stays up and becomes a replica, so a connection that still reaches it
+    gets READONLY. redis-py's Sentinel pool turns that into a reconnect to the new primary (and the library treats
+    READONLY as transient anyway): the job runs once and every worker returns; the READONLY replies seen in the
+    workers' logs are counted and reported, and must stay a handful, not a storm."""
+    gen = f"graceful-{time.time_ns()}"
+    workers.spawn(8, url=sentinels.url(), ttl=3.0, job="sleep:4", generation=gen)
+    first = workers.wait_for("ran", 1, timeout=EVENT_TIMEOUT)[0]
+    old_port = sentinels.primary_address()[1]
+    replica_port = next(node.port for node in sentinels.nodes if node.port != old_port)
+    _wait(lambda: (_lease_on(replica_port) or {}).get("fence") == first["fence"], "the lease on the replica")
+    started = time.monotonic()
+    assert sentinels.sentinel(0, "SENTINEL", "FAILOVER", sentinels.service)
+    new_port = sentinels.wait_failover(old_port, timeout=EVENT_TIMEOUT)
+    switched = time.monotonic() - started
+    codes = workers.join(timeout=EVENT_TIMEOUT)
+    ran, returned = workers.events("ran"), workers.events("returned")
+    readonly = sum(out.count("READONLY") + out.count("ReadOnlyError") + out.count("now a slave")
+                   for out in workers.outputs.values())
+    report(f"FAILOVER graceful (SENTINEL FAILOVER), ttl 3 s: new primary {new_port} after {switched:.2f} s -> job ran "
+           f"{len(ran)}x, {len(returned)}/8 returned, READONLY mentions in logs: {readonly}")
+    assert codes == [0] * 8, workers.outputs
+    assert len(ran) == 1 and {r["fence"] for r in returned} == {first["fence"]}
+    assert readonly <= 8, readonly  # at most one per worker
+    assert _lease_on(new_port) is None
