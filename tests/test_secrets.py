@@ -151,3 +151,51 @@ def test_right_password_with_special_characters_works_percent_encoded(protected_
     url = f"redis://:{quote(protected_redis.password or '', safe='')}@127.0.0.1:{protected_redis.port}/0"
     assert Coordinator(url, generation="special").run_once_sync("migrate", _noop).ran_here
     assert redact_url(url) == f"redis://:***@127.0.0.1:{protected_redis.port}/0"
+
+
+# --- redis+sentinel://: a data password in the userinfo and a Sentinel password in the query ----------------------
+# (template, data secret, sentinel secret): {pw}/{spw} as written, {enc}/{senc} percent-encoded, {port} a Sentinel.
+SENTINEL_CASES = [
+    ("redis+sentinel://:{enc}@127.0.0.1:{port}/mymaster/0?sentinel_password={senc}", SLASHY, AT_COLON),
+    ("redis+sentinel://alice:{enc}@127.0.0.1:{port},127.0.0.1:1/mymaster?sentinel_password={senc}", AT_COLON, PLAIN),
+    ("rediss+sentinel://{enc}@127.0.0.1:{port}/mymaster?sentinel_username=s&sentinel_password={senc}", PLAIN, SLASHY),
+    ("redis+sentinel://:{pw}@127.0.0.1:{port}/mymaster?sentinel_password={senc}", SLASHY, PLAIN),  # unencoded
+    ("redis+sentinel://:{pw}@127.0.0.1:{port}/mymaster?sentinel_password={senc}", AT_COLON, SLASHY),
+    ("redis+sentinel://127.0.0.1:{port}/mymaster?sentinel_password={spw}", PLAIN, PLAIN),
+    ("redis+sentinel://:{enc}@127.0.0.1:{port}/mymaster?sentinel_password={spw}&bogus=1", PLAIN, "Zz9Yy8Xx7"),
+]
+
+
+def _sentinel_url(template: str, secret: str, sentinel_secret: str, port: int) -> str:
+    return template.format(pw=secret, enc=quote(secret, safe=""), spw=sentinel_secret,
+                           senc=quote(sentinel_secret, safe=""), port=port)
+
+
+@pytest.mark.parametrize(("template", "secret", "sentinel_secret"), SENTINEL_CASES)
+def test_sentinel_descriptions_never_contain_either_secret(template: str, secret: str, sentinel_secret: str) -> None:
+    url = _sentinel_url(template, secret, sentinel_secret, 26379)
+    described = redact_url(url)
+    assert described is not None and described.startswith(("redis+sentinel://", "rediss+sentinel://"))
+    assert_no_secret(described, secret, sentinel_secret)
+    settings = Settings(redis_url=url, generation="g")
+    assert_no_secret(repr(settings) + settings.describe_target(), secret, sentinel_secret)
+    try:
+        coordinator = Coordinator(url, generation="g")
+    except HyperionLockError as exc:  # refused (unencoded password, unknown parameter): the message is safe too
+        assert_no_secret(str(exc) + repr(exc), secret, sentinel_secret)
+    else:
+        assert_no_secret(repr(coordinator), secret, sentinel_secret)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("template", "secret", "sentinel_secret"), SENTINEL_CASES[:3])
+def test_unreachable_sentinel_error_and_log_hide_both_secrets(
+    template: str, secret: str, sentinel_secret: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = _sentinel_url(template, secret, sentinel_secret, free_port())  # nothing listens there
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(HyperionLockError) as info:
+        Coordinator(url, connect_timeout=0.5, generation="x").run_once_sync("migrate", _noop)
+    assert "no Sentinel at" in str(info.value)
+    for text in (str(info.value), repr(info.value), caplog.text):
+        assert_no_secret(text, secret, sentinel_secret)
