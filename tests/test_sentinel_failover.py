@@ -9,8 +9,9 @@ The primary is SIGKILLed while a leader runs its job. What can happen is decided
   (which re-creates a vanished lease for its own fencing token) and a waiter's takeover (fencing token + 1) race;
   whichever comes first wins, and the fencing token tells them apart (``TTL = 1 s``).
 
-Events, not sleeps: the kill follows the leader's "ran" event and the lease seen on the replica; the failover is
-read from the Sentinels. Times are measured and printed (``FAILOVER ...`` lines), never asserted.
+Events, not sleeps: the kill follows the leader's "ran" event (or its first renewal heartbeat) and the lease seen on
+the replica; the failover is read from the Sentinels. Times are measured and printed (``FAILOVER ...`` lines),
+never asserted.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from hyperion_lock import JobKeys
 from hyperion_lock.testing import SentinelSet
 
 from .conftest import Workers
+from .test_faults import wait_heartbeat
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
 
@@ -70,14 +72,19 @@ def _wait(condition: Any, what: str, timeout: float = EVENT_TIMEOUT) -> Any:
     raise AssertionError(f"{what}: not seen within {timeout} s")
 
 
-def _kill_primary_mid_job(sset: SentinelSet, w: Workers, ttl: float, job: str) -> tuple[dict[str, Any], float, int]:
-    """8 workers on the Sentinel URL; once one runs the job and the replica has its lease, SIGKILL the primary.
+def _kill_primary_mid_job(
+    sset: SentinelSet, w: Workers, ttl: float, job: str, *, after_renewal: bool = False
+) -> tuple[dict[str, Any], float, int]:
+    """8 workers on the Sentinel URL; once one runs the job and the replica has its lease (and, with
+    ``after_renewal``, once the leader's first renewal was published: ``ttl / 3`` into the job), SIGKILL the primary.
     Returns (the first "ran" event, seconds from the kill until every Sentinel names the new primary, its port)."""
     gen = f"failover-{time.time_ns()}"
     w.spawn(8, url=sset.url(), ttl=ttl, job=job, generation=gen)
     first = w.wait_for("ran", 1, timeout=EVENT_TIMEOUT)[0]
     old_port = sset.primary_address()[1]
     replica_port = next(node.port for node in sset.nodes if node.port != old_port)
+    if after_renewal:
+        wait_heartbeat(f"redis://127.0.0.1:{old_port}/0", KEY, timeout=EVENT_TIMEOUT)
     _wait(lambda: (_lease_on(replica_port) or {}).get("fence") == first["fence"], "the lease on the replica")
     killed = sset.kill_primary()
     killed_at = time.monotonic()
@@ -86,13 +93,18 @@ def _kill_primary_mid_job(sset: SentinelSet, w: Workers, ttl: float, job: str) -
     return first, time.monotonic() - killed_at, new_port
 
 
+@pytest.mark.parametrize("after_renewal", [False, True], ids=["at-job-start", "after-first-renewal"])
 def test_primary_killed_mid_job_the_leader_keeps_its_lease(sentinels: SentinelSet, workers: Workers,
-                                                           report: Any) -> None:
-    """Lease TTL 10 s > failover time: the leader renews on the new primary, the job runs once, all 8 return."""
-    first, failover_s, new_port = _kill_primary_mid_job(sentinels, workers, ttl=10.0, job="sleep:5")
+                                                           report: Any, after_renewal: bool) -> None:
+    """Lease TTL 10 s > failover time: the job runs once, all 8 return. Killed at the job's start, the leader renews
+    on the new primary; killed after its first renewal (~3.3 s into the 5 s job), the job ends before the
+    failover does, and recording the outcome is retried until the new primary takes it."""
+    first, failover_s, new_port = _kill_primary_mid_job(sentinels, workers, ttl=10.0, job="sleep:5",
+                                                        after_renewal=after_renewal)
     codes = workers.join(timeout=EVENT_TIMEOUT)
     ran, returned = workers.events("ran"), workers.events("returned")
-    report(f"FAILOVER ttl 10 s: primary SIGKILLed ~at job start -> new primary after {failover_s:.2f} s -> "
+    when = "after the first renewal (~3.3 s into the job)" if after_renewal else "at the job's start"
+    report(f"FAILOVER ttl 10 s: primary SIGKILLed {when} -> new primary after {failover_s:.2f} s -> "
            f"job ran {len(ran)}x, {len(returned)}/8 returned, fences {sorted({r['fence'] for r in returned})}")
     assert codes == [0] * 8, workers.outputs
     assert len(ran) == 1, ran
@@ -105,12 +117,13 @@ def test_primary_killed_mid_job_with_a_short_lease(sentinels: SentinelSet, worke
     """Lease TTL 1 s < failover time: the lease expired on the new primary before anyone could renew it there.
     Either the leader re-created it first (job ran once) or a waiter took over with a higher fencing token (job ran
     twice, the first run's outcome discarded, its worker raises LeaseLostError). Every worker ends either way."""
-    first, failover_s, _ = _kill_primary_mid_job(sentinels, workers, ttl=1.0, job="sleep:5")
+    first, failover_s, _ = _kill_primary_mid_job(sentinels, workers, ttl=1.0, job="sleep:5", after_renewal=True)
     codes = workers.join(timeout=EVENT_TIMEOUT)
     ran, returned, raised = workers.events("ran"), workers.events("returned"), workers.events("raised")
     fences = [r["fence"] for r in ran]
     recreated = sum("had vanished" in out for out in workers.outputs.values())
-    report(f"FAILOVER ttl 1 s: new primary after {failover_s:.2f} s -> job ran {len(ran)}x (fences {fences}), "
+    report(f"FAILOVER ttl 1 s: primary SIGKILLed after the first renewal (~0.33 s into the job), new primary after "
+           f"{failover_s:.2f} s -> job ran {len(ran)}x (fences {fences}), "
            f"{len(returned)}/8 returned, raised {[r['error'] for r in raised]}, lease re-created by the leader: "
            f"{bool(recreated)}")
     assert len(codes) == 8
