@@ -205,9 +205,14 @@ class TlsFiles:
         def run(*args: str) -> None:
             subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
 
+        # The extensions Python >= 3.13's strict verification (VERIFY_X509_STRICT) requires of a CA and a leaf.
         run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
-            "-subj", "/CN=hyperion-lock test CA")
-        (path / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+            "-subj", "/CN=hyperion-lock test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+        (path / "san.ext").write_text(
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+            "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n"
+        )
         for name in ("server", "client"):
             run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
                 "-subj", f"/CN={'127.0.0.1' if name == 'server' else 'hyperion-lock client'}")
