@@ -22,6 +22,7 @@ from hyperion_lock import (
     RedisUnavailableError,
     Settings,
     redact_url,
+    use_lock_for_workers,
 )
 from hyperion_lock._connect import aclose, async_client_from_url, describe_client, is_transient, sync_client_from_url
 from hyperion_lock._redis_backend import replicas_short
@@ -244,6 +245,25 @@ async def test_async_sync_and_optional_redis_clients_close_their_sentinel_connec
     assert_no_secret(repr(optional), PW, SPW)
     outcome = await Coordinator(url, generation=f"a-{time.time_ns()}").run_once("job", _noop)
     assert outcome.ran_here
+
+
+@pytest.mark.integration
+async def test_use_lock_for_workers_with_a_sentinel_url_in_the_environment(
+    sentinel_set: SentinelSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``redis_client=None`` coordinates through HYPERION_LOCK_REDIS_URL, here a Sentinel URL: four concurrent
+    callers (separate clients), one run."""
+    monkeypatch.setenv("HYPERION_LOCK_REDIS_URL", _url(sentinel_set))
+    monkeypatch.setenv("HYPERION_LOCK_GENERATION", f"compat-{time.time_ns()}")
+    runs: list[int] = []
+
+    async def job() -> None:
+        runs.append(1)
+        await asyncio.sleep(0.3)
+
+    log = logging.getLogger("test")
+    await asyncio.gather(*(use_lock_for_workers(job, "init_db", None, 4, log, "init_db_done") for _ in range(4)))
+    assert runs == [1]
 
 
 @pytest.mark.integration
