@@ -70,7 +70,7 @@ def tls_sentinels(tls_files: TlsFiles) -> Iterator[SentinelSet]:
 def test_rediss_sentinel_reaches_a_tls_primary(tls_sentinels: SentinelSet, workers: Workers) -> None:
     url = tls_sentinels.url()
     assert url.startswith("rediss+sentinel://")
-    workers.spawn(4, url=url, job="sleep:0.3", generation=f"tls-sentinel-{time.time_ns()}")
+    workers.spawn(4, url=url, ttl=10, job="sleep:0.3", generation=f"tls-sentinel-{time.time_ns()}")
     assert workers.join() == [0] * 4, workers.outputs
     assert len(workers.events("ran")) == 1 and len(workers.events("returned")) == 4
     assert _run(tls_sentinels.url(scheme="redis+sentinel").replace("rediss+", "redis+") + "&ssl=true")
