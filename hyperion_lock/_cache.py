@@ -48,6 +48,7 @@ from typing import Any, Literal, TypeVar, overload
 import redis as _redis
 import redis.asyncio as aredis
 
+from ._aio import cancel_and_wait
 from ._cache_codec import Codec, JsonCodec, PickleCodec, etag_of
 from ._cache_errors import CacheComputeError, CacheError, CacheValueTooLargeError
 from ._cache_keys import CacheKeys, canonical, identity
@@ -68,6 +69,7 @@ from ._cache_store import (
 )
 from ._connect import describe_client, redis_error
 from ._errors import ConfigurationError
+from ._metrics import cache_counted
 from ._settings import ENV_PREFIX, Settings, positive_seconds, redact_url
 
 T = TypeVar("T")
@@ -241,15 +243,19 @@ class _Lead:
     token: str = ""
     version: int = 0
     renewer: asyncio.Task[None] | None = None
+    stopped: bool = False  # the computation ended: the renewer must stop, even if its cancel is lost
 
     @property
     def direct(self) -> bool:
         return self.ctx is None
 
     async def stop_renewing(self) -> None:
+        """Stop renewing the lease. The renewer also checks ``stopped`` after every round trip: a cancel lost in
+        redis-py (Python < 3.12, see :mod:`._aio`) once left a finished computation waiting for it forever,
+        renewing its lease, while every other worker waited for that lease."""
+        self.stopped = True
         if self.renewer is not None:
-            self.renewer.cancel()
-            await asyncio.gather(self.renewer, return_exceptions=True)
+            await cancel_and_wait([self.renewer])
             self.renewer = None
 
 
@@ -500,6 +506,7 @@ class Cache:
             if compute is not None:
                 s.computations += 1
                 s.compute_seconds += compute
+        cache_counted(namespace, status, error=error, compute=compute)
 
     def _deltas(self) -> dict[str, dict[str, float]]:
         with self._lock:
@@ -564,9 +571,7 @@ class Cache:
         if ctx is None:
             return
         await self._flush(ctx)
-        for task in list(ctx.tasks):
-            task.cancel()
-        await asyncio.gather(*ctx.tasks, return_exceptions=True)
+        await cancel_and_wait(list(ctx.tasks))
         await ctx.store.close()
 
     def close(self) -> None:
@@ -782,14 +787,14 @@ class Cache:
     async def _renew(self, lead: _Lead) -> None:
         assert lead.ctx is not None
         ctx, lease_ms = lead.ctx, self._lease_ms(lead.spec)
-        while True:
+        while not lead.stopped:
             await asyncio.sleep(lease_ms / 3000)
             try:
                 held = await self._guard(ctx, lambda: ctx.store.renew(lead.spec.keys, lead.ident, lead.token,
                                                                       lease_ms))
             except _Unavailable:
                 continue
-            if not held:
+            if not held and not lead.stopped:
                 self.log.debug("cache: lease of %s %s lost while computing (invalidated or taken over)",
                                lead.spec.namespace, lead.ident)
                 return

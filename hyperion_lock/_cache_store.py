@@ -13,7 +13,6 @@ values :class:`Read`, :class:`LeaseState`, :class:`PutResult`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import json
 import threading
@@ -30,6 +29,7 @@ from redis.asyncio import connection as aconn
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from ._aio import cancel_and_wait
 from ._cache_keys import CacheKeys
 from ._connect import as_text, async_closer, client_kwargs
 from ._connect import close_quietly as _close_quietly
@@ -684,9 +684,7 @@ class _Listener:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
+            await cancel_and_wait([self._task])
         self._reset()
 
 
@@ -814,9 +812,7 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._listener.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(list(self._tasks))
         await close_quietly(self._client)
         await _close_quietly(self._client.connection_pool.disconnect)  # a pool passed in is not closed by the client
 

@@ -8,6 +8,7 @@ separate process; one test runs a real separate process. Every wait is bounded; 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import re
@@ -33,7 +34,7 @@ from hyperion_lock import (
 )
 from hyperion_lock._cache_codec import JsonCodec, PickleCodec
 from hyperion_lock._cache_keys import CacheKeys
-from hyperion_lock._cache_store import Message, Read, RedisStore, cache_report, close_quietly
+from hyperion_lock._cache_store import MemoryStore, Message, Read, RedisStore, cache_report, close_quietly
 from hyperion_lock._cli import main
 from hyperion_lock.testing import RedisServer
 
@@ -235,6 +236,38 @@ async def test_a_waiter_takes_over_when_the_computing_process_is_killed(redis_ur
         proc.kill()
         proc.communicate()
         await close(*workers)
+
+
+async def test_a_lost_cancellation_does_not_keep_a_finished_computation_waiting(
+        prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Python < 3.12 ``asyncio.wait_for`` (redis-py's socket writes use it) drops a cancellation that arrives as
+    its call completes. The renewer of a finished computation was stopped by cancelling it: such a lost cancel
+    left the computation waiting for it forever, renewing its lease, and every other worker waited for the lease
+    (seen under gunicorn: a request hung, the others computed after ``wait_timeout``)."""
+    original = MemoryStore.renew
+    renewing = asyncio.Event()
+
+    async def renew_dropping_the_cancel(self: MemoryStore, *args: Any) -> bool:
+        if not renewing.is_set():  # the first renewal is in flight when the computation ends
+            renewing.set()
+            # What Python 3.11's wait_for does when the reply arrives with the cancellation: the cancel is lost.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.05)
+        return await original(self, *args)
+
+    monkeypatch.setattr(MemoryStore, "renew", renew_dropping_the_cancel)
+    cache = make(None, prefix, lease_ttl=0.3)
+
+    async def compute() -> str:
+        await renewing.wait()
+        return "value"
+
+    try:
+        async with asyncio.timeout(10):
+            assert await cache.get_or_compute("q", "k", compute, ttl=30) == "value"
+            assert await cache.get_or_compute("q", "k", compute, ttl=30) == "value"
+    finally:
+        await close(cache)
 
 
 # -- invalidation -------------------------------------------------------------------------------------------------

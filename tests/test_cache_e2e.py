@@ -60,6 +60,19 @@ def calls(g: Gunicorn) -> int:
     return int(get(g, "/upstream-calls").json()["calls"])
 
 
+def upstream_rows(g: Gunicorn) -> str:
+    """Every upstream call the workers recorded (for failure messages)."""
+    rows = sqlite_query(g.dir / "demo.sqlite3", "SELECT id, symbol, range, interval, pid FROM upstream_calls")
+    return "\n".join(map(str, rows))
+
+
+def made(g: Gunicorn, expected: int) -> bool:
+    """``calls(g) == expected``; on a mismatch the failure shows every recorded call and the workers' log."""
+    n = calls(g)
+    assert n == expected, f"{n} upstream calls, expected {expected}:\n{upstream_rows(g)}\nlog:\n{g.log()[-6000:]}"
+    return True
+
+
 def calls_for(db: Path, symbol: str) -> list[int]:
     """Pids of the workers that started an upstream call for ``symbol``."""
     return [int(r[0]) for r in sqlite_query(db, f"SELECT pid FROM upstream_calls WHERE symbol = '{symbol}'")]
@@ -96,7 +109,7 @@ def test_with_redis_a_burst_makes_one_upstream_call_and_every_worker_agrees(tmp_
         # A burst of concurrent requests for one cold key, spread over the workers: one upstream call.
         responses = burst(g, "/quotes/AAPL?range=1d&interval=5m", 64)
         assert {r.status_code for r in responses} == {200}
-        assert calls(g) == 1
+        assert made(g, 1)
         assert len({r.headers["x-worker-pid"] for r in responses}) >= 2
         assert len({r.content for r in responses}) == 1 and len({r.headers["etag"] for r in responses}) == 1
         assert [r.headers["x-cache"] for r in responses].count("MISS") == 1
@@ -105,7 +118,7 @@ def test_with_redis_a_burst_makes_one_upstream_call_and_every_worker_agrees(tmp_
         etag = responses[0].headers["etag"]
         # The same parameters in another order are the same entry.
         reordered = get(g, "/quotes/AAPL?interval=5m&range=1d")
-        assert (reordered.headers["x-cache"], reordered.headers["etag"]) == ("HIT", etag) and calls(g) == 1
+        assert (reordered.headers["x-cache"], reordered.headers["etag"]) == ("HIT", etag) and made(g, 1)
         # Every worker serves the same ETag and headers, and answers If-None-Match with 304.
         hits = from_every_worker(g, "/quotes/AAPL?range=1d&interval=5m")
         assert {r.headers["etag"] for r in hits.values()} == {etag}
@@ -115,20 +128,20 @@ def test_with_redis_a_burst_makes_one_upstream_call_and_every_worker_agrees(tmp_
         assert {r.status_code for r in not_modified.values()} == {304}
         # A client's no-cache does not reach the upstream.
         refresh = get(g, "/quotes/AAPL?range=1d&interval=5m", headers={"Cache-Control": "no-cache"})
-        assert refresh.headers["etag"] == etag and calls(g) == 1
+        assert refresh.headers["etag"] == etag and made(g, 1)
         # Tag invalidation drops both cached variants, and no worker serves the old value afterwards.
-        assert get(g, "/quotes/AAPL?range=5d").status_code == 200 and calls(g) == 2
+        assert get(g, "/quotes/AAPL?range=5d").status_code == 200 and made(g, 2)
         with httpx.Client(timeout=30) as client:
             assert client.post(g.base + "/quotes/AAPL/invalidate").json() == {"invalidated": 2}
         fresh = from_every_worker(g, "/quotes/AAPL?range=1d&interval=5m")
         assert len({r.headers["etag"] for r in fresh.values()}) == 1
         assert etag not in {r.headers["etag"] for r in fresh.values()}
-        assert calls(g) == 3
+        assert made(g, 3)
         # A failing computation: every waiting request gets its error at once; errors are not cached.
         failed = burst(g, "/quotes/FAIL1", 32)
         assert {r.status_code for r in failed} == {502}
         assert len({r.json()["detail"] for r in failed}) == 1
-        assert calls(g) == 4
+        assert made(g, 4)
         before = calls(g)  # errors are not cached: the next request computes again
         assert get(g, "/quotes/FAIL1").status_code == 502 and calls(g) > before
         # `hyperion-lock status` shows the namespace with the counts of every worker, once they flushed them.
