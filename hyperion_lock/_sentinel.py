@@ -14,7 +14,10 @@ that still answers) into a ``ConnectionError`` after disconnecting. What this mo
 Failure timeline, as seen by a caller: the primary dies -> commands fail with connection errors -> each reconnect
 asks the Sentinels, which keep naming the dead primary until they agree it is down (``down-after-milliseconds``)
 and promote a replica (a few seconds more) -> the next connect reaches the new primary. Writes acknowledged by the
-old primary but not yet replicated are lost (replication is asynchronous).
+old primary but not yet replicated are lost (replication is asynchronous). A manual failover that leaves the old
+primary running is different: connections opened before it stay on the old primary, which keeps answering as a
+primary until Sentinel reconfigures it (~10 s, Sentinel's INFO period), and whatever is written there meanwhile is
+discarded then (measured in tests/test_sentinel_failover.py).
 """
 
 from __future__ import annotations
