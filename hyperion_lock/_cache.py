@@ -785,15 +785,26 @@ class Cache:
         return lead
 
     async def _renew(self, lead: _Lead) -> None:
+        """Renew the lease every third of its TTL while the computation runs. This runs in the background, so it
+        is bound neither by the request path's ``op_timeout`` nor by the breaker: a renewal that is only slow (a
+        loaded Redis or worker) must not hand the entry to a second computation. A failed renewal is tried again
+        soon; the lease is lost only when Redis answers none of them for a whole TTL (then a waiter takes over,
+        and this computation's write is refused)."""
         assert lead.ctx is not None
         ctx, lease_ms = lead.ctx, self._lease_ms(lead.spec)
+        interval = lease_ms / 3000
+        failing = False
         while not lead.stopped:
-            await asyncio.sleep(lease_ms / 3000)
+            await asyncio.sleep(min(interval, 0.05) if failing else interval)
             try:
-                held = await self._guard(ctx, lambda: ctx.store.renew(lead.spec.keys, lead.ident, lead.token,
-                                                                      lease_ms))
-            except _Unavailable:
+                held = await within(ctx.store.renew(lead.spec.keys, lead.ident, lead.token, lease_ms),
+                                    max(self.cache_settings.op_timeout, interval), ctx.store.replied_since)
+            except Exception as exc:
+                self.log.debug("cache: renewing the lease of %s %s failed (%s: %s)", lead.spec.namespace,
+                               lead.ident, type(exc).__name__, exc)
+                failing = True
                 continue
+            failing = False
             if not held and not lead.stopped:
                 self.log.debug("cache: lease of %s %s lost while computing (invalidated or taken over)",
                                lead.spec.namespace, lead.ident)

@@ -868,6 +868,10 @@ async def within(awaitable: Awaitable[T], timeout: float, alive: Callable[[float
     ``timeout`` (alive, only slow to us), the deadline moves on (by ``timeout``, or twice the lateness), never
     past ``cap`` seconds in all; otherwise the call is cancelled and ``TimeoutError`` raised. A dead or stopped
     Redis answers nothing: an idle loop then times out after ``timeout`` exactly. No extra task per call.
+
+    The cancel can be lost (Python < 3.12, see :mod:`._aio`): a write to a stopped Redis completes at once, into
+    the socket buffer, and the call then waits for a reply until redis-py's own socket timeout (seconds). So the
+    call is cancelled again every ``timeout`` until it ends.
     """
     try:
         return await _within(awaitable, timeout, alive, cap)
@@ -880,7 +884,10 @@ async def within(awaitable: Awaitable[T], timeout: float, alive: Callable[[float
 async def _within(awaitable: Awaitable[T], timeout: float, alive: Callable[[float], bool] | None,
                   cap: float) -> T:
     loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
     started = loop.time()
+    insisted = 0  # cancels repeated after a lost one; taken back at the end, so the timeout still reads as one
     async with asyncio.timeout(None) as limit:
         timer: asyncio.TimerHandle | None = None
 
@@ -894,10 +901,18 @@ async def _within(awaitable: Awaitable[T], timeout: float, alive: Callable[[floa
                 timer = loop.call_at(later, check, later)
             else:
                 limit.reschedule(now)  # expire now: cancels the call, raises TimeoutError here
+                timer = loop.call_at(now + timeout, insist)
+
+        def insist() -> None:
+            nonlocal timer, insisted
+            insisted += 1
+            task.cancel()
+            timer = loop.call_at(loop.time() + timeout, insist)
 
         timer = loop.call_at(started + timeout, check, started + timeout)
         try:
             return await awaitable
         finally:
-            if timer is not None:
-                timer.cancel()
+            timer.cancel()
+            for _ in range(insisted):
+                task.uncancel()

@@ -270,6 +270,35 @@ async def test_a_lost_cancellation_does_not_keep_a_finished_computation_waiting(
         await close(cache)
 
 
+async def test_slow_renewals_do_not_hand_the_entry_to_a_second_computation(
+        redis_url: str, prefix: str, spy: Spy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each renewal takes longer than the request path's 50 ms timeout (a loaded Redis or worker). Renewals were
+    bound by that timeout and by the breaker: two slow ones opened it, renewing stopped, the lease expired and
+    the other worker computed the entry a second time (two values served). Now one computation runs."""
+    original = RedisStore.renew
+
+    async def slow_renew(self: RedisStore, *args: Any) -> bool:
+        await asyncio.sleep(0.1)
+        return await original(self, *args)
+
+    monkeypatch.setattr(RedisStore, "renew", slow_renew)
+    workers = [make(redis_url, prefix, lease_ttl=0.6) for _ in range(2)]
+    gate, counter = asyncio.Event(), Counter()
+    counter.gate = gate
+    try:
+        async with asyncio.timeout(20):
+            first = asyncio.create_task(workers[0].get_or_compute("q", "k", counter, ttl=30, returns=Quote))
+            await counter.started.wait()
+            other = asyncio.create_task(workers[1].get_or_compute("q", "k", counter, ttl=30, returns=Quote))
+            await until(lambda: spy.waits >= 1, "the other worker waits")
+            await asyncio.sleep(1.5)  # several lease lifetimes of slow renewals while the computation runs
+            gate.set()
+            results = [await first, await other]
+        assert counter.runs == 1 and results[0] == results[1]
+    finally:
+        await close(*workers)
+
+
 # -- invalidation -------------------------------------------------------------------------------------------------
 async def test_invalidation_by_key_tag_and_namespace_is_seen_by_every_worker(redis_url: str, prefix: str) -> None:
     a, b = make(redis_url, prefix), make(redis_url, prefix)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import math
 import uuid
@@ -205,3 +206,33 @@ async def test_a_store_call_times_out_unless_redis_is_seen_alive() -> None:
     with pytest.raises(TimeoutError):
         await within(late("too late"), 0.05, alive=lambda since: True, cap=0.1)
     assert await within(late("fast enough"), 0.5) == "fast enough"
+
+
+async def test_a_store_call_that_loses_the_timeouts_cancel_is_cancelled_again() -> None:
+    """A write to a stopped Redis completes into the socket buffer and redis-py's ``wait_for`` (Python < 3.12)
+    then drops the cancel; the call waits for a reply up to its socket timeout (seconds). It is cancelled again,
+    and the caller still sees one ``TimeoutError``, its task not left marked as cancelling; a cancel from
+    outside is still a ``CancelledError``."""
+    reply_forever = asyncio.Event()
+
+    async def losing_the_first_cancel() -> str:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(10)  # the write: the first cancel arrives as it completes, and is lost
+        await reply_forever.wait()  # the read of a reply that never comes
+        return "never"
+
+    async with asyncio.timeout(5):
+        with pytest.raises(TimeoutError, match="no reply within 50 ms"):
+            await within(losing_the_first_cancel(), 0.05, alive=lambda since: False)
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+
+    async def outside() -> str:
+        return await within(losing_the_first_cancel(), 0.05, alive=lambda since: False)
+
+    caller = asyncio.ensure_future(outside())
+    await asyncio.sleep(0.01)
+    caller.cancel()  # lost in the write, then the timeout's cancel lands: the outer cancel must still win
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(5):
+            await caller
