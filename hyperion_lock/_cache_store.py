@@ -31,9 +31,10 @@ from redis.backoff import NoBackoff
 
 from ._aio import cancel_and_wait
 from ._cache_keys import CacheKeys
-from ._connect import as_text, async_closer, client_kwargs
+from ._connect import as_text, async_client_from_url, async_closer, client_kwargs, is_sentinel_url
 from ._connect import close_quietly as _close_quietly
 from ._errors import ConfigurationError
+from ._sentinel import is_sentinel_pool
 from ._settings import redact_url, redis_url_problem
 
 T = TypeVar("T")
@@ -585,16 +586,26 @@ def client_for_cache(source: aredis.Redis | _redis.Redis | str, socket_timeout: 
     (its password stays inside redis-py). Its pool blocks (up to ``POOL_WAIT``) when all ``POOL_SIZE`` connections
     are busy: redis-py's default pool raises "Too many connections" in a burst instead. One immediate retry inside
     redis-py, for a pooled connection that died with a restarted server; no backoff: the cache fails fast and
-    open, and its own circuit breaker decides when to try again. Responses stay bytes (payloads are binary)."""
+    open, and its own circuit breaker decides when to try again. Responses stay bytes (payloads are binary).
+
+    A ``redis+sentinel://`` URL gets redis-py's Sentinel client of the primary (it follows failovers). redis-py
+    has no blocking Sentinel pool, and a bounded one would fail a burst past its size, so that pool is not
+    bounded: a burst opens as many connections as it has concurrent store calls."""
     own = {**client_kwargs(min(1.0, socket_timeout), socket_timeout), "retry": Retry(NoBackoff(), 1),
            "decode_responses": False}
     sizing: dict[str, Any] = {"max_connections": POOL_SIZE, "timeout": POOL_WAIT}
+    if isinstance(source, str) and is_sentinel_url(source):
+        return async_client_from_url(source, connect_timeout=min(1.0, socket_timeout), socket_timeout=socket_timeout,
+                                     retry=Retry(NoBackoff(), 1), decode_responses=False)
     if isinstance(source, str):
         problem = redis_url_problem(source)
         if problem is not None:
             raise ConfigurationError(f"invalid Redis URL {redact_url(source)!r}: {problem}")
         return aredis.Redis(connection_pool=aredis.BlockingConnectionPool.from_url(source, **own, **sizing))
     pool = source.connection_pool
+    if is_sentinel_pool(pool):
+        raise ConfigurationError("the cache cannot copy the settings of a Sentinel client (they name no host): give "
+                                 "it the redis+sentinel:// URL instead")
     cls = pool.connection_class if isinstance(source, aredis.Redis) else _async_class(pool.connection_class)
     accepted = inspect.signature(cls).parameters
     kwargs = {k: v for k, v in pool.connection_kwargs.items()

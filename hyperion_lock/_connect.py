@@ -270,7 +270,7 @@ def _from_url(
         raise ConfigurationError(f"invalid Redis URL {redact_url(url)!r}: {reason}. {_URL_FORMS}") from None
 
 
-def _is_sentinel_url(url: str) -> bool:
+def is_sentinel_url(url: str) -> bool:
     return url.partition("://")[0].lower() in SENTINEL_SCHEMES
 
 
@@ -283,7 +283,7 @@ def async_client_from_url(
     redis-py's ``Sentinel.master_for`` (see :mod:`._sentinel`); closing it closes the Sentinel connections too.
     ``options`` are further client options (``retry``, ``decode_responses``, ``max_connections``, ...).
     """
-    if _is_sentinel_url(url):
+    if is_sentinel_url(url):
         return _from_url(lambda u, **kw: async_sentinel_client(parse_sentinel_url(u), kw),
                          url, connect_timeout, socket_timeout, options)
     return _from_url(aredis.Redis.from_url, url, connect_timeout, socket_timeout, options)
@@ -293,7 +293,7 @@ def sync_client_from_url(
     url: str, *, connect_timeout: float, socket_timeout: float | None, **options: Any
 ) -> redis.Redis:
     """A sync client for ``url`` (see :func:`async_client_from_url`)."""
-    if _is_sentinel_url(url):
+    if is_sentinel_url(url):
         return _from_url(lambda u, **kw: sync_sentinel_client(parse_sentinel_url(u), kw),
                          url, connect_timeout, socket_timeout, options)
     return _from_url(redis.Redis.from_url, url, connect_timeout, socket_timeout, options)

@@ -8,8 +8,11 @@ the computation in flight; recovery is awaited through log lines. Nothing assert
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -168,6 +171,62 @@ def test_compose_has_an_optional_monitoring_profile() -> None:
     assert insight["environment"]["RI_REDIS_HOST"] == "redis"
     assert all(p.startswith("127.0.0.1:") for p in insight["ports"])  # not exposed beyond the host
     assert "redisinsight" not in services["app"].get("depends_on", {})  # the app never needs it
+
+
+def test_with_redis_a_killed_computation_is_taken_over_by_another_worker(
+        tmp_path: Path, server: RedisServer) -> None:
+    db = tmp_path / "demo.sqlite3"
+    with running(deploy(tmp_path, server.url, HYPERION_DEMO_UPSTREAM_DELAY="2",
+                        HYPERION_LOCK_CACHE_LEASE_TTL="1")) as g:
+        g.wait_healthy()
+        with ThreadPoolExecutor(33) as pool:
+            # SIGKILL the worker computing a key; the requests waiting in the others take over once its lease
+            # expires, and all get the same value.
+            first = pool.submit(get, g, "/quotes/KILL", 1)
+            victim = wait_until(lambda: calls_for(db, "KILL"), "the first upstream call started")[0]
+            waiting = [pool.submit(get, g, "/quotes/KILL") for _ in range(16)]
+            os.kill(victim, signal.SIGKILL)
+            with contextlib.suppress(httpx.TransportError):
+                first.result(60)  # its connection dies with the worker
+            taken_over = [f.result(60) for f in waiting]
+        assert {r.status_code for r in taken_over} == {200} and len({r.headers["etag"] for r in taken_over}) == 1
+        assert len(calls_for(db, "KILL")) == 2 and victim not in calls_for(db, "KILL")[1:]
+        assert made(g, 2)
+
+
+def test_with_redis_stopped_killed_and_restarted_requests_are_answered_and_caching_resumes(
+        tmp_path: Path, server: RedisServer) -> None:
+    db = tmp_path / "demo.sqlite3"
+    with running(deploy(tmp_path, server.url, HYPERION_DEMO_UPSTREAM_DELAY="2",
+                        HYPERION_LOCK_CACHE_BREAKER_RETRY="0.2", HYPERION_LOCK_CACHE_BREAKER_MAX_RETRY="1")) as g:
+        g.wait_healthy()
+        # Redis stopped (SIGSTOP) while a burst waits for a computation, then a burst for another key while it is
+        # still stopped: every request is answered, at most one upstream call per worker for the first key, the
+        # trouble is logged once per worker (not per request), and caching resumes by itself.
+        with ThreadPoolExecutor(32) as pool:
+            stopped = [pool.submit(get, g, "/quotes/STOP") for _ in range(32)]
+            wait_until(lambda: calls_for(db, "STOP"), "the upstream call started")
+            server.pause()
+            try:
+                answered = [f.result(60) for f in stopped]
+                answered += burst(g, "/quotes/PAUSED", 32)
+            finally:
+                server.resume()
+        assert {r.status_code for r in answered} == {200}
+        assert 1 <= len(calls_for(db, "STOP")) <= 5
+        opened = count(g, FAILING)
+        assert 1 <= opened <= 4
+        wait_until(lambda: count(g, RESUMED) >= opened, "every opened breaker closed again", timeout=30)
+        assert {r.status_code for r in burst(g, "/quotes/AFTER", 32)} == {200}
+        assert len(calls_for(db, "AFTER")) == 1
+
+        # Redis killed: requests are computed directly; restarted (empty): caching resumes by itself.
+        server.kill()
+        assert {r.status_code for r in burst(g, "/quotes/DEAD", 16)} == {200}
+        server.start()
+        wait_until(lambda: count(g, RESUMED) >= count(g, FAILING), "caching resumed after the restart", timeout=30)
+        assert {r.status_code for r in burst(g, "/quotes/BACK", 32)} == {200}
+        assert len(calls_for(db, "BACK")) == 1
 
 
 def test_without_redis_each_worker_computes_at_most_once(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import redis
 from redis import exceptions as rexc
 
 from hyperion_lock import (
+    Cache,
     ConfigurationError,
     Coordinator,
     OptionalRedis,
@@ -348,3 +349,35 @@ def test_plain_url_at_a_replica_reports_read_only() -> None:
         Coordinator(replica.url, connect_timeout=1, generation="x").run_once_sync("migrate", _noop)
     text = str(info.value)
     assert "ReadOnlyError" in text and "it is a replica" in text and "redis+sentinel://" in text, text
+
+
+@pytest.mark.integration
+async def test_the_cache_through_sentinel_computes_once_for_two_workers(sentinel_set: SentinelSet) -> None:
+    """Two caches (two workers) on a redis+sentinel:// URL: concurrent misses compute once and both serve the
+    value; a Sentinel client handed over instead of the URL is refused with what to do."""
+    url = _url(sentinel_set)
+    settings = Settings(redis_url=None, key_prefix=f"s{time.time_ns()}")
+    workers = [Cache(url, settings=settings) for _ in range(2)]
+    runs = 0
+
+    async def compute() -> str:
+        nonlocal runs
+        runs += 1
+        await asyncio.sleep(0.3)
+        return "through sentinel"
+
+    try:
+        async with asyncio.timeout(30):
+            results = await asyncio.gather(*[w.get_or_compute("q", "k", compute, ttl=30) for w in workers
+                                             for _ in range(3)])
+        assert results == ["through sentinel"] * 6 and runs == 1
+        assert sum(w.stats()["q"]["misses"] for w in workers) == 1
+    finally:
+        for w in workers:
+            await w.aclose()
+    client = async_client_from_url(url, connect_timeout=1, socket_timeout=1)
+    try:
+        with pytest.raises(ConfigurationError, match=r"give it the redis\+sentinel:// URL"):
+            await Cache(client, settings=settings).get_or_compute("q", "k2", compute, ttl=30)
+    finally:
+        await aclose(client)
