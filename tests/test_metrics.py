@@ -31,10 +31,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from hyperion_lock import (
+    Cache,
     CacheStatus,
     Coordinator,
     JobKeys,
     LeaseLostError,
+    Settings,
     current_lease,
     gunicorn_child_exit,
     gunicorn_metrics_dir,
@@ -138,6 +140,20 @@ def test_cache_counts_by_namespace_and_status() -> None:
     namespace = new_key()
     cache_counted(namespace, CacheStatus.MISS)
     assert sample("hyperion_lock_cache_requests_total", namespace=namespace, status="miss") == 1
+
+
+async def test_a_real_cache_counts_its_lookups_in_prometheus() -> None:
+    """The cache's own counting reaches the metrics: a miss (with its computation), then hits."""
+    namespace = new_key()
+    cache = Cache(None, settings=Settings(redis_url=None, key_prefix="metrics"))
+    try:
+        for _ in range(3):
+            assert await cache.get_or_compute(namespace, "k", lambda: "v", ttl=30) == "v"
+    finally:
+        await cache.aclose()
+    assert sample("hyperion_lock_cache_requests_total", namespace=namespace, status="miss") == 1
+    assert sample("hyperion_lock_cache_requests_total", namespace=namespace, status="hit") == 2
+    assert sample("hyperion_lock_cache_compute_seconds_count", namespace=namespace) == 1
 
 
 def test_render_is_the_prometheus_text_format() -> None:
