@@ -20,6 +20,7 @@ from .models import Item, JobFence, SeedRun
 logger = logging.getLogger(__name__)
 
 SEED_ITEMS = ("alpha", "beta", "gamma")
+SEED_DELAY_ENV = "HYPERION_DEMO_SEED_DELAY"  # test hook: seconds the seed sleeps before its fenced write
 
 
 def migrate(url: str) -> bool:
@@ -60,11 +61,17 @@ def seed(engine: Engine, lease: Lease | None = None, *, name: str = "seed") -> i
     The job's fencing token (``current_lease().fencing_token``) is recorded in ``job_fences`` inside the same
     transaction, under a row lock, and a lower token is refused (:func:`check_fence`), so a worker that lost its
     lease cannot write after its successor did. Outside a run-once job (no lease) the token is 0.
+    ``HYPERION_DEMO_SEED_DELAY=<seconds>`` (a test hook) sleeps before the write: a slow or partitioned leader.
     """
     lease = lease if lease is not None else current_lease()
     token = lease.fencing_token if lease else 0
     generation = lease.generation if lease else "manual"
     since = lease.holder.since if lease else time.time()
+    delay = float(os.environ.get(SEED_DELAY_ENV, "0") or 0)
+    if delay > 0:
+        logger.warning("seed: pid %d sleeping %.1f s with fencing token %d (%s)", os.getpid(), delay, token,
+                       SEED_DELAY_ENV)
+        time.sleep(delay)
     with Session(engine) as session, session.begin():
         recorded = session.get(JobFence, name, with_for_update=True)
         check_fence(recorded, token, since)
