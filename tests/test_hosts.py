@@ -137,10 +137,12 @@ def test_leader_host_cut_off_mid_job_is_taken_over_and_its_late_write_refused(
                              timeout=delay + 60)[0]
         assert (int(refused.group(1)), int(refused.group(2)), int(refused.group(3))) == (
             new_token, new_leader, old_token)
-        print(f"\ncut host a (leader pid {old_leader}, fencing token {old_token}) mid-seed; "
-              f"pid {new_leader} took over with token {new_token} {took_over:.1f} s after the cut "
-              f"(lease TTL 2 s); 8 workers of b and c served {all_ready:.1f} s after the cut; "
-              f"a's late write refused {time.monotonic() - restored_at:.1f} s after the link came back")
+        refused_after = time.monotonic() - restored_at
+        started = took_over - float(jobs["seed"]["duration_s"])  # its job's own run time is reported
+        print(f"\ncut host a (leader pid {old_leader}, fencing token {old_token}) mid-seed; pid {new_leader} "
+              f"started the job with token {new_token} ~{started:.1f} s after the cut (lease TTL 2 s) and finished "
+              f"it {took_over:.1f} s after; 8 workers of b and c served {all_ready:.1f} s after the cut; a's late "
+              f"write (token {old_token}) refused by job_fences {refused_after:.1f} s after the link came back")
         # Nothing ran twice: one migration, one seed run (the new leader's), the rows inserted once.
         assert db.query("SELECT count(*) FROM migration_audit") == [(1,)]
         assert db.query("SELECT version_num FROM alembic_version") == [(HEAD,)]
@@ -148,4 +150,12 @@ def test_leader_host_cut_off_mid_job_is_taken_over_and_its_late_write_refused(
         assert db.query("SELECT fencing_token, pid FROM job_fences WHERE name = 'seed'") == [(new_token, new_leader)]
         assert db.query("SELECT count(*), min(seeded_with_token), max(seeded_with_token) FROM items") == [
             (3, new_token, new_token)]
-        print(f"host a after the refusal: {a.log()[-3000:]}")
+        # Host a: none of its workers ran the job; the refused job fails its worker's boot, which halts a's master
+        # (a failed boot is a failed deploy of that host: it takes its other workers down with it).
+        code = a.wait_exit(timeout=60)
+        log = a.log()
+        assert code != 0, log
+        assert "job 'seed' ran here" not in log and f"worker pid {old_leader}: startup failed" in log
+        saw = log.count(f"job 'seed' was done by another worker (runner {jobs['seed']['runner_host']}:{new_leader}")
+        print(f"host a: its master exited {code} after the refused write; {saw} of its 3 waiting workers had seen "
+              f"the seed done by pid {new_leader} once the link came back")
