@@ -9,7 +9,7 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,11 @@ Cluster = tuple[Network, NetnsRedis, NetnsPostgres]
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    with several_hosts(tmp_path, HOSTS) as parts:
-        yield parts
+def cluster(tmp_path: Path) -> Iterator[Callable[[], Cluster]]:
+    """Builds the hosts' network and servers when the test calls it, so that a machine which cannot (not root, no
+    ``ip``) fails the test itself with the reason; removed at teardown in any case."""
+    with contextlib.ExitStack() as stack:
+        yield lambda: stack.enter_context(several_hosts(tmp_path, HOSTS))
 
 
 @contextlib.contextmanager
@@ -55,8 +57,8 @@ def lease_holder_pid(store: NetnsRedis, key: str) -> int | None:
     return int(json.loads(raw)["pid"]) if raw else None
 
 
-def test_three_hosts_twelve_workers_run_each_job_once(tmp_path: Path, cluster: Cluster) -> None:
-    net, store, db = cluster
+def test_three_hosts_twelve_workers_run_each_job_once(tmp_path: Path, cluster: Callable[[], Cluster]) -> None:
+    net, store, db = cluster()
     env = {"DATABASE_URL": db.url, "HYPERION_LOCK_REDIS_URL": store.url, "HYPERION_LOCK_GENERATION": "release-7"}
     with hosts(net, tmp_path, **{h: env for h in HOSTS}) as gs:
         for g in gs.values():  # together: the three masters and their 12 workers race for the same jobs
@@ -88,13 +90,13 @@ def test_three_hosts_twelve_workers_run_each_job_once(tmp_path: Path, cluster: C
 
 
 def test_leader_host_cut_off_mid_job_is_taken_over_and_its_late_write_refused(
-    tmp_path: Path, cluster: Cluster
+    tmp_path: Path, cluster: Callable[[], Cluster]
 ) -> None:
     """Host a leads the seed job and is slow (HYPERION_DEMO_SEED_DELAY: it sleeps before its fenced write); its
     bridge port goes down. b or c takes over after the lease TTL and seeds with a higher fencing token; b's and c's
     8 workers serve. The link comes back while a's job still sleeps: its write, with the old token, is refused by
     the database's fence (job_fences), and nothing ran twice."""
-    net, store, db = cluster
+    net, store, db = cluster()
     delay = 20.0  # a's job sleeps this long; the link is back long before (the test waits for events, not this)
     common = {"DATABASE_URL": db.url, "HYPERION_LOCK_REDIS_URL": store.url, "HYPERION_LOCK_GENERATION": "release-8",
               "HYPERION_LOCK_LEASE_TTL": "2"}
