@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import time
 import pytest
 import redis
 
+from hyperion_lock import Cache, Settings
 from hyperion_lock._connect import _ACL_COMMANDS
 from tests.conftest import ROOT, Workers
 from tests.test_redis_errors import TlsRedis, tls_redis
@@ -48,3 +51,42 @@ def test_the_minimal_acl_the_library_names_is_enough_over_tls(tls_redis: TlsRedi
     line = next(ln for ln in (ROOT / "docs" / "deployment.md").read_text().splitlines() if "ACL SETUSER" in ln
                 and "~hyperion_lock:*" in ln)
     assert set(_ACL_COMMANDS.split()) | {"+scan"} == set(re.findall(r"\+[a-z]+", line))
+
+
+async def test_the_cache_works_as_an_acl_user_with_the_commands_docs_caching_lists(
+        tls_redis: TlsRedis, caplog: pytest.LogCaptureFixture) -> None:
+    """The core's commands plus the ones docs/caching.md lists (read from the page): two caches (two workers)
+    over TLS compute once, invalidate by tag, add their counts, and the CLI's status shows the namespace; the
+    store never fails (the breaker never opens)."""
+    page = (ROOT / "docs" / "caching.md").read_text()
+    extra = re.findall(r"\+[a-z]+", page[page.index("## ACL"):page.index("## The reference app")])
+    assert "+zadd" in extra
+    _grant(tls_redis, "~hyperion_lock:*", "&hyperion_lock:*", *_ACL_COMMANDS.split(), *extra, "+scan")
+    url = f"rediss://app:app-pw@127.0.0.1:{tls_redis.port}/0?ssl_ca_certs={tls_redis.ca}"
+    namespace = f"acl{time.time_ns()}"
+    caches = [Cache(url, settings=Settings(redis_url=None)) for _ in range(2)]
+    runs = 0
+
+    async def compute() -> str:
+        nonlocal runs
+        runs += 1
+        await asyncio.sleep(0.2)
+        return "value"
+
+    try:
+        async with asyncio.timeout(30):
+            results = await asyncio.gather(*[c.get_or_compute(namespace, "k", compute, ttl=60, tags=["t"])
+                                             for c in caches for _ in range(3)])
+            assert results == ["value"] * 6 and runs == 1
+            assert await caches[0].invalidate_tag(namespace, "t") == 1
+            assert await caches[1].get_or_compute(namespace, "k", compute, ttl=60, tags=["t"]) == "value"
+            assert runs == 2
+    finally:
+        for c in caches:
+            await c.aclose()  # adds this worker's counts
+    assert not [r for r in caplog.records if "is failing" in r.getMessage()], caplog.text
+    out = subprocess.run([sys.executable, "-m", "hyperion_lock._cli", "status", "--json", "--url", url],  # noqa: ASYNC221
+                         capture_output=True, text=True, timeout=60, check=False, cwd=ROOT)
+    assert out.returncode in (0, 2), out.stdout + out.stderr
+    row = {r["namespace"]: r for r in json.loads(out.stdout)["cache"]}[namespace]
+    assert row["keys"] == 1 and row["computations"] == 2
