@@ -50,6 +50,7 @@ import redis
 
 from . import _scripts
 from ._cache_store import cache_report, describe_report
+from ._cluster import is_cluster_client
 from ._connect import as_text, sync_client_from_url
 from ._core import Coordinator
 from ._errors import (
@@ -160,7 +161,8 @@ def redis_reset(client: redis.Redis, prefix: str, key: str, generation: str | No
                           "pid": os.getpid(), "fence": 0, "since": int(time.time() * 1000)})
     deleted = 0
     for okey in outcome_keys or [keys.outcome(generation or "-")]:
-        done, lease = script(keys=[keys.lease, okey], args=["1" if force else "0", keys.channel, release])
+        done, lease = script(keys=[keys.lease, okey, keys.channel],
+                             args=["1" if force else "0", release, "1" if is_cluster_client(client) else "0"])
         if as_text(lease):
             holder = Holder.from_mapping(json.loads(as_text(lease) or "{}"))
             return True, (f"refused: {key} is running in {holder.runner} (generation {holder.generation}, fencing "
@@ -231,7 +233,7 @@ def _cache_section(client: redis.Redis, prefix: str) -> list[dict[str, Any]]:
     """The cache part of ``status``; a user not allowed to read it (ACL) still gets the jobs' status."""
     try:
         return cache_report(client, prefix)
-    except redis.ResponseError as exc:
+    except (redis.ResponseError, redis.exceptions.RedisClusterException) as exc:
         print(f"hyperion-lock: cache section not readable: {exc}", file=sys.stderr)
         return []
 
@@ -250,7 +252,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 client.close()
         else:
             jobs = file_jobs(Path(settings.lock_dir), settings.key_prefix, generation)
-    except (redis.RedisError, OSError) as exc:
+    except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
         return _unreachable(settings, exc)
     if args.key:
         names = {j.key for j in jobs}
@@ -290,7 +292,7 @@ def cmd_reset(args: argparse.Namespace) -> int:
                 client.close()
         else:
             refused, message = file_reset(Path(settings.lock_dir), settings.key_prefix, key, generation, args.force)
-    except (redis.RedisError, OSError) as exc:
+    except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
         return _unreachable(settings, exc)
     print(message, file=sys.stderr if refused else sys.stdout)
     return EXIT_FAILED if refused else EXIT_OK

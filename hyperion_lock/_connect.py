@@ -17,6 +17,8 @@ import redis.asyncio as aredis
 from redis import connection as rconn
 from redis import exceptions as rexc
 
+from ._cluster import async_cluster_client, cluster_support_problem, is_cluster_client, sync_cluster_client
+from ._cluster_url import CLUSTER_SCHEMES, parse_cluster_url
 from ._errors import (
     ConfigurationError,
     HyperionLockError,
@@ -45,6 +47,9 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     rexc.ReadOnlyError,
     rexc.TimeoutError,
     rexc.BusyLoadingError,
+    rexc.ClusterDownError,  # CLUSTERDOWN: a master of the cluster failed and no replica was promoted yet
+    rexc.TryAgainError,  # TRYAGAIN: a slot being migrated
+    rexc.SlotNotCoveredError,  # redis-py's slot map names no node for the slot (a failover under way)
     ConnectionError,
     TimeoutError,
     OSError,
@@ -223,7 +228,14 @@ def redis_error(
 
 def is_transient(exc: BaseException) -> bool:
     """A network-level failure that may pass; the configuration errors :func:`redis_error` names are not."""
+    if isinstance(exc, rexc.RedisClusterException) and _CLUSTER_UNREACHABLE.search(str(exc)):
+        return True
     return isinstance(exc, TRANSIENT_ERRORS) and redis_error(exc, where="", key=None, generation=None) is None
+
+
+#: redis-py's cluster client when no startup node answered (a plain ``RedisClusterException``, not a connection
+#: error): as transient as a refused connection.
+_CLUSTER_UNREACHABLE = re.compile(r"cannot be connected|reachable node|failed to resolve")
 
 
 @cache
@@ -264,6 +276,8 @@ def _from_url(
         raise ConfigurationError(f"invalid Redis URL {redact_url(url)!r}: {problem}. {_URL_FORMS}")
     try:
         return factory(url, **client_kwargs(connect_timeout, socket_timeout), **options)
+    except ConfigurationError:  # already says what is wrong (a redis-py too old for the URL)
+        raise
     except (ValueError, TypeError) as exc:
         option = re.search(r"keyword argument '(\w+)'", str(exc))
         reason = f"unknown option {option.group(1)!r}" if option else f"redis-py refused it ({type(exc).__name__})"
@@ -274,6 +288,18 @@ def is_sentinel_url(url: str) -> bool:
     return url.partition("://")[0].lower() in SENTINEL_SCHEMES
 
 
+def is_cluster_url(url: str) -> bool:
+    return url.partition("://")[0].lower() in CLUSTER_SCHEMES
+
+
+def _cluster_target(url: str) -> Any:
+    """The parsed ``redis+cluster://`` URL; ConfigurationError when this redis-py cannot serve it."""
+    problem = cluster_support_problem()
+    if problem is not None:
+        raise ConfigurationError(f"{problem} (URL {redact_url(url)!r})")
+    return parse_cluster_url(url)
+
+
 def async_client_from_url(
     url: str, *, connect_timeout: float, socket_timeout: float | None, **options: Any
 ) -> aredis.Redis:
@@ -281,10 +307,15 @@ def async_client_from_url(
 
     ``redis+sentinel://`` / ``rediss+sentinel://`` URLs give a client of the primary the Sentinels name, built by
     redis-py's ``Sentinel.master_for`` (see :mod:`._sentinel`); closing it closes the Sentinel connections too.
+    ``redis+cluster://`` / ``rediss+cluster://`` URLs give redis-py's ``redis.asyncio.cluster.RedisCluster`` of
+    the startup nodes (see :mod:`._cluster`; it is not a ``redis.asyncio.Redis`` but has the same commands).
     ``options`` are further client options (``retry``, ``decode_responses``, ``max_connections``, ...).
     """
     if is_sentinel_url(url):
         return _from_url(lambda u, **kw: async_sentinel_client(parse_sentinel_url(u), kw),
+                         url, connect_timeout, socket_timeout, options)
+    if is_cluster_url(url):
+        return _from_url(lambda u, **kw: async_cluster_client(_cluster_target(u), kw),  # type: ignore[return-value]
                          url, connect_timeout, socket_timeout, options)
     return _from_url(aredis.Redis.from_url, url, connect_timeout, socket_timeout, options)
 
@@ -296,11 +327,17 @@ def sync_client_from_url(
     if is_sentinel_url(url):
         return _from_url(lambda u, **kw: sync_sentinel_client(parse_sentinel_url(u), kw),
                          url, connect_timeout, socket_timeout, options)
+    if is_cluster_url(url):
+        return _from_url(lambda u, **kw: sync_cluster_client(_cluster_target(u), kw),  # type: ignore[return-value]
+                         url, connect_timeout, socket_timeout, options)
     return _from_url(redis.Redis.from_url, url, connect_timeout, socket_timeout, options)
 
 
 def describe_client(client: object) -> str:
     """A password-free description of a client's server, for logs."""
+    if is_cluster_client(client):
+        nodes = getattr(getattr(client, "nodes_manager", None), "startup_nodes", {}) or {}
+        return f"redis+cluster://{','.join(nodes) or '?'}"
     pool = getattr(client, "connection_pool", None)
     kwargs: dict[str, Any] = getattr(pool, "connection_kwargs", {}) or {}
     if "path" in kwargs:
@@ -317,7 +354,7 @@ def _uses_tls(pool: object) -> bool:
 
 
 def _scheme_in(where: str) -> str | None:
-    match = re.search(r"\b(rediss\+sentinel|redis\+sentinel|rediss|redis|unix)://", where)
+    match = re.search(r"\b(rediss?\+(?:sentinel|cluster)|rediss|redis|unix)://", where)
     return match.group(1) if match else None
 
 
@@ -333,12 +370,26 @@ def _sentinel_hints(where: str) -> str:
     )
 
 
+def _cluster_hints(where: str) -> str:
+    match = re.search(r"cluster://(?:[^@/]*@)?([^/?]*)", where)
+    addresses = match.group(1) if match else "<nodes>"
+    first = addresses.split(",")[0]
+    return (
+        f"Check that the startup nodes {addresses} answer and that the cluster is healthy (redis-cli -h "
+        f"{first.rpartition(':')[0] or first} -p {first.rpartition(':')[2]} CLUSTER INFO: cluster_state:ok), that the "
+        "addresses the nodes announce (CLUSTER NODES) are reachable from here, and, during a failover, that the "
+        "failed master has a replica that could be promoted"
+    )
+
+
 def unreachable_hints(where: str) -> str:
     """What to check when a server at ``where`` does not answer; the TLS hint depends on the scheme used, and a
     Sentinel URL gets the Sentinel's own checks."""
     scheme = _scheme_in(where)
     if scheme in ("redis+sentinel", "rediss+sentinel"):
         return _sentinel_hints(where)
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        return _cluster_hints(where)
     if scheme == "rediss":
         tls = "a plain (non-TLS) Redis never answers a TLS handshake: use redis:// for it"
     elif scheme == "unix":

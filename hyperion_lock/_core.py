@@ -25,7 +25,7 @@ import redis.asyncio as aredis
 
 from ._aio import to_the_end
 from ._call import Backend, Call
-from ._connect import async_client_from_url, describe_client
+from ._connect import async_client_from_url, describe_client, is_cluster_url
 from ._errors import ConfigurationError, JobFailedError, WaitInterruptedError, WaitTimeoutError
 from ._file_backend import FileBackend
 from ._keys import JobKeys
@@ -33,7 +33,7 @@ from ._leadership import CURRENT_LEASE, RELEASE_BUDGET, Leadership
 from ._metrics import metrics
 from ._model import Lease, Outcome, Probe
 from ._policy import TERMINAL, Act, Next, Notice, WaitPolicy
-from ._redis_backend import AsyncOps, RedisBackend, SyncOps
+from ._redis_backend import AsyncOps, ClusterOps, RedisBackend, SyncOps
 from ._settings import Settings
 from ._signals import stop_requested
 
@@ -170,7 +170,8 @@ class Coordinator:
             client = async_client_from_url(
                 s.redis_url, connect_timeout=s.connect_timeout, socket_timeout=max(1.0, min(s.lease_ttl / 3, 5.0))
             )
-            return RedisBackend(AsyncOps(client, owned=True), keys, s, s.describe_target())
+            ops = ClusterOps(client, owned=True) if is_cluster_url(s.redis_url) else AsyncOps(client, owned=True)
+            return RedisBackend(ops, keys, s, s.describe_target())
         return FileBackend(keys, s)
 
     async def _run(

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from . import _scripts
 from ._connect import as_text, async_closer, close_quietly, is_transient, redis_error
+from ._errors import ConfigurationError
 from ._keys import JobKeys
 from ._model import Event, FinishResult, Holder, Lease, Outcome, Probe, RenewResult, Status
 from ._settings import Settings, replica_wait_ms
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 
 class _Ops(Protocol):
     """The handful of Redis operations the backend needs, whatever the client flavour."""
+
+    sharded: bool  # publish and subscribe with sharded pub/sub (SPUBLISH/SSUBSCRIBE: a Redis Cluster)
 
     async def run(self, script: str, keys: list[str], args: list[Any]) -> Any: ...
     async def run_and_wait(
@@ -38,6 +41,8 @@ class _Ops(Protocol):
 
 
 class _OpsBase:
+    sharded = False
+
     def __init__(self, client: Any, *, owned: bool) -> None:
         self._client = client
         self._owned = owned  # close the client with the backend (we made it from a URL)
@@ -87,6 +92,52 @@ class AsyncOps(_OpsBase):
             self._pubsub = None
         if self._owned:
             await close_quietly(async_closer(self._client))
+
+
+class ClusterOps(AsyncOps):
+    """An asyncio ``RedisCluster`` (see :mod:`._cluster`): scripts are routed by their keys' slot, and waiters
+    listen with ``SSUBSCRIBE`` on the node that owns the job's slot (redis-py's cluster ``ClusterPubSub``).
+
+    A subscription that breaks -- the node died (connection error), or the node told us it no longer owns the slot
+    (an ``sunsubscribe`` pushed by the server after a resharding or a failover that demoted it) -- is reported as a
+    ``ConnectionError``: the waiter logs it, re-subscribes (after re-reading the slot map, so on the slot's new
+    owner) and probes the job again, as after any reconnect.
+    """
+
+    sharded = True
+
+    async def run_and_wait(
+        self, script: str, keys: list[str], args: list[Any], replicas: int, timeout_ms: int
+    ) -> tuple[Any, int]:
+        raise ConfigurationError(
+            "HYPERION_LOCK_MIN_REPLICAS (min_replicas) is not supported with redis+cluster://: WAIT must run on the "
+            "connection that wrote the lease, which redis-py's cluster client does not expose; set it to 0"
+        )
+
+    async def subscribe(self, channel: str) -> None:
+        if self._pubsub is not None:
+            await close_quietly(async_closer(self._pubsub))
+            self._pubsub = None
+            await self._client.nodes_manager.initialize()  # a resubscribe: the slot may have a new owner
+        await self._client.initialize()
+        pubsub = self._client.pubsub(ignore_subscribe_messages=False)
+        self._pubsub = pubsub
+        await pubsub.ssubscribe(channel)
+        if not pubsub.node_pubsub_mapping:  # redis-py skips a channel whose slot no node owns
+            raise ConnectionError(f"no node of the cluster owns the slot of {channel} (a failover under way?)")
+
+    async def get_message(self, timeout: float) -> Any:
+        if self._pubsub is None or not self._pubsub.node_pubsub_mapping:
+            raise ConnectionError("the sharded subscription was dropped")
+        message = await self._pubsub.get_sharded_message(ignore_subscribe_messages=False, timeout=max(0.0, timeout))
+        if message is None:
+            return None
+        kind = as_text(message.get("type"))
+        if kind == "sunsubscribe":
+            raise ConnectionError("the node dropped the sharded subscription (its slot moved to another node)")
+        if kind == "smessage":
+            return {**message, "type": "message"}
+        return None
 
 
 class SyncOps(_OpsBase):
@@ -140,6 +191,7 @@ class RedisBackend:
         self._result_ttl_ms = max(1, int(settings.result_ttl * 1000))
         self._scripts_loaded = False
         self._replicas_warned = False
+        self._sharded = "1" if ops.sharded else "0"  # the scripts' last ARGV: SPUBLISH or PUBLISH
 
     def describe(self) -> str:
         return f"Redis at {self.where}"
@@ -249,9 +301,9 @@ class RedisBackend:
     async def renew(self, lease: Lease) -> RenewResult:
         reply, acked = await self._write(
             _scripts.RENEW,
-            [self.keys.lease, self.keys.fence],
-            [lease.token, self._ttl_ms, self._lease_record(lease), lease.fencing_token, self.keys.channel,
-             self._holder_message(lease, Status.RUNNING)],
+            [self.keys.lease, self.keys.fence, self.keys.channel],
+            [lease.token, self._ttl_ms, self._lease_record(lease), lease.fencing_token,
+             self._holder_message(lease, Status.RUNNING), self._sharded],
         )
         result = RenewResult(int(reply))
         self._replicas_acked(acked, wrote=result is not RenewResult.LOST)
@@ -261,9 +313,9 @@ class RedisBackend:
         """Record ``outcome`` (``None``: give the job up), drop the lease, wake waiters."""
         result = await self.ops.run(
             _scripts.FINISH,
-            [self.keys.lease, self.keys.outcome(self.generation), self.keys.fence],
+            [self.keys.lease, self.keys.outcome(self.generation), self.keys.fence, self.keys.channel],
             [lease.token, outcome.to_json(ttl_ms=self._result_ttl_ms) if outcome else "", self._result_ttl_ms,
-             self.keys.channel, self._holder_message(lease, Status.RELEASED), lease.fencing_token],
+             self._holder_message(lease, Status.RELEASED), lease.fencing_token, self._sharded],
         )
         return FinishResult(int(result))
 

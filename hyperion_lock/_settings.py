@@ -18,6 +18,7 @@ from urllib.parse import ParseResult, parse_qsl, quote, unquote, urlparse
 
 from redis import connection as _redis_connection
 
+from ._cluster_url import CLUSTER_FORM, CLUSTER_SCHEMES, parse_cluster_url
 from ._errors import ConfigurationError
 from ._sentinel_url import (
     CERT_REQS,
@@ -48,7 +49,8 @@ _TLS_QUERY = frozenset({"ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert
                         "ssl_ca_path", "ssl_password"})
 URL_FORMS = (
     "Expected redis://[[user]:password@]host[:port][/db], rediss://... (TLS; query parameters ssl_ca_certs, "
-    f"ssl_certfile, ssl_keyfile, ssl_cert_reqs={'|'.join(CERT_REQS)}), unix:///path/to/socket, or {SENTINEL_FORM}"
+    f"ssl_certfile, ssl_keyfile, ssl_cert_reqs={'|'.join(CERT_REQS)}), unix:///path/to/socket, {SENTINEL_FORM}, "
+    f"or {CLUSTER_FORM}"
 )
 UNPARSEABLE_URL = "<unparseable URL: percent-encode special characters in the password>"
 
@@ -104,7 +106,8 @@ def parse_redis_url(url: str) -> dict[str, Any]:
     """
     scheme = _scheme_of(url)
     if scheme not in _REDIS_SCHEMES:
-        raise ValueError("the scheme must be redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel://")
+        raise ValueError("the scheme must be redis://, rediss://, unix://, redis+sentinel://, rediss+sentinel://, "
+                         "redis+cluster:// or rediss+cluster://")
     _check_query(scheme, _checked_split(url).query)
     try:
         return dict(_redis_parse_url(url))
@@ -130,10 +133,13 @@ def _check_query(scheme: str, query: str) -> None:
 
 def redis_url_problem(url: str) -> str | None:
     """Why ``url`` is not a usable Redis URL (text safe to print: nothing from the URL), or None. Sentinel URLs
-    (``redis+sentinel://``, ``rediss+sentinel://``) are checked by the parser their client is built from."""
+    (``redis+sentinel://``, ``rediss+sentinel://``) and Cluster URLs (``redis+cluster://``, ``rediss+cluster://``)
+    are checked by the parser their client is built from."""
     try:
         if _scheme_of(url) in SENTINEL_SCHEMES:
             parse_sentinel_url(url)
+        elif _scheme_of(url) in CLUSTER_SCHEMES:
+            parse_cluster_url(url)
         else:
             parse_redis_url(url)
     except ValueError as exc:
@@ -171,8 +177,8 @@ def redact_url(url: str | None) -> str | None:
     """A description of ``url`` that is safe for logs, reprs, errors and status output.
 
     Redis URLs are parsed by redis-py's own parser (Sentinel URLs by the one their client is built from, see
-    :mod:`._sentinel_url`, shown with both passwords as ``***``) and rebuilt from what it found: scheme,
-    ``user:***@`` (``:***@``
+    :mod:`._sentinel_url`, shown with both passwords as ``***``; Cluster URLs by :mod:`._cluster_url`) and rebuilt
+    from what it found: scheme, ``user:***@`` (``:***@``
     when there is only a password, from the userinfo or a ``?password=`` parameter), host, port and database, or
     the socket path for ``unix://``. Nothing of the raw text is echoed, so query parameters never appear. Other URLs
     keep their host, port, path and query, with the password and any password-like query value masked. A URL that
@@ -187,6 +193,8 @@ def redact_url(url: str | None) -> str | None:
     try:
         if scheme in SENTINEL_SCHEMES:
             return parse_sentinel_url(url).describe()
+        if scheme in CLUSTER_SCHEMES:
+            return parse_cluster_url(url).describe()
         if scheme in _REDIS_SCHEMES:
             return _describe_redis(scheme, parse_redis_url(url))
         return _describe_other(scheme, url)

@@ -70,6 +70,7 @@ import pytest
 from ._settings import validate_name
 
 __all__ = [
+    "ClusterSet",
     "Isolation",
     "PostgresServer",
     "RedisServer",
@@ -393,6 +394,155 @@ class SentinelSet:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> SentinelSet:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is a valid port and free too."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair (port, port + 10000) for a cluster node")
+
+
+class ClusterSet:
+    """A Redis Cluster on free loopback ports: ``masters`` masters with one replica each (6 ``redis-server`` nodes
+    by default, ``--cluster-enabled yes``, node config files in a temp dir, no persistence), created with
+    ``redis-cli --cluster create --cluster-replicas 1 --cluster-yes``.
+
+    ``node_timeout_ms`` (``cluster-node-timeout``) is small so that a killed master is replaced within seconds.
+    :meth:`start` returns once every node says ``cluster_state:ok`` and knows every other node, and every replica
+    is in sync; every wait is bounded. ``password`` protects every node (``requirepass`` and ``masterauth``).
+    """
+
+    def __init__(self, *, masters: int = 3, password: str | None = None, node_timeout_ms: int = 1000,
+                 binary: str | None = None) -> None:
+        self.password = password
+        self.node_timeout_ms = node_timeout_ms
+        self.binary = binary or shutil.which("redis-server") or ""
+        self.cli = shutil.which("redis-cli") or os.path.join(os.path.dirname(self.binary), "redis-cli")
+        self.dir = tempfile.mkdtemp(prefix="hyperion-cluster-")
+        auth = ("--masterauth", password) if password else ()
+        self.nodes: list[RedisServer] = []
+        for _ in range(masters * 2):
+            port = _cluster_port()
+            self.nodes.append(RedisServer(password=password, port=port, binary=self.binary, extra_args=(
+                "--cluster-enabled", "yes", "--cluster-config-file", os.path.join(self.dir, f"nodes-{port}.conf"),
+                "--cluster-node-timeout", str(node_timeout_ms), "--repl-diskless-sync-delay", "0", *auth)))
+
+    def url(self, *, scheme: str = "redis+cluster", password: str | None = None, count: int | None = None) -> str:
+        """The client URL naming the first ``count`` nodes (default: all) as startup nodes."""
+        pw = password if password is not None else self.password
+        auth = f":{pw}@" if pw else ""
+        hosts = ",".join(f"127.0.0.1:{node.port}" for node in self.nodes[:count])
+        return f"{scheme}://{auth}{hosts}"
+
+    def call(self, port: int, *args: str) -> Any:
+        return _redis_call(port, *args, password=self.password)
+
+    def start(self, timeout: float = 60.0) -> ClusterSet:
+        for node in self.nodes:
+            node.start()
+        auth = ("-a", self.password, "--no-auth-warning") if self.password else ()
+        subprocess.run([self.cli, *auth, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                        "--cluster-replicas", "1", "--cluster-yes"], check=True, capture_output=True, timeout=timeout)
+        self.wait_healthy(timeout)
+        return self
+
+    def _healthy(self, port: int) -> bool:
+        info = self.call(port, "CLUSTER", "INFO")
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        fields = dict(line.split(":", 1) for line in text.split() if ":" in line)
+        if fields.get("cluster_state") != "ok" or int(fields.get("cluster_known_nodes", 0)) < self.alive():
+            return False
+        replication = self.call(port, "INFO", "replication")
+        return bool(replication.get("role") == "master" or replication.get("master_link_status") == "up")
+
+    def alive(self) -> int:
+        return sum(1 for node in self.nodes if node.proc is not None and node.proc.poll() is None)
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        """Until every running node says ``cluster_state:ok`` and every running replica is in sync (bounded)."""
+        for node in self.nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                _poll(lambda n=node: self._healthy(n.port), f"cluster node {node.port} healthy", timeout)
+
+    def node_at(self, port: int) -> RedisServer:
+        return next(node for node in self.nodes if node.port == port)
+
+    def slot_of(self, key: str) -> int:
+        return int(self.call(self.nodes[0].port, "CLUSTER", "KEYSLOT", key))
+
+    def owner(self, slot: int, via: int | None = None) -> int:
+        """The port of the master that owns ``slot``, as the node ``via`` (default: a running node) sees it."""
+        port = via if via is not None else next(n.port for n in self.nodes if n.proc and n.proc.poll() is None)
+        for start, end, master, *_ in self.call(port, "CLUSTER", "SLOTS"):
+            if int(start) <= slot <= int(end):
+                return int(master[1])
+        raise LookupError(f"no node owns slot {slot}")
+
+    def node_id(self, port: int) -> str:
+        raw = self.call(port, "CLUSTER", "MYID")
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    def replica_of(self, master_port: int) -> int:
+        for node in self.nodes:
+            if node.port == master_port or node.proc is None or node.proc.poll() is not None:
+                continue
+            info = self.call(node.port, "INFO", "replication")
+            if info.get("role") == "slave" and int(info.get("master_port", 0)) == master_port:
+                return node.port
+        raise LookupError(f"no replica of {master_port}")
+
+    def wait_failover(self, slot: int, old_port: int, timeout: float = 60.0) -> int:
+        """Until every running node names a master other than ``old_port`` for ``slot``; return its port."""
+
+        def moved() -> int | None:
+            owners = {self.owner(slot, via=n.port) for n in self.nodes if n.proc and n.proc.poll() is None}
+            return owners.pop() if len(owners) == 1 and old_port not in owners else None
+
+        port = int(_poll(moved, f"slot {slot} failed over away from {old_port}", timeout))
+        self.wait_healthy(timeout)
+        return port
+
+    def migrate_slot(self, slot: int, target_port: int) -> None:
+        """Move ``slot`` and its keys to the master on ``target_port`` by hand (CLUSTER SETSLOT IMPORTING/MIGRATING,
+        MIGRATE, SETSLOT NODE on both and on every other master), as ``redis-cli --cluster reshard`` does."""
+        source_port = self.owner(slot)
+        source_id, target_id = self.node_id(source_port), self.node_id(target_port)
+        self.call(target_port, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", source_id)
+        self.call(source_port, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", target_id)
+        while keys := self.call(source_port, "CLUSTER", "GETKEYSINSLOT", str(slot), "100"):
+            auth = ("AUTH", self.password) if self.password else ()
+            self.call(source_port, "MIGRATE", "127.0.0.1", str(target_port), "", "0", "5000", *auth, "KEYS",
+                      *(k.decode() for k in keys))
+        for port in (target_port, source_port):
+            self.call(port, "CLUSTER", "SETSLOT", str(slot), "NODE", target_id)
+        for node in self.nodes:
+            with contextlib.suppress(Exception):
+                if self.call(node.port, "INFO", "replication").get("role") == "master":
+                    self.call(node.port, "CLUSTER", "SETSLOT", str(slot), "NODE", target_id)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> ClusterSet:
         try:
             return self.start()
         except BaseException:

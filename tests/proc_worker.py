@@ -40,6 +40,11 @@ def make_job(spec: str, log: str) -> Any:
             await asyncio.sleep(float(arg or 0))
             emit(log, event="job-failing")
             raise ValueError("migration 0002 exploded")
+        elif kind == "file":  # run until the test creates the file ``arg`` (the test decides when the job ends)
+            while True:  # polled: the test process has no other way to signal this one
+                if await asyncio.to_thread(os.path.exists, arg):
+                    break
+                await asyncio.sleep(0.02)
         elif kind == "check":  # sleep, then verify the lease is still ours before "writing"
             await asyncio.sleep(float(arg or 0))
             assert lease is not None

@@ -91,7 +91,7 @@ def test_sentinel_url_forms(url: str, tls: bool, db: int, password: str | None) 
         ("redis+sentinel://:Ab1/Cd2@h/m", "percent-encoded"),
         ("redis+sentinel://h/m#frag", "percent-encoded"),
         ("sentinel://h/m", "the scheme must be"),
-        ("redis+cluster://h/m", "the scheme must be"),
+        ("redis+clustr://h/m", "the scheme must be"),
     ],
 )
 def test_bad_urls_are_configuration_errors_naming_the_forms(url: str, says: str) -> None:

@@ -1,0 +1,56 @@
+"""Clients for a Redis Cluster, built with redis-py's own ``RedisCluster`` (``startup_nodes``).
+
+Routing is redis-py's: the client reads the slot map from the first startup node that answers, sends each command
+to the master that owns its keys' slot, follows ``MOVED``/``ASK`` and re-reads the map after a connection error (a
+master that died). All keys of one job share a hash tag (see :mod:`._keys`), so each Lua script runs on one node.
+
+Wake-ups use sharded pub/sub (``SPUBLISH``/``SSUBSCRIBE``, Redis >= 7): the message goes only to the node owning
+the job's slot, and a waiter listens there (see ``ClusterOps`` in :mod:`._redis_backend`). redis-py has sharded
+pub/sub in its asyncio cluster client since 8.0; an older redis-py is refused with :class:`ConfigurationError`
+naming that version rather than falling back to broadcast ``PUBLISH`` that a sharded subscriber would never see.
+
+Failure timeline, as seen by a caller: the master of the job's slot dies -> commands and the waiters' subscription
+fail with connection errors -> the cluster marks it failed after ``cluster-node-timeout`` and promotes its replica
+(a second or two more) -> the next command, after redis-py re-read the slot map, reaches the new master; a waiter
+re-subscribes there. Until then the cluster answers ``CLUSTERDOWN``/``TRYAGAIN`` or the slot is not covered:
+those count as transient (retried within the caller's budgets). Writes the old master acknowledged but had not yet
+replicated are lost (replication is asynchronous), as with Sentinel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+import redis.asyncio.cluster as async_cluster
+import redis.cluster as sync_cluster
+
+from ._cluster_url import ClusterURL
+
+#: The first redis-py whose asyncio cluster client has sharded pub/sub (``ClusterPubSub.ssubscribe``).
+MIN_REDIS_PY = "8.0"
+
+
+def cluster_support_problem() -> str | None:
+    """Why this redis-py cannot serve a ``redis+cluster://`` URL (safe to print), or None."""
+    pubsub = getattr(async_cluster, "ClusterPubSub", None)
+    if pubsub is not None and hasattr(pubsub, "ssubscribe") and hasattr(pubsub, "get_sharded_message"):
+        return None
+    return (f"redis+cluster:// needs redis-py >= {MIN_REDIS_PY} (sharded pub/sub, SSUBSCRIBE, in "
+            f"redis.asyncio.cluster); this is redis-py {redis.__version__}: pip install 'redis>={MIN_REDIS_PY}'")
+
+
+def async_cluster_client(target: ClusterURL, options: dict[str, Any]) -> async_cluster.RedisCluster:
+    """An asyncio ``RedisCluster`` for ``target``'s startup nodes; no connection is made here."""
+    nodes = [async_cluster.ClusterNode(host, port) for host, port in target.nodes]
+    return async_cluster.RedisCluster(startup_nodes=nodes, **options, **target.node_kwargs())
+
+
+def sync_cluster_client(target: ClusterURL, options: dict[str, Any]) -> sync_cluster.RedisCluster:
+    """A sync ``RedisCluster`` for ``target``'s startup nodes (see :func:`async_cluster_client`)."""
+    nodes = [sync_cluster.ClusterNode(host, port) for host, port in target.nodes]  # type: ignore[no-untyped-call]
+    return sync_cluster.RedisCluster(startup_nodes=nodes, **options, **target.node_kwargs())
+
+
+def is_cluster_client(client: object) -> bool:
+    return isinstance(client, async_cluster.RedisCluster | sync_cluster.RedisCluster)

@@ -1,0 +1,117 @@
+"""``redis+cluster://`` URLs: one parser, used both to build the client and to describe the URL without secrets.
+
+Form (redis-py's ``RedisCluster.from_url`` takes a single node and no ``+cluster`` scheme, so this is ours)::
+
+    redis+cluster://[[user]:password@]host:port[,host:port...][/0][?query]
+    rediss+cluster://...                       (or ?ssl=true): TLS to every node
+
+The addresses are startup nodes: the client asks the first that answers for the cluster's slot map and then talks
+to whichever node owns a slot. A node without a port listens on 6379. A cluster has only database 0, so the path
+is empty, ``/`` or ``/0``. Query parameters: ``ssl`` and, with TLS, ``ssl_ca_certs``, ``ssl_certfile``,
+``ssl_keyfile``, ``ssl_cert_reqs`` (none/optional/required), ``ssl_check_hostname``; anything else is refused.
+
+Every ``ValueError`` raised here has a message that quotes nothing from the URL (a piece of a badly encoded password
+can end up anywhere in it), so callers may show it as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl
+
+from ._sentinel_url import (
+    ENCODE_HINT,
+    TLS_QUERY,
+    _split,
+    _userinfo,
+    auth_marker,
+    check_tls_value,
+    host_text,
+    parse_bool,
+)
+
+CLUSTER_SCHEMES = frozenset({"redis+cluster", "rediss+cluster"})
+DEFAULT_CLUSTER_PORT = 6379
+CLUSTER_QUERY = ("ssl", *TLS_QUERY)
+CLUSTER_FORM = (
+    "redis+cluster://[[user]:password@]host:port[,host:port...] (startup nodes of a Redis Cluster; "
+    f"rediss+cluster:// or ?ssl=true for TLS; query parameters: {', '.join(CLUSTER_QUERY)})"
+)
+
+
+@dataclass(frozen=True)
+class ClusterURL:
+    """What a ``redis+cluster://`` URL asks for. Secrets are kept out of ``repr``."""
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: bool = False
+    tls_options: tuple[tuple[str, Any], ...] = ()
+
+    def node_kwargs(self) -> dict[str, Any]:
+        """Connection options for every node, for ``RedisCluster``."""
+        kwargs: dict[str, Any] = {"username": self.username, "password": self.password}
+        if self.tls:
+            kwargs["ssl"] = True
+            kwargs.update(self.tls_options)
+        return kwargs
+
+    def addresses(self) -> str:
+        return ",".join(f"{host_text(host)}:{port}" for host, port in self.nodes)
+
+    def describe(self) -> str:
+        """``rediss+cluster://user:***@h1:7000,h2:7001``: safe to print."""
+        scheme = "rediss+cluster" if self.tls else "redis+cluster"
+        return f"{scheme}://{auth_marker(self.username, self.password)}{self.addresses()}"
+
+
+def _address(text: str) -> tuple[str, int]:
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError("a cluster node address is not host:port or [ipv6]:port")
+        port_text = rest[1:]
+    else:
+        host, _, port_text = text.partition(":")
+    if not host:
+        raise ValueError(f"a cluster node address has no host, or {ENCODE_HINT}")
+    if not port_text:
+        return host, DEFAULT_CLUSTER_PORT
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"a cluster node port is not a number from 1 to 65535, or {ENCODE_HINT}")
+    return host, int(port_text)
+
+
+def _query(text: str) -> dict[str, str]:
+    query = dict(parse_qsl(text, keep_blank_values=True))
+    unknown = sorted(set(query) - set(CLUSTER_QUERY))
+    if unknown:
+        raise ValueError(f"unknown query parameter(s) {', '.join(map(repr, unknown))} for redis+cluster://")
+    return query
+
+
+def _tls(scheme: str, query: dict[str, str]) -> tuple[bool, tuple[tuple[str, Any], ...]]:
+    tls = scheme == "rediss+cluster" or parse_bool(query.get("ssl", "false"), "ssl")
+    options = tuple((name, check_tls_value(name, query[name])) for name in TLS_QUERY if name in query)
+    if options and not tls:
+        raise ValueError("ssl_* parameters need TLS: use rediss+cluster:// or add ssl=true")
+    return tls, options
+
+
+def parse_cluster_url(url: str) -> ClusterURL:
+    """Parse a ``redis+cluster://`` / ``rediss+cluster://`` URL; ValueError (quoting nothing of it) if invalid."""
+    scheme = url.partition("://")[0].lower()
+    if scheme not in CLUSTER_SCHEMES:
+        raise ValueError("the scheme must be redis+cluster:// or rediss+cluster://")
+    parts = _split(url)
+    username, password, hosts = _userinfo(parts.netloc)
+    if not hosts:
+        raise ValueError("no cluster node address: give host:port[,host:port...]")
+    nodes = tuple(_address(text) for text in hosts.split(","))
+    if parts.path not in ("", "/", "/0"):
+        raise ValueError("a Redis Cluster has only database 0: leave the path empty (or /0)")
+    query = _query(parts.query)
+    tls, tls_options = _tls(scheme, query)
+    return ClusterURL(nodes=nodes, username=username, password=password, tls=tls, tls_options=tls_options)

@@ -1,0 +1,368 @@
+"""redis+cluster:// URLs: parsing, validation, redaction (no server), then a real Redis Cluster (ClusterSet).
+
+With a redis-py older than 8.0 (no sharded pub/sub in its asyncio cluster client) every cluster test asserts the
+ConfigurationError that names the version needed instead of running the cluster scenario.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+import redis
+
+from hyperion_lock import (
+    ConfigurationError,
+    Coordinator,
+    OptionalRedis,
+    RedisUnavailableError,
+    Settings,
+    redact_url,
+    use_lock_for_workers,
+)
+from hyperion_lock._cluster import MIN_REDIS_PY, cluster_support_problem
+from hyperion_lock._cluster_url import parse_cluster_url
+from hyperion_lock._connect import aclose, async_client_from_url, is_transient, sync_client_from_url
+from hyperion_lock._keys import JobKeys
+from hyperion_lock.testing import ClusterSet, free_port
+
+from .conftest import ROOT, Workers
+from .test_secrets import AT_COLON, SLASHY, assert_no_secret
+
+SUPPORTED = cluster_support_problem() is None
+PW = "Clu5/Pw?Ok"
+FORM = "redis+cluster://[[user]:password@]host:port[,host:port...]"
+
+
+def _noop() -> None:
+    return None
+
+
+# --- parsing -----------------------------------------------------------------------------------------------------
+def test_full_cluster_url_is_parsed() -> None:
+    url = (f"rediss+cluster://app:{quote(SLASHY, safe='')}@10.0.0.1:7000,[::1]:7001,n3?ssl_ca_certs=/ca.pem"
+           "&ssl_certfile=/c.pem&ssl_keyfile=/k.pem&ssl_cert_reqs=optional&ssl_check_hostname=false")
+    target = parse_cluster_url(url)
+    assert target.nodes == (("10.0.0.1", 7000), ("::1", 7001), ("n3", 6379))
+    assert (target.username, target.password, target.tls) == ("app", SLASHY, True)
+    assert target.node_kwargs() == {
+        "username": "app", "password": SLASHY, "ssl": True, "ssl_ca_certs": "/ca.pem", "ssl_certfile": "/c.pem",
+        "ssl_keyfile": "/k.pem", "ssl_cert_reqs": "optional", "ssl_check_hostname": False,
+    }
+    assert_no_secret(repr(target), SLASHY)
+
+
+@pytest.mark.parametrize(
+    ("url", "tls", "password"),
+    [
+        ("redis+cluster://h:7000", False, None),
+        ("redis+cluster://:pw@h1:1,h2:2/", False, "pw"),
+        ("redis+cluster://h/0?ssl=true", True, None),
+        ("REDIS+CLUSTER://h?ssl=no", False, None),
+    ],
+)
+def test_cluster_url_forms(url: str, tls: bool, password: str | None) -> None:
+    target = parse_cluster_url(url)
+    assert (target.tls, target.password) == (tls, password)
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis+cluster://h:7000/1", "only database 0"),
+        ("redis+cluster://h:7000/m", "only database 0"),
+        ("redis+cluster://h:0", "port"),
+        ("redis+cluster://h:99999", "port"),
+        ("redis+cluster://h:1,,h:2", "no host"),
+        ("redis+cluster:///", "no cluster node address"),
+        ("redis+cluster://h?db=2", "unknown query parameter(s) 'db'"),
+        ("redis+cluster://h?password=x", "unknown query parameter(s) 'password'"),
+        ("redis+cluster://h?ssl_ca_certs=/ca.pem", "need TLS"),
+        ("rediss+cluster://h?ssl_cert_reqs=maybe", "none, optional, required"),
+        ("redis+cluster://h?ssl=perhaps", "true or false"),
+        ("redis+cluster://:Ab1/Cd2@h", "percent-encoded"),
+        ("redis+cluster://h#frag", "percent-encoded"),
+        ("cluster://h", "the scheme must be"),
+    ],
+)
+def test_bad_cluster_urls_are_configuration_errors_naming_the_forms(url: str, says: str) -> None:
+    for make in (Coordinator, OptionalRedis):
+        with pytest.raises(ConfigurationError) as info:
+            make(url)
+        text = str(info.value)
+        assert says in text, text
+        assert FORM in text and "redis+sentinel://" in text, text
+        assert "Ab1" not in text and "Cd2" not in text  # no piece of a badly encoded password
+
+
+# --- redaction ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (f"redis+cluster://:{quote(SLASHY, safe='')}@h1:1,h2:2", "redis+cluster://:***@h1:1,h2:2"),
+        (f"rediss+cluster://app:{quote(AT_COLON, safe='')}@[::1]", "rediss+cluster://app:***@[::1]:6379"),
+        (f"redis+cluster://app:{quote(AT_COLON, safe='')}@h:7000?ssl=true&ssl_ca_certs=/ca.pem",
+         "rediss+cluster://app:***@h:7000"),
+        ("redis+cluster://app@h", "redis+cluster://***@h:6379"),
+        (f"redis+cluster://:{SLASHY}@h1:1",
+         "redis+cluster://<unparseable URL: percent-encode special characters in the password>"),
+    ],
+)
+def test_cluster_password_is_redacted_everywhere(url: str, expected: str) -> None:
+    assert redact_url(url) == expected
+    settings = Settings(redis_url=url, generation="g")
+    for text in (repr(settings), settings.describe_target()):
+        assert_no_secret(text, SLASHY, AT_COLON)
+    if "unparseable" not in expected and SUPPORTED:
+        assert repr(Coordinator(url, generation="g")) == f"Coordinator({expected!r}, generation='g')"
+        assert_no_secret(repr(OptionalRedis(url)), SLASHY, AT_COLON)
+
+
+def test_cluster_errors_during_a_failover_are_transient() -> None:
+    for exc in (redis.exceptions.ClusterDownError("CLUSTERDOWN The cluster is down"),
+                redis.exceptions.TryAgainError("TRYAGAIN"),
+                redis.exceptions.SlotNotCoveredError("Slot 5 is not covered by the cluster."),
+                redis.exceptions.RedisClusterException("Redis Cluster cannot be connected. Please provide at least "
+                                                       "one reachable node: None")):
+        assert is_transient(exc), exc
+    assert not is_transient(redis.exceptions.RedisClusterException("No way to dispatch this command"))
+
+
+def test_old_redis_py_is_refused_with_the_version_it_needs() -> None:
+    """redis-py < 8.0 has no sharded pub/sub in its asyncio cluster client: refused, with the version to install;
+    redis-py >= 8.0 builds redis-py's own RedisCluster clients."""
+    url = f"redis+cluster://:{quote(PW, safe='')}@127.0.0.1:7000,127.0.0.1:7001"
+    if SUPPORTED:
+        client: Any = async_client_from_url(url, connect_timeout=1, socket_timeout=1)
+        assert type(client).__module__ == "redis.asyncio.cluster" and type(client).__name__ == "RedisCluster"
+        assert [(n.host, n.port) for n in client.nodes_manager.startup_nodes.values()] == [
+            ("127.0.0.1", 7000), ("127.0.0.1", 7001)]
+        return
+    for make in (lambda: Coordinator(url), lambda: OptionalRedis(url),
+                 lambda: sync_client_from_url(url, connect_timeout=1, socket_timeout=1)):
+        with pytest.raises(ConfigurationError) as info:
+            make()
+        assert f"redis+cluster:// needs redis-py >= {MIN_REDIS_PY}" in str(info.value)
+        assert_no_secret(str(info.value), PW)
+
+
+def test_min_replicas_is_refused_on_a_cluster() -> None:
+    if not SUPPORTED:
+        return  # the URL itself is refused (test_old_redis_py_is_refused_with_the_version_it_needs)
+    port = free_port()
+    coordinator = Coordinator(f"redis+cluster://127.0.0.1:{port}", generation="g", min_replicas=1, connect_timeout=1)
+    with pytest.raises((ConfigurationError, RedisUnavailableError)):
+        coordinator.run_once_sync("migrate", _noop)
+
+
+# --- a real cluster ----------------------------------------------------------------------------------------------
+def _refused(url: str) -> bool:
+    """On an old redis-py: assert the refusal and tell the test to stop there."""
+    if SUPPORTED:
+        return False
+    with pytest.raises(ConfigurationError, match=rf"needs redis-py >= {MIN_REDIS_PY}"):
+        Coordinator(url)
+    return True
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[ClusterSet]:
+    with ClusterSet(password=PW) as cset:
+        yield cset
+
+
+def _url(cset: ClusterSet) -> str:
+    return cset.url(password=quote(PW, safe=""))
+
+
+def _shard_subscribers(cset: ClusterSet, port: int, channel: str) -> int:
+    reply = cset.call(port, "PUBSUB", "SHARDNUMSUB", channel)
+    return int(reply[1]) if isinstance(reply, list) else int(dict(reply).get(channel.encode(), 0))
+
+
+def _wait_subscribers(cset: ClusterSet, channel: str, count: int, port: int | None = None,
+                      timeout: float = 60.0) -> int:
+    """Until ``count`` waiters listen on ``channel`` on the node owning its slot (or ``port``); that node's port."""
+    deadline = time.monotonic() + timeout
+    seen = -1
+    while time.monotonic() < deadline:
+        try:
+            where = port if port is not None else cset.owner(cset.slot_of(channel))
+            seen = _shard_subscribers(cset, where, channel)
+        except (redis.RedisError, LookupError, OSError):
+            seen = -1
+        if seen >= count:
+            return where
+        time.sleep(0.05)
+    raise AssertionError(f"{count} sharded subscribers to {channel} expected, saw {seen}")
+
+
+def _spawn_gated(workers: Workers, url: str, tmp_path: Path, key: str, n: int = 8) -> tuple[Path, str]:
+    gate = tmp_path / f"{key}.go"
+    gen = f"{key}-{time.time_ns()}"
+    # A 30 s lease: a waiter woken by the lease running out, not by the sharded channel, would take >= 30 s.
+    workers.spawn(n, url=url, key=key, ttl=30, job=f"file:{gate}", generation=gen)
+    return gate, gen
+
+
+def _finish_and_join(workers: Workers, gate: Path, n: int = 8) -> list[dict[str, Any]]:
+    gate.touch()
+    assert workers.join(timeout=25) == [0] * n, workers.outputs  # well below the 30 s lease
+    returned = workers.events("returned")
+    assert len(returned) == n
+    return returned
+
+
+def _wake_latency(workers: Workers) -> float:
+    finished = workers.events("job-finished")[-1]["t"]
+    return float(max(r["t"] for r in workers.events("returned"))) - float(finished)
+
+
+@pytest.mark.integration
+def test_eight_processes_run_the_job_once_woken_by_the_sharded_channel(
+    cluster: ClusterSet, workers: Workers, tmp_path: Path
+) -> None:
+    url = _url(cluster)
+    if _refused(url):
+        return
+    channel = JobKeys("hyperion_lock", "cl-once").channel
+    gate, _ = _spawn_gated(workers, url, tmp_path, "cl-once")
+    workers.wait_for("ran")
+    owner = _wait_subscribers(cluster, channel, 8)  # the leader listens too (it subscribed before it won)
+    assert int(cluster.call(owner, "PUBSUB", "NUMSUB", channel)[1]) == 0  # nobody uses broadcast pub/sub
+    returned = _finish_and_join(workers, gate)
+    assert len(workers.events("ran")) == 1 and sum(r["ran_here"] for r in returned) == 1
+    print(f"8 workers, 1 run, last waiter returned {_wake_latency(workers):.3f} s after the job finished")
+    for out in workers.outputs.values():
+        assert_no_secret(out, PW)
+
+
+@pytest.mark.integration
+def test_master_failover_mid_job(workers: Workers, tmp_path: Path) -> None:
+    """SIGKILL the master owning the job's slot while the job runs and 7 waiters listen there; its replica takes
+    over; every waiter re-subscribes on it and every worker returns."""
+    with ClusterSet(password=PW) as cset:
+        url = _url(cset)
+        if _refused(url):
+            return
+        channel = JobKeys("hyperion_lock", "cl-failover").channel
+        gate, _ = _spawn_gated(workers, url, tmp_path, "cl-failover")
+        workers.wait_for("ran")
+        old = _wait_subscribers(cset, channel, 8)
+        slot = cset.slot_of(channel)
+        killed = time.monotonic()
+        cset.node_at(old).kill()
+        new = cset.wait_failover(slot, old)
+        failover_s = time.monotonic() - killed
+        _wait_subscribers(cset, channel, 7, port=new)  # the waiters; the leader does not listen while it runs
+        returned = _finish_and_join(workers, gate)
+        ran = workers.events("ran")
+        # Replication is asynchronous: a lease the old master had not yet passed on can be lost, and a waiter may
+        # then run the job a second time -- always with a higher fencing token.
+        assert len(ran) in (1, 2), ran
+        if len(ran) == 2:
+            assert ran[1]["fence"] > ran[0]["fence"], ran
+        assert {r["fence"] for r in returned} <= {r["fence"] for r in ran}
+        print(f"failover: slot {slot} {old} -> {new} in {failover_s:.2f} s; runs: {len(ran)}; "
+              f"last waiter returned {_wake_latency(workers):.3f} s after the job finished")
+
+
+@pytest.mark.integration
+def test_waiters_follow_their_slot_when_it_moves(workers: Workers, tmp_path: Path) -> None:
+    """Migrate the job's slot to another master while 7 waiters listen: the old owner drops their sharded
+    subscriptions (sunsubscribe), they re-subscribe on the new owner, the leader's FINISH follows MOVED there and
+    its SPUBLISH wakes them."""
+    with ClusterSet(password=PW) as cset:
+        url = _url(cset)
+        if _refused(url):
+            return
+        channel = JobKeys("hyperion_lock", "cl-moved").channel
+        gate, _ = _spawn_gated(workers, url, tmp_path, "cl-moved")
+        workers.wait_for("ran")
+        old = _wait_subscribers(cset, channel, 8)
+        slot = cset.slot_of(channel)
+        target = next(n.port for n in cset.nodes if n.port != old
+                      and cset.call(n.port, "INFO", "replication").get("role") == "master")
+        cset.migrate_slot(slot, target)
+        assert cset.owner(slot, via=old) == target
+        _wait_subscribers(cset, channel, 7, port=target)
+        returned = _finish_and_join(workers, gate)
+        assert len(workers.events("ran")) == 1 and sum(r["ran_here"] for r in returned) == 1
+        print(f"slot {slot} moved {old} -> {target}; last waiter returned {_wake_latency(workers):.3f} s after "
+              "the job finished")
+
+
+@pytest.mark.integration
+def test_cli_status_and_reset_through_the_cluster(cluster: ClusterSet) -> None:
+    url = _url(cluster)
+    gen = f"cli-{time.time_ns()}"
+    cli = [sys.executable, "-m", "hyperion_lock._cli"]
+    if not SUPPORTED:
+        done = subprocess.run([*cli, "status", "--url", url], capture_output=True, text=True, timeout=60,
+                              check=False, cwd=ROOT)
+        assert done.returncode != 0 and f"needs redis-py >= {MIN_REDIS_PY}" in done.stderr, done.stderr
+        return
+    for key in ("migrate", "seed", "warm"):  # three hash tags: in general on different masters
+        Coordinator(url, generation=gen).run_once_sync(key, _noop)
+    done = subprocess.run([*cli, "status", "--url", url, "--generation", gen, "--json"], capture_output=True,
+                          text=True, timeout=60, check=False, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    states = {j["key"]: j["state"] for j in report["jobs"]}
+    assert {states.get(k) for k in ("migrate", "seed", "warm")} == {"done"}, report
+    assert report["where"].startswith("redis+cluster://:***@")
+    reset = subprocess.run([*cli, "reset", "--url", url, "--generation", gen, "seed"], capture_output=True,
+                           text=True, timeout=60, check=False, cwd=ROOT)
+    assert reset.returncode == 0 and "cleared 1 key" in reset.stdout, reset.stdout + reset.stderr
+    again = subprocess.run([*cli, "status", "--url", url, "--generation", gen, "--key", "seed"],
+                           capture_output=True, text=True, timeout=60, check=False, cwd=ROOT)
+    assert again.returncode != 0 and "seed" in again.stdout, again.stdout + again.stderr
+    assert_no_secret(done.stdout + done.stderr + reset.stdout + reset.stderr + again.stdout + again.stderr, PW)
+
+
+@pytest.mark.integration
+async def test_use_lock_for_workers_and_optional_redis_with_a_cluster_url(
+    cluster: ClusterSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = _url(cluster)
+    if _refused(url):
+        return
+    monkeypatch.setenv("HYPERION_LOCK_REDIS_URL", url)
+    monkeypatch.setenv("HYPERION_LOCK_GENERATION", f"compat-{time.time_ns()}")
+    runs: list[int] = []
+
+    async def job() -> None:
+        runs.append(1)
+        await asyncio.sleep(0.3)
+
+    log = logging.getLogger("test")
+    await asyncio.gather(*(use_lock_for_workers(job, "init_db", None, 4, log, "init_db_done") for _ in range(4)))
+    assert runs == [1]
+    optional = OptionalRedis(url)
+    async with optional.lifespan(None) as connected:
+        assert connected is not None and await connected.set("k", "v") and await connected.get("k") == b"v"
+    assert_no_secret(repr(optional), PW)
+    client = async_client_from_url(url, connect_timeout=2, socket_timeout=2)
+    assert await client.get("k") == b"v"
+    await aclose(client)
+
+
+@pytest.mark.integration
+def test_no_cluster_node_answering_is_named() -> None:
+    url = f"redis+cluster://:{quote(PW, safe='')}@127.0.0.1:{free_port()}"
+    if _refused(url):
+        return
+    with pytest.raises(RedisUnavailableError) as info:
+        Coordinator(url, connect_timeout=1, generation="x").run_once_sync("migrate", _noop)
+    text = str(info.value)
+    assert "CLUSTER INFO" in text and "redis+cluster://:***@" in text, text
+    assert_no_secret(text, PW)
