@@ -25,6 +25,7 @@ import redis.asyncio as aredis
 
 from ._aio import to_the_end
 from ._call import Backend, Call
+from ._cluster import is_cluster_client
 from ._connect import async_client_from_url, describe_client, is_cluster_url
 from ._errors import ConfigurationError, JobFailedError, WaitInterruptedError, WaitTimeoutError
 from ._file_backend import FileBackend
@@ -74,6 +75,11 @@ class Coordinator:
         if isinstance(redis, str):
             self.settings = self.settings.with_(redis_url=redis)
             redis = None
+        if is_cluster_client(redis):
+            raise ConfigurationError(
+                "a RedisCluster client cannot be handed over: give the redis+cluster://host:port[,host:port...] URL "
+                "instead (the coordinator builds its own cluster client, with sharded pub/sub for the waiters)"
+            )
         if redis is not None and not isinstance(redis, aredis.Redis | _redis.Redis):
             raise ConfigurationError(
                 f"redis must be a redis.asyncio.Redis, a redis.Redis, a URL or None, not {type(redis).__name__}"

@@ -15,6 +15,8 @@ import socket
 import time
 from typing import Any, Protocol
 
+from redis import exceptions as rexc
+
 from . import _scripts
 from ._connect import as_text, async_closer, close_quietly, is_transient, redis_error
 from ._errors import ConfigurationError
@@ -125,11 +127,31 @@ class ClusterOps(AsyncOps):
         await pubsub.ssubscribe(channel)
         if not pubsub.node_pubsub_mapping:  # redis-py skips a channel whose slot no node owns
             raise ConnectionError(f"no node of the cluster owns the slot of {channel} (a failover under way?)")
+        await self._confirmed()
+
+    async def _confirmed(self) -> None:
+        """Read the node's reply to SSUBSCRIBE: a node that does not own the slot (a slot map older than a failover
+        or a resharding) answers MOVED, which must fail the subscribe (and be retried), not a later read."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _CONFIRM_TIMEOUT
+        while loop.time() < deadline:
+            message = await self._read(min(1.0, deadline - loop.time()))
+            if message is not None and as_text(message.get("type")) == "ssubscribe":
+                return
+        raise ConnectionError(f"no reply to SSUBSCRIBE within {_CONFIRM_TIMEOUT:g} s")
+
+    async def _read(self, timeout: float) -> Any:
+        try:
+            return await self._pubsub.get_sharded_message(ignore_subscribe_messages=False, timeout=max(0.0, timeout))
+        except rexc.ResponseError as exc:
+            if isinstance(exc, rexc.AskError) or str(exc).startswith(("MOVED", "ASK")):  # MovedError is an AskError
+                raise ConnectionError(f"the sharded subscription was refused: its slot moved ({exc})") from None
+            raise
 
     async def get_message(self, timeout: float) -> Any:
         if self._pubsub is None or not self._pubsub.node_pubsub_mapping:
             raise ConnectionError("the sharded subscription was dropped")
-        message = await self._pubsub.get_sharded_message(ignore_subscribe_messages=False, timeout=max(0.0, timeout))
+        message = await self._read(timeout)
         if message is None:
             return None
         kind = as_text(message.get("type"))
@@ -138,6 +160,10 @@ class ClusterOps(AsyncOps):
         if kind == "smessage":
             return {**message, "type": "message"}
         return None
+
+
+#: How long a sharded subscribe waits for the node's confirmation before it counts as a lost connection.
+_CONFIRM_TIMEOUT = 5.0
 
 
 class SyncOps(_OpsBase):

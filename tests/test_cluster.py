@@ -216,7 +216,8 @@ def _spawn_gated(workers: Workers, url: str, tmp_path: Path, key: str, n: int = 
 
 def _finish_and_join(workers: Workers, gate: Path, n: int = 8) -> list[dict[str, Any]]:
     gate.touch()
-    assert workers.join(timeout=25) == [0] * n, workers.outputs  # well below the 30 s lease
+    codes = workers.join(timeout=25)  # well below the 30 s lease
+    assert codes == [0] * n, (workers.events("raised"), workers.outputs)
     returned = workers.events("returned")
     assert len(returned) == n
     return returned
@@ -302,7 +303,7 @@ def test_waiters_follow_their_slot_when_it_moves(workers: Workers, tmp_path: Pat
 
 
 @pytest.mark.integration
-def test_cli_status_and_reset_through_the_cluster(cluster: ClusterSet) -> None:
+def test_cli_run_wait_status_and_reset_through_the_cluster(cluster: ClusterSet) -> None:
     url = _url(cluster)
     gen = f"cli-{time.time_ns()}"
     cli = [sys.executable, "-m", "hyperion_lock._cli"]
@@ -311,7 +312,13 @@ def test_cli_status_and_reset_through_the_cluster(cluster: ClusterSet) -> None:
                               check=False, cwd=ROOT)
         assert done.returncode != 0 and f"needs redis-py >= {MIN_REDIS_PY}" in done.stderr, done.stderr
         return
-    for key in ("migrate", "seed", "warm"):  # three hash tags: in general on different masters
+    ran = subprocess.run([*cli, "run", "--url", url, "--generation", gen, "--key", "migrate", "--", "true"],
+                         capture_output=True, text=True, timeout=60, check=False, cwd=ROOT)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    waited = subprocess.run([*cli, "wait", "--url", url, "--generation", gen, "--key", "migrate", "--timeout", "20"],
+                            capture_output=True, text=True, timeout=60, check=False, cwd=ROOT)
+    assert waited.returncode == 0 and "done" in waited.stdout, waited.stdout + waited.stderr
+    for key in ("seed", "warm"):  # three hash tags: in general on different masters
         Coordinator(url, generation=gen).run_once_sync(key, _noop)
     done = subprocess.run([*cli, "status", "--url", url, "--generation", gen, "--json"], capture_output=True,
                           text=True, timeout=60, check=False, cwd=ROOT)
@@ -326,7 +333,8 @@ def test_cli_status_and_reset_through_the_cluster(cluster: ClusterSet) -> None:
     again = subprocess.run([*cli, "status", "--url", url, "--generation", gen, "--key", "seed"],
                            capture_output=True, text=True, timeout=60, check=False, cwd=ROOT)
     assert again.returncode != 0 and "seed" in again.stdout, again.stdout + again.stderr
-    assert_no_secret(done.stdout + done.stderr + reset.stdout + reset.stderr + again.stdout + again.stderr, PW)
+    assert_no_secret(done.stdout + done.stderr + reset.stdout + reset.stderr + again.stdout + again.stderr
+                     + ran.stdout + ran.stderr + waited.stdout + waited.stderr, PW)
 
 
 @pytest.mark.integration
@@ -366,3 +374,13 @@ def test_no_cluster_node_answering_is_named() -> None:
     text = str(info.value)
     assert "CLUSTER INFO" in text and "redis+cluster://:***@" in text, text
     assert_no_secret(text, PW)
+
+
+def test_a_cluster_client_handed_over_is_refused_with_what_to_do() -> None:
+    if not SUPPORTED:
+        return  # no cluster client without sharded pub/sub (test_old_redis_py_is_refused_with_the_version_it_needs)
+    from redis.asyncio.cluster import RedisCluster
+
+    client = RedisCluster(host="127.0.0.1", port=free_port())
+    with pytest.raises(ConfigurationError, match="redis\\+cluster://host:port"):
+        Coordinator(client)  # type: ignore[arg-type]
