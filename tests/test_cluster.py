@@ -223,6 +223,11 @@ def _finish_and_join(workers: Workers, gate: Path, n: int = 8) -> list[dict[str,
     return returned
 
 
+def _reconnected(workers: Workers) -> int:
+    """How many workers logged the waiter's "lost the connection ... reconnecting" warning."""
+    return sum("lost the connection" in out for out in workers.outputs.values())
+
+
 def _wake_latency(workers: Workers) -> float:
     finished = workers.events("job-finished")[-1]["t"]
     return float(max(r["t"] for r in workers.events("returned"))) - float(finished)
@@ -273,7 +278,9 @@ def test_master_failover_mid_job(workers: Workers, tmp_path: Path) -> None:
         if len(ran) == 2:
             assert ran[1]["fence"] > ran[0]["fence"], ran
         assert {r["fence"] for r in returned} <= {r["fence"] for r in ran}
+        assert _reconnected(workers) == 7  # each waiter saw its subscription break and re-subscribed
         print(f"failover: slot {slot} {old} -> {new} in {failover_s:.2f} s; runs: {len(ran)}; "
+              f"{_reconnected(workers)} waiters reported a lost connection; "
               f"last waiter returned {_wake_latency(workers):.3f} s after the job finished")
 
 
@@ -298,8 +305,9 @@ def test_waiters_follow_their_slot_when_it_moves(workers: Workers, tmp_path: Pat
         _wait_subscribers(cset, channel, 7, port=target)
         returned = _finish_and_join(workers, gate)
         assert len(workers.events("ran")) == 1 and sum(r["ran_here"] for r in returned) == 1
-        print(f"slot {slot} moved {old} -> {target}; last waiter returned {_wake_latency(workers):.3f} s after "
-              "the job finished")
+        assert _reconnected(workers) == 7  # each waiter saw its subscription dropped and re-subscribed
+        print(f"slot {slot} moved {old} -> {target}; {_reconnected(workers)} waiters reported a lost subscription; "
+              f"last waiter returned {_wake_latency(workers):.3f} s after the job finished")
 
 
 @pytest.mark.integration
