@@ -31,7 +31,8 @@ from redis.backoff import NoBackoff
 
 from ._aio import cancel_and_wait
 from ._cache_keys import CacheKeys
-from ._connect import as_text, async_client_from_url, async_closer, client_kwargs, is_sentinel_url
+from ._cluster import is_cluster_client
+from ._connect import as_text, async_client_from_url, async_closer, client_kwargs, is_cluster_url, is_sentinel_url
 from ._connect import close_quietly as _close_quietly
 from ._errors import ConfigurationError
 from ._sentinel import is_sentinel_pool
@@ -588,13 +589,14 @@ def client_for_cache(source: aredis.Redis | _redis.Redis | str, socket_timeout: 
     redis-py, for a pooled connection that died with a restarted server; no backoff: the cache fails fast and
     open, and its own circuit breaker decides when to try again. Responses stay bytes (payloads are binary).
 
-    A ``redis+sentinel://`` URL gets redis-py's Sentinel client of the primary (it follows failovers). redis-py
-    has no blocking Sentinel pool, and a bounded one would fail a burst past its size, so that pool is not
-    bounded: a burst opens as many connections as it has concurrent store calls."""
+    A ``redis+sentinel://`` URL gets redis-py's Sentinel client of the primary (it follows failovers), and a
+    ``redis+cluster://`` URL its ``RedisCluster`` (redis-py >= 8: sharded pub/sub). redis-py has no blocking pool
+    for either, and a bounded one would fail a burst past its size, so their pools are not bounded: a burst opens
+    as many connections as it has concurrent store calls."""
     own = {**client_kwargs(min(1.0, socket_timeout), socket_timeout), "retry": Retry(NoBackoff(), 1),
            "decode_responses": False}
     sizing: dict[str, Any] = {"max_connections": POOL_SIZE, "timeout": POOL_WAIT}
-    if isinstance(source, str) and is_sentinel_url(source):
+    if isinstance(source, str) and (is_sentinel_url(source) or is_cluster_url(source)):
         return async_client_from_url(source, connect_timeout=min(1.0, socket_timeout), socket_timeout=socket_timeout,
                                      retry=Retry(NoBackoff(), 1), decode_responses=False)
     if isinstance(source, str):
@@ -602,6 +604,9 @@ def client_for_cache(source: aredis.Redis | _redis.Redis | str, socket_timeout: 
         if problem is not None:
             raise ConfigurationError(f"invalid Redis URL {redact_url(source)!r}: {problem}")
         return aredis.Redis(connection_pool=aredis.BlockingConnectionPool.from_url(source, **own, **sizing))
+    if is_cluster_client(source):
+        raise ConfigurationError("the cache cannot copy the settings of a RedisCluster client: give it the "
+                                 "redis+cluster:// URL instead")
     pool = source.connection_pool
     if is_sentinel_pool(pool):
         raise ConfigurationError("the cache cannot copy the settings of a Sentinel client (they name no host): give "
@@ -617,10 +622,17 @@ def client_for_cache(source: aredis.Redis | _redis.Redis | str, socket_timeout: 
 class _Listener:
     """One pub/sub connection per store: subscribes to each namespace's channel once (confirmed before the first
     read of that namespace) and routes messages to the futures waiting for an entry. If the connection breaks,
-    every waiter is told to read again (messages may have been missed) and the next ``subscribe`` reconnects."""
+    every waiter is told to read again (messages may have been missed) and the next ``subscribe`` reconnects.
 
-    def __init__(self, client: aredis.Redis) -> None:
+    On a Redis Cluster (``sharded``) it uses sharded pub/sub: ``SSUBSCRIBE`` on the node owning each namespace's
+    slot (redis-py's ``ClusterPubSub``, one connection per node). A node that drops the subscription (its slot
+    moved, or it was demoted in a failover) counts as a broken connection, as does a MOVED reply."""
+
+    def __init__(self, client: aredis.Redis, sharded: bool = False,
+                 ready: Callable[[], Awaitable[None]] | None = None) -> None:
         self._client = client
+        self._sharded = sharded
+        self._ready = ready  # a cluster client must know the slot map before it can tell which node to subscribe on
         self._pubsub: Any = None
         self._task: asyncio.Task[None] | None = None
         self._confirmed: dict[str, asyncio.Future[None]] = {}
@@ -643,9 +655,14 @@ class _Listener:
         if confirmed is None:
             confirmed = self._confirmed[channel] = asyncio.get_running_loop().create_future()
             try:
+                if self._ready is not None:
+                    await self._ready()
                 if self._pubsub is None:
                     self._pubsub = self._client.pubsub()
-                await self._pubsub.subscribe(channel)
+                if self._sharded:
+                    await self._pubsub.ssubscribe(channel)
+                else:
+                    await self._pubsub.subscribe(channel)
             except BaseException:
                 self._reset()
                 raise
@@ -656,7 +673,7 @@ class _Listener:
     async def _read(self, pubsub: Any) -> None:
         try:
             while True:
-                message = await pubsub.get_message(timeout=None)
+                message = await (self._next_sharded(pubsub) if self._sharded else pubsub.get_message(timeout=None))
                 if message is not None:
                     self._route(message)
         except asyncio.CancelledError:
@@ -664,6 +681,18 @@ class _Listener:
         except Exception as exc:
             if self._pubsub is pubsub:
                 self._reset(exc)
+
+    @staticmethod
+    async def _next_sharded(pubsub: Any) -> dict[str, Any] | None:
+        """The next message of any node (redis-py reads the nodes in turn: a short timeout each), as a plain
+        pub/sub message."""
+        message = await pubsub.get_sharded_message(ignore_subscribe_messages=False, timeout=0.1)
+        if message is None:
+            return None
+        kind = as_text(message.get("type"))
+        if kind == "sunsubscribe":
+            raise ConnectionError("a node dropped the sharded subscription (its slot moved to another node)")
+        return {**message, "type": {"ssubscribe": "subscribe", "smessage": "message"}.get(kind or "", kind)}
 
     def _route(self, message: dict[str, Any]) -> None:
         channel = as_text(message.get("channel")) or ""
@@ -709,7 +738,9 @@ class RedisStore:
         self.where = where
         self.prefix = prefix
         self._scripts: dict[str, Any] = {}
-        self._listener = _Listener(client)
+        self.sharded = is_cluster_client(client)  # a Redis Cluster: the scripts publish with SPUBLISH
+        self._initialized: asyncio.Future[Any] | None = None
+        self._listener = _Listener(client, self.sharded, self._ready if self.sharded else None)
         self._registered: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_reply = -1.0  # event-loop time of the last reply from Redis
@@ -723,20 +754,40 @@ class RedisStore:
         a slow first call is given the whole cap of :func:`within` (1 s) before it counts as a failure."""
         return self._last_reply >= when or self._last_reply < 0
 
+    async def _ready(self) -> None:
+        """A Cluster client reads the slot map (``CLUSTER SHARDS``/``SLOTS`` from the startup nodes) before its first
+        command. Concurrent first calls share one such read, shielded: a call that times out does not cancel it
+        half-way, and once done it counts as a reply (Redis is there)."""
+        reading = self._initialized
+        if reading is None or (reading.done() and (reading.cancelled() or reading.exception() is not None)):
+            reading = self._initialized = asyncio.ensure_future(self._client.initialize())
+        if not reading.done():
+            await asyncio.shield(reading)
+            self._last_reply = asyncio.get_running_loop().time()
+
     async def warm(self) -> None:
         """Open a connection and load every script, so the first requests do not pay for it."""
+        if self.sharded:
+            await self._ready()
         for script in SCRIPTS:
             if script not in self._scripts:
-                self._scripts[script] = self._client.register_script(script)
-            await self._client.script_load(script)
+                self._scripts[script] = self._client.register_script(self._code(script))
+            await self._client.script_load(self._code(script))
         self._last_reply = asyncio.get_running_loop().time()
 
     async def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        if self.sharded:
+            await self._ready()
         if script not in self._scripts:
-            self._scripts[script] = self._client.register_script(script)
+            self._scripts[script] = self._client.register_script(self._code(script))
         result = await self._scripts[script](keys=keys, args=args)
         self._last_reply = asyncio.get_running_loop().time()
         return result
+
+    def _code(self, script: str) -> str:
+        """The script as sent: on a Cluster its wake-ups go to the namespace's shard channel (same hash tag as its
+        keys, so the same slot and node)."""
+        return script.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'") if self.sharded else script
 
     def _register(self, keys: CacheKeys) -> None:
         """List the namespace for ``hyperion-lock status`` (its own key and slot: a separate, background call)."""
@@ -825,7 +876,9 @@ class RedisStore:
         await self._listener.close()
         await cancel_and_wait(list(self._tasks))
         await close_quietly(self._client)
-        await _close_quietly(self._client.connection_pool.disconnect)  # a pool passed in is not closed by the client
+        pool = getattr(self._client, "connection_pool", None)  # a RedisCluster has one per node, closed with it
+        if pool is not None:
+            await _close_quietly(pool.disconnect)  # a pool passed in is not closed by the client
 
 
 # -- status (for the CLI; sync client) ------------------------------------------------------------------------------

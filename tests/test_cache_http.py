@@ -150,20 +150,35 @@ async def test_keys_come_from_route_path_declared_query_and_vary_headers(url: st
         await cache.aclose()
 
 
-async def test_client_no_cache_is_ignored_unless_the_endpoint_allows_it(redis_url: str, prefix: str) -> None:
+async def test_client_no_cache_is_ignored_unless_the_endpoint_allows_it(redis_url: str, prefix: str,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     strict, lenient = make(redis_url, prefix), make(redis_url, prefix + "x")
     strict_runs: dict[str, int] = {}
     lenient_runs: dict[str, int] = {}
+    forced = [0]  # lookups that asked to recompute (a client's no-cache, allowed)
+    lookup = Cache.lookup
+
+    async def counting(self: Cache, *args: Any, **kwargs: Any) -> Any:
+        forced[0] += bool(kwargs.get("force"))
+        return await lookup(self, *args, **kwargs)
+
+    monkeypatch.setattr(Cache, "lookup", counting)
     try:
         async with client(build(strict, strict_runs)) as c:
             await c.get("/items/a")
             for header in ({"Cache-Control": "no-cache"}, {"Cache-Control": "max-age=0"}, {"Pragma": "no-cache"}):
                 assert (await c.get("/items/a", headers=header)).headers["x-cache"] == "HIT"
-            assert strict_runs == {"a": 1}
-        async with client(build(lenient, lenient_runs, allow_client_refresh=True)) as c:
+            assert strict_runs == {"a": 1} and forced == [0]
+        gate = asyncio.Event()
+        gate.set()
+        async with client(build(lenient, lenient_runs, gate, allow_client_refresh=True)) as c:
             await c.get("/items/a")
-            refreshed = await asyncio.gather(*[c.get("/items/a", headers={"Cache-Control": "no-cache"})
-                                               for _ in range(5)])
+            gate.clear()  # the recomputation waits until all five requests are in: they overlap for sure
+            refreshing = [asyncio.create_task(c.get("/items/a", headers={"Cache-Control": "no-cache"}))
+                          for _ in range(5)]
+            await until(lambda: forced[0] >= 5, 10)
+            gate.set()
+            refreshed = [await r for r in refreshing]
             assert {r.json()["run"] for r in refreshed} == {2}  # recomputed, once for the concurrent ones
             assert (await c.get("/items/a")).json()["run"] == 2
     finally:

@@ -21,6 +21,7 @@ import pytest
 import redis
 
 from hyperion_lock import (
+    Cache,
     ConfigurationError,
     Coordinator,
     OptionalRedis,
@@ -392,3 +393,50 @@ def test_a_cluster_client_handed_over_is_refused_with_what_to_do() -> None:
     client = RedisCluster(host="127.0.0.1", port=free_port())
     with pytest.raises(ConfigurationError, match="redis\\+cluster://host:port"):
         Coordinator(client)  # type: ignore[arg-type]
+
+
+@pytest.mark.integration
+async def test_the_cache_on_a_cluster_computes_once_and_wakes_waiters_on_the_shard_channel(
+        cluster: ClusterSet) -> None:
+    """Two caches (two workers) on a redis+cluster:// URL, three namespaces (three slots): concurrent misses
+    compute once per namespace. The lease is 30 s and the test's bound 20 s, so the other worker's waiters can
+    only have been woken by the namespace's shard channel (SSUBSCRIBE on the node owning its slot). Tag
+    invalidation, and the CLI's cache section, work across the nodes."""
+    url = _url(cluster)
+    settings = Settings(redis_url=None, key_prefix=f"c{time.time_ns()}")
+    if not SUPPORTED:
+        with pytest.raises(ConfigurationError, match=rf"needs redis-py >= {MIN_REDIS_PY}"):
+            await Cache(url, settings=settings).get_or_compute("alpha", "k", lambda: "v", ttl=30)
+        return
+    workers = [Cache(url, settings=settings, lease_ttl=30) for _ in range(2)]
+    namespaces = ("alpha", "beta", "gamma")
+    runs = dict.fromkeys(namespaces, 0)
+
+    def computing(ns: str) -> Any:
+        async def compute() -> str:
+            runs[ns] += 1
+            await asyncio.sleep(0.3)
+            return f"value of {ns}"
+        return compute
+
+    try:
+        async with asyncio.timeout(20):
+            assert all(await asyncio.gather(*[w.connect(budget=10) for w in workers]))  # as a lifespan does
+            results = await asyncio.gather(*[w.get_or_compute(ns, "k", computing(ns), ttl=60, tags=["t"])
+                                             for ns in namespaces for w in workers for _ in range(3)])
+            assert results == [f"value of {ns}" for ns in namespaces for _ in range(6)]
+            assert runs == dict.fromkeys(namespaces, 1)
+            assert await workers[1].invalidate_tag("alpha", "t") == 1
+            assert await workers[0].get_or_compute("alpha", "k", computing("alpha"), ttl=60) == "value of alpha"
+            assert runs["alpha"] == 2
+    finally:
+        for w in workers:
+            await w.aclose()
+    slots = {cluster.owner(cluster.slot_of(f"{settings.key_prefix}:cache:{{{ns}}}:events")) for ns in namespaces}
+    print(f"cache on a cluster: {len(namespaces)} namespaces on {len(slots)} node(s), one computation each")
+    out = subprocess.run([sys.executable, "-m", "hyperion_lock._cli", "status", "--json", "--url", url,  # noqa: ASYNC221
+                          "--prefix", settings.key_prefix], capture_output=True, text=True, timeout=60,
+                         check=False, cwd=ROOT)
+    assert out.returncode in (0, 2), out.stdout + out.stderr
+    rows = {r["namespace"]: r for r in json.loads(out.stdout)["cache"]}
+    assert set(rows) == set(namespaces) and rows["alpha"]["keys"] == 1 and rows["beta"]["computations"] == 1
