@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl
 
 from ._sentinel_url import (
     ENCODE_HINT,
@@ -26,9 +25,9 @@ from ._sentinel_url import (
     _split,
     _userinfo,
     auth_marker,
-    check_tls_value,
     host_text,
-    parse_bool,
+    known_query,
+    tls_of,
 )
 
 CLUSTER_SCHEMES = frozenset({"redis+cluster", "rediss+cluster"})
@@ -84,22 +83,6 @@ def _address(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def _query(text: str) -> dict[str, str]:
-    query = dict(parse_qsl(text, keep_blank_values=True))
-    unknown = sorted(set(query) - set(CLUSTER_QUERY))
-    if unknown:
-        raise ValueError(f"unknown query parameter(s) {', '.join(map(repr, unknown))} for redis+cluster://")
-    return query
-
-
-def _tls(scheme: str, query: dict[str, str]) -> tuple[bool, tuple[tuple[str, Any], ...]]:
-    tls = scheme == "rediss+cluster" or parse_bool(query.get("ssl", "false"), "ssl")
-    options = tuple((name, check_tls_value(name, query[name])) for name in TLS_QUERY if name in query)
-    if options and not tls:
-        raise ValueError("ssl_* parameters need TLS: use rediss+cluster:// or add ssl=true")
-    return tls, options
-
-
 def parse_cluster_url(url: str) -> ClusterURL:
     """Parse a ``redis+cluster://`` / ``rediss+cluster://`` URL; ValueError (quoting nothing of it) if invalid."""
     scheme = url.partition("://")[0].lower()
@@ -112,6 +95,6 @@ def parse_cluster_url(url: str) -> ClusterURL:
     nodes = tuple(_address(text) for text in hosts.split(","))
     if parts.path not in ("", "/", "/0"):
         raise ValueError("a Redis Cluster has only database 0: leave the path empty (or /0)")
-    query = _query(parts.query)
-    tls, tls_options = _tls(scheme, query)
+    query = known_query(parts.query, CLUSTER_QUERY, "redis+cluster")
+    tls, tls_options = tls_of(scheme, "redis+cluster", query)
     return ClusterURL(nodes=nodes, username=username, password=password, tls=tls, tls_options=tls_options)

@@ -16,6 +16,7 @@ can end up anywhere in it), so callers may show it as it is.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import SplitResult, parse_qsl, quote, unquote, urlsplit
@@ -153,11 +154,12 @@ def check_tls_value(name: str, value: str) -> Any:
     return value
 
 
-def _query(text: str) -> dict[str, str]:
+def known_query(text: str, allowed: Iterable[str], form: str) -> dict[str, str]:
+    """The query parameters of a ``form`` URL (e.g. ``redis+sentinel``); ValueError naming the unknown ones."""
     query = dict(parse_qsl(text, keep_blank_values=True))
-    unknown = sorted(set(query) - set(SENTINEL_QUERY))
+    unknown = sorted(set(query) - set(allowed))
     if unknown:
-        raise ValueError(f"unknown query parameter(s) {', '.join(map(repr, unknown))} for redis+sentinel://")
+        raise ValueError(f"unknown query parameter(s) {', '.join(map(repr, unknown))} for {form}://")
     return query
 
 
@@ -169,11 +171,13 @@ def _db(path_db: int | None, query: dict[str, str]) -> int:
     return int(query["db"])
 
 
-def _tls(scheme: str, query: dict[str, str]) -> tuple[bool, tuple[tuple[str, Any], ...]]:
-    tls = scheme == "rediss+sentinel" or parse_bool(query.get("ssl", "false"), "ssl")
+def tls_of(scheme: str, form: str, query: dict[str, str]) -> tuple[bool, tuple[tuple[str, Any], ...]]:
+    """Whether a ``form`` URL (``redis+sentinel``, ``redis+cluster``) asks for TLS (``rediss+...`` or ``ssl=true``),
+    and its checked ``ssl_*`` options; ValueError for ``ssl_*`` options without TLS."""
+    tls = scheme == form.replace("redis+", "rediss+", 1) or parse_bool(query.get("ssl", "false"), "ssl")
     options = tuple((name, check_tls_value(name, query[name])) for name in TLS_QUERY if name in query)
     if options and not tls:
-        raise ValueError("ssl_* parameters need TLS: use rediss+sentinel:// or add ssl=true")
+        raise ValueError(f"ssl_* parameters need TLS: use {form.replace('redis+', 'rediss+', 1)}:// or add ssl=true")
     return tls, options
 
 
@@ -188,8 +192,8 @@ def parse_sentinel_url(url: str) -> SentinelURL:
         raise ValueError("no Sentinel address: give host:port[,host:port...]")
     sentinels = tuple(_address(text) for text in hosts.split(","))
     service, path_db = _service_and_db(parts.path)
-    query = _query(parts.query)
-    tls, tls_options = _tls(scheme, query)
+    query = known_query(parts.query, SENTINEL_QUERY, "redis+sentinel")
+    tls, tls_options = tls_of(scheme, "redis+sentinel", query)
     return SentinelURL(
         sentinels=sentinels, service=service, db=_db(path_db, query), username=username, password=password,
         sentinel_username=query.get("sentinel_username") or None,
