@@ -63,7 +63,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 
@@ -116,7 +116,28 @@ def docker_available() -> bool:
         return False
 
 
-class RedisServer:
+class _Server:
+    """A server (or set of servers) a test starts: ``with X(...) as x`` starts it, and stops whatever did start if
+    starting fails."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class RedisServer(_Server):
     """A ``redis-server`` process on a free loopback port, without persistence, that tests may kill/restart."""
 
     def __init__(
@@ -180,12 +201,6 @@ class RedisServer:
                 self.proc.kill()
                 self.proc.wait(10)
         shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 @dataclass(frozen=True)
@@ -264,7 +279,7 @@ def _poll(condition: Any, what: str, timeout: float) -> Any:
     raise TimeoutError(f"{what}: not reached within {timeout} s (last: {last!r})")
 
 
-class SentinelSet:
+class SentinelSet(_Server):
     """A Sentinel-managed Redis on free loopback ports: one primary, one replica (``--replicaof``) and three
     Sentinels (``redis-server <conf> --sentinel``, quorum 2), all without persistence, for tests that fail over.
 
@@ -393,16 +408,6 @@ class SentinelSet:
             node.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> SentinelSet:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
 
 def _cluster_port() -> int:
     """A free port whose cluster bus port (port + 10000) is a valid port and free too."""
@@ -419,7 +424,7 @@ def _cluster_port() -> int:
     raise RuntimeError("no free port pair (port, port + 10000) for a cluster node")
 
 
-class ClusterSet:
+class ClusterSet(_Server):
     """A Redis Cluster on free loopback ports: ``masters`` masters with one replica each (6 ``redis-server`` nodes
     by default, ``--cluster-enabled yes``, node config files in a temp dir, no persistence), created with
     ``redis-cli --cluster create --cluster-replicas 1 --cluster-yes``.
@@ -542,18 +547,8 @@ class ClusterSet:
             node.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> ClusterSet:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-class PostgresServer:
+class PostgresServer(_Server):
     """A throwaway PostgreSQL cluster (``initdb`` + ``postgres``) on a free loopback port.
 
     PostgreSQL refuses to run as root: when we are root, every server command runs as the ``postgres`` user
@@ -635,12 +630,6 @@ class PostgresServer:
                 self.proc.kill()
                 self.proc.wait(10)
         shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> PostgresServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def _postgres_bindir() -> str:
