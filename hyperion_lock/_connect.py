@@ -300,6 +300,17 @@ def _cluster_target(url: str) -> Any:
     return parse_cluster_url(url)
 
 
+def _factory(url: str, sentinel: Callable[..., Any], cluster: Callable[..., Any],
+             plain: Callable[..., Any]) -> Callable[..., Any]:
+    """The client builder for ``url``'s scheme (Sentinel, Cluster or a plain redis-py URL), called as
+    ``factory(url, **options)``; the same choice for the sync and the asyncio flavour."""
+    if is_sentinel_url(url):
+        return lambda u, **kw: sentinel(parse_sentinel_url(u), kw)
+    if is_cluster_url(url):
+        return lambda u, **kw: cluster(_cluster_target(u), kw)
+    return plain
+
+
 def async_client_from_url(
     url: str, *, connect_timeout: float, socket_timeout: float | None, **options: Any
 ) -> aredis.Redis:
@@ -311,26 +322,16 @@ def async_client_from_url(
     the startup nodes (see :mod:`._cluster`; it is not a ``redis.asyncio.Redis`` but has the same commands).
     ``options`` are further client options (``retry``, ``decode_responses``, ``max_connections``, ...).
     """
-    if is_sentinel_url(url):
-        return _from_url(lambda u, **kw: async_sentinel_client(parse_sentinel_url(u), kw),
-                         url, connect_timeout, socket_timeout, options)
-    if is_cluster_url(url):
-        return _from_url(lambda u, **kw: async_cluster_client(_cluster_target(u), kw),  # type: ignore[return-value]
-                         url, connect_timeout, socket_timeout, options)
-    return _from_url(aredis.Redis.from_url, url, connect_timeout, socket_timeout, options)
+    factory = _factory(url, async_sentinel_client, async_cluster_client, aredis.Redis.from_url)
+    return _from_url(factory, url, connect_timeout, socket_timeout, options)  # type: ignore[no-any-return]
 
 
 def sync_client_from_url(
     url: str, *, connect_timeout: float, socket_timeout: float | None, **options: Any
 ) -> redis.Redis:
     """A sync client for ``url`` (see :func:`async_client_from_url`)."""
-    if is_sentinel_url(url):
-        return _from_url(lambda u, **kw: sync_sentinel_client(parse_sentinel_url(u), kw),
-                         url, connect_timeout, socket_timeout, options)
-    if is_cluster_url(url):
-        return _from_url(lambda u, **kw: sync_cluster_client(_cluster_target(u), kw),  # type: ignore[return-value]
-                         url, connect_timeout, socket_timeout, options)
-    return _from_url(redis.Redis.from_url, url, connect_timeout, socket_timeout, options)
+    factory = _factory(url, sync_sentinel_client, sync_cluster_client, redis.Redis.from_url)
+    return _from_url(factory, url, connect_timeout, socket_timeout, options)  # type: ignore[no-any-return]
 
 
 def describe_client(client: object) -> str:
