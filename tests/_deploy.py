@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import re
 import signal
@@ -108,6 +109,40 @@ class Gunicorn:
         # A fresh connection per request, so the kernel hands it to any worker.
         with httpx.Client(timeout=timeout, limits=httpx.Limits(max_keepalive_connections=0)) as client:
             return client.get(self.base + path, headers={"Connection": "close"})
+
+    def pin_connections(self, per_worker: int, workers: int, limit: int = 2000,
+                        timeout: float = 60.0) -> dict[int, list[http.client.HTTPConnection]]:
+        """Open keep-alive connections, 8 at a time, until each of ``workers`` worker pids holds ``per_worker``
+        of them (surplus ones are closed): pid -> connections. A request sent on one of them is served by that
+        worker, so a burst spread over them reaches every worker whatever the kernel's accept order. Needs a
+        keep-alive longer than the pinning and the burst (e.g. ``GUNICORN_CMD_ARGS="--keep-alive 300"``)."""
+        pinned: dict[int, list[http.client.HTTPConnection]] = {}
+        deadline = time.monotonic() + timeout
+
+        def one(_: int) -> tuple[int, http.client.HTTPConnection]:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+            conn.request("GET", "/health")
+            response = conn.getresponse()
+            response.read()
+            return int(response.getheader("x-worker-pid", "0")), conn
+
+        with ThreadPoolExecutor(8) as pool:
+            for _ in range(0, limit, 8):
+                for pid, conn in pool.map(one, range(8)):
+                    mine = pinned.setdefault(pid, [])
+                    if len(mine) < per_worker:
+                        mine.append(conn)
+                    else:
+                        conn.close()
+                full = [pid for pid, conns in pinned.items() if len(conns) >= per_worker]
+                if len(full) >= workers or time.monotonic() >= deadline:
+                    break
+        if len(full) < workers:
+            for conn in (c for conns in pinned.values() for c in conns):
+                conn.close()
+            raise AssertionError(f"only {len(full)} of {workers} workers took {per_worker} connections: "
+                                 f"{ {pid: len(c) for pid, c in pinned.items()} }")
+        return {pid: pinned[pid] for pid in full[:workers]}
 
     def wait_healthy(self, timeout: float = 60.0) -> None:
         assert self.proc is not None
