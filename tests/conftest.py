@@ -49,13 +49,30 @@ class Workers:
         return [r for r in rows if kind is None or r["event"] == kind]
 
     def wait_for(self, kind: str, count: int = 1, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """The ``kind`` events once there are ``count``; fails after ``timeout`` s, or at once when every worker
+        exited without logging them, with the output of the workers that exited."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
+            all_exited = all(proc.poll() is not None for proc in self.procs)
             rows = self.events(kind)
             if len(rows) >= count:
                 return rows
+            if all_exited or time.monotonic() >= deadline:
+                why = "every worker exited" if all_exited else f"still waiting after {timeout} s"
+                raise AssertionError(f"{why}: expected {count} {kind!r} events, got {self.events()}\n"
+                                     f"{self.exited_outputs()}")
             time.sleep(0.02)
-        raise AssertionError(f"expected {count} {kind!r} events within {timeout} s, got {self.events()}")
+
+    def exited_outputs(self) -> str:
+        """Exit code and output tail of every worker that has exited (the running ones are left alone)."""
+        parts = []
+        for proc in self.procs:
+            if proc.poll() is None:
+                continue
+            if proc.pid not in self.outputs:
+                self.outputs[proc.pid] = proc.communicate()[0] or ""
+            parts.append(f"--- worker {proc.pid} exited {proc.returncode}:\n{self.outputs[proc.pid][-3000:]}")
+        return "\n".join(parts) or "(no worker has exited)"
 
     def join(self, timeout: float = 60.0) -> list[int]:
         deadline = time.monotonic() + timeout

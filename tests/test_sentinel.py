@@ -357,7 +357,7 @@ async def test_the_cache_through_sentinel_computes_once_for_two_workers(sentinel
     value; a Sentinel client handed over instead of the URL is refused with what to do."""
     url = _url(sentinel_set)
     settings = Settings(redis_url=None, key_prefix=f"s{time.time_ns()}")
-    workers = [Cache(url, settings=settings) for _ in range(2)]
+    workers = [Cache(url, settings=settings, op_timeout=2) for _ in range(2)]  # not the breaker's test
     runs = 0
 
     async def compute() -> str:

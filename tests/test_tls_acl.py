@@ -64,7 +64,8 @@ async def test_the_cache_works_as_an_acl_user_with_the_commands_docs_caching_lis
     _grant(tls_redis, "~hyperion_lock:*", "&hyperion_lock:*", *_ACL_COMMANDS.split(), *extra, "+scan")
     url = f"rediss://app:app-pw@127.0.0.1:{tls_redis.port}/0?ssl_ca_certs={tls_redis.ca}"
     namespace = f"acl{time.time_ns()}"
-    caches = [Cache(url, settings=Settings(redis_url=None)) for _ in range(2)]
+    # A missing permission fails at once; a generous op_timeout keeps a busy machine from opening the breaker.
+    caches = [Cache(url, settings=Settings(redis_url=None), op_timeout=2) for _ in range(2)]
     runs = 0
 
     async def compute() -> str:
