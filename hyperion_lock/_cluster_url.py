@@ -20,13 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._sentinel_url import (
-    ENCODE_HINT,
     TLS_QUERY,
-    _split,
-    _userinfo,
     auth_marker,
     host_text,
     known_query,
+    split_nodes_url,
     tls_of,
 )
 
@@ -66,33 +64,10 @@ class ClusterURL:
         return f"{scheme}://{auth_marker(self.username, self.password)}{self.addresses()}"
 
 
-def _address(text: str) -> tuple[str, int]:
-    if text.startswith("["):
-        host, bracket, rest = text[1:].partition("]")
-        if not bracket or (rest and not rest.startswith(":")):
-            raise ValueError("a cluster node address is not host:port or [ipv6]:port")
-        port_text = rest[1:]
-    else:
-        host, _, port_text = text.partition(":")
-    if not host:
-        raise ValueError(f"a cluster node address has no host, or {ENCODE_HINT}")
-    if not port_text:
-        return host, DEFAULT_CLUSTER_PORT
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"a cluster node port is not a number from 1 to 65535, or {ENCODE_HINT}")
-    return host, int(port_text)
-
-
 def parse_cluster_url(url: str) -> ClusterURL:
     """Parse a ``redis+cluster://`` / ``rediss+cluster://`` URL; ValueError (quoting nothing of it) if invalid."""
-    scheme = url.partition("://")[0].lower()
-    if scheme not in CLUSTER_SCHEMES:
-        raise ValueError("the scheme must be redis+cluster:// or rediss+cluster://")
-    parts = _split(url)
-    username, password, hosts = _userinfo(parts.netloc)
-    if not hosts:
-        raise ValueError("no cluster node address: give host:port[,host:port...]")
-    nodes = tuple(_address(text) for text in hosts.split(","))
+    scheme, parts, username, password, nodes = split_nodes_url(url, "cluster", "cluster node",
+                                                               DEFAULT_CLUSTER_PORT)
     if parts.path not in ("", "/", "/0"):
         raise ValueError("a Redis Cluster has only database 0: leave the path empty (or /0)")
     query = known_query(parts.query, CLUSTER_QUERY, "redis+cluster")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import SplitResult, parse_qsl, quote, unquote, urlsplit
 
 SENTINEL_SCHEMES = frozenset({"redis+sentinel", "rediss+sentinel"})
@@ -110,21 +110,45 @@ def _userinfo(netloc: str) -> tuple[str | None, str | None, str]:
     return unquote(user) or None, (unquote(password) or None) if colon else None, hosts
 
 
-def _address(text: str) -> tuple[str, int]:
+def _address(text: str, noun: str, default_port: int) -> tuple[str, int]:
     if text.startswith("["):
         host, bracket, rest = text[1:].partition("]")
         if not bracket or (rest and not rest.startswith(":")):
-            raise ValueError("a Sentinel address is not host:port or [ipv6]:port")
+            raise ValueError(f"a {noun} address is not host:port or [ipv6]:port")
         port_text = rest[1:]
     else:
         host, _, port_text = text.partition(":")
     if not host:
-        raise ValueError(f"a Sentinel address has no host, or {ENCODE_HINT}")
+        raise ValueError(f"a {noun} address has no host, or {ENCODE_HINT}")
     if not port_text:
-        return host, DEFAULT_SENTINEL_PORT
+        return host, default_port
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"a Sentinel port is not a number from 1 to 65535, or {ENCODE_HINT}")
+        raise ValueError(f"a {noun} port is not a number from 1 to 65535, or {ENCODE_HINT}")
     return host, int(port_text)
+
+
+class NodesURL(NamedTuple):
+    """What ``redis+sentinel://`` and ``redis+cluster://`` URLs share: the scheme, the userinfo and the node list."""
+
+    scheme: str
+    parts: SplitResult
+    username: str | None
+    password: str | None
+    nodes: tuple[tuple[str, int], ...]
+
+
+def split_nodes_url(url: str, kind: str, noun: str, default_port: int) -> NodesURL:
+    """Split a ``redis+<kind>://`` / ``rediss+<kind>://`` URL into its shared parts; the ``noun`` of a node
+    (``Sentinel``, ``cluster node``) names it in errors, and a node without a port gets ``default_port``."""
+    scheme = url.partition("://")[0].lower()
+    if scheme not in (f"redis+{kind}", f"rediss+{kind}"):
+        raise ValueError(f"the scheme must be redis+{kind}:// or rediss+{kind}://")
+    parts = _split(url)
+    username, password, hosts = _userinfo(parts.netloc)
+    if not hosts:
+        raise ValueError(f"no {noun} address: give host:port[,host:port...]")
+    nodes = tuple(_address(text, noun, default_port) for text in hosts.split(","))
+    return NodesURL(scheme, parts, username, password, nodes)
 
 
 def _service_and_db(path: str) -> tuple[str, int | None]:
@@ -183,14 +207,8 @@ def tls_of(scheme: str, form: str, query: dict[str, str]) -> tuple[bool, tuple[t
 
 def parse_sentinel_url(url: str) -> SentinelURL:
     """Parse a ``redis+sentinel://`` / ``rediss+sentinel://`` URL; ValueError (quoting nothing of it) if invalid."""
-    scheme = url.partition("://")[0].lower()
-    if scheme not in SENTINEL_SCHEMES:
-        raise ValueError("the scheme must be redis+sentinel:// or rediss+sentinel://")
-    parts = _split(url)
-    username, password, hosts = _userinfo(parts.netloc)
-    if not hosts:
-        raise ValueError("no Sentinel address: give host:port[,host:port...]")
-    sentinels = tuple(_address(text) for text in hosts.split(","))
+    scheme, parts, username, password, sentinels = split_nodes_url(url, "sentinel", "Sentinel",
+                                                                   DEFAULT_SENTINEL_PORT)
     service, path_db = _service_and_db(parts.path)
     query = known_query(parts.query, SENTINEL_QUERY, "redis+sentinel")
     tls, tls_options = tls_of(scheme, "redis+sentinel", query)
