@@ -1,6 +1,6 @@
 """The reference FastAPI app: init exactly once per deploy, then serve.
 
-    gunicorn -c gunicorn.conf.py        # 4 UvicornWorker processes, see hyperion_lock._gunicorn
+    gunicorn -c gunicorn.conf.py        # 4 UvicornWorker processes, see hyperion_lock.gunicorn_post_fork
 
 Startup timeline of each worker (the lifespan, after gunicorn forked it):
 
