@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import httpx
 import psycopg
@@ -77,12 +77,13 @@ class Gunicorn:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> Gunicorn:
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py")]
+
+    def start(self) -> Self:
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py")],
-                cwd=self.dir, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
+            self.proc = subprocess.Popen(self.command(), cwd=self.dir, env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
         self.started = time.monotonic()
         return self
 

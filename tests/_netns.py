@@ -26,7 +26,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -280,15 +279,8 @@ class HostGunicorn(Gunicorn):
     def base(self) -> str:
         return f"http://{self.address}:{self.port}"
 
-    def start(self) -> HostGunicorn:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.net.hosts[self.host], sys.executable, "-m", "gunicorn", "-c",
-                 str(ROOT / "gunicorn.conf.py")],
-                cwd=self.dir, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        self.started = time.monotonic()
-        return self
+    def command(self) -> list[str]:
+        return ["ip", "netns", "exec", self.net.hosts[self.host], *super().command()]
 
     def get(self, path: str, timeout: float = 5.0) -> httpx.Response:
         return self.net.run(Gunicorn.get, self, path, timeout)
