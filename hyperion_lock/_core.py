@@ -34,7 +34,7 @@ from ._leadership import CURRENT_LEASE, RELEASE_BUDGET, Leadership
 from ._metrics import metrics
 from ._model import Lease, Outcome, Probe
 from ._policy import TERMINAL, Act, Next, Notice, WaitPolicy
-from ._redis_backend import AsyncOps, ClusterOps, RedisBackend, SyncOps
+from ._redis_backend import MIN_REPLICAS_ON_CLUSTER, AsyncOps, ClusterOps, RedisBackend, SyncOps
 from ._settings import Settings
 from ._signals import stop_requested
 
@@ -87,6 +87,8 @@ class Coordinator:
         self._client = redis
         if self._client is None and self.settings.redis_url:
             async_client_from_url(self.settings.redis_url, connect_timeout=1, socket_timeout=1)  # validate only
+            if self.settings.min_replicas and is_cluster_url(self.settings.redis_url):
+                raise ConfigurationError(MIN_REPLICAS_ON_CLUSTER)
         self.log = logger or logging.getLogger(__name__)
         self._clock = clock
         self._wall = wall

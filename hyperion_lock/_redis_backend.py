@@ -25,6 +25,10 @@ from ._model import Event, FinishResult, Holder, Lease, Outcome, Probe, RenewRes
 from ._settings import Settings, replica_wait_ms
 
 log = logging.getLogger(__name__)
+MIN_REPLICAS_ON_CLUSTER = (
+    "HYPERION_LOCK_MIN_REPLICAS (min_replicas) is not supported with redis+cluster://: WAIT must run on the "
+    "connection that wrote the lease, which redis-py's cluster client does not expose; set it to 0"
+)
 
 
 class _Ops(Protocol):
@@ -111,10 +115,7 @@ class ClusterOps(AsyncOps):
     async def run_and_wait(
         self, script: str, keys: list[str], args: list[Any], replicas: int, timeout_ms: int
     ) -> tuple[Any, int]:
-        raise ConfigurationError(
-            "HYPERION_LOCK_MIN_REPLICAS (min_replicas) is not supported with redis+cluster://: WAIT must run on the "
-            "connection that wrote the lease, which redis-py's cluster client does not expose; set it to 0"
-        )
+        raise ConfigurationError(MIN_REPLICAS_ON_CLUSTER)  # Coordinator() refuses this already; a guard
 
     async def subscribe(self, channel: str) -> None:
         if self._pubsub is not None:
