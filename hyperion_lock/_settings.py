@@ -25,6 +25,7 @@ from ._sentinel_url import (
     ENCODE_HINT,
     SENTINEL_FORM,
     SENTINEL_SCHEMES,
+    TLS_QUERY,
     auth_marker,
     check_tls_value,
     host_text,
@@ -38,15 +39,13 @@ _REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
 _SECRET_QUERY_RE = re.compile(r"pass|pwd|secret|token|key|auth|credential", re.IGNORECASE)
 #: redis-py's own URL parser (the asyncio client's is the same code), typed here.
 _redis_parse_url: Callable[[str], Mapping[str, Any]] = _redis_connection.parse_url
-_ENCODE_HINT = ENCODE_HINT
 #: Query parameters of redis://, rediss:// and unix:// URLs: those redis-py's URL parser converts itself, plus the
 #: credentials and client name it passes on; rediss:// adds the TLS options. Anything else is a typo, refused
 #: before redis-py would hand it to a connection (which fails at the first connect, far from the cause).
 _PLAIN_QUERY = frozenset({"db", "username", "password", "client_name"}) | {
     name for name in getattr(_redis_connection, "URL_QUERY_ARGUMENT_PARSERS", {}) if not name.startswith("ssl_")
 }
-_TLS_QUERY = frozenset({"ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname",
-                        "ssl_ca_path", "ssl_password"})
+_TLS_QUERY = frozenset(TLS_QUERY) | {"ssl_ca_path", "ssl_password"}
 URL_FORMS = (
     "Expected redis://[[user]:password@]host[:port][/db], rediss://... (TLS; query parameters ssl_ca_certs, "
     f"ssl_certfile, ssl_keyfile, ssl_cert_reqs={'|'.join(CERT_REQS)}), unix:///path/to/socket, {SENTINEL_FORM}, "
@@ -55,11 +54,6 @@ URL_FORMS = (
 UNPARSEABLE_URL = "<unparseable URL: percent-encode special characters in the password>"
 
 # --- URLs: describing them without ever echoing a secret ---------------------------------------------------------
-
-
-class _Userinfo(NamedTuple):
-    username: str | None
-    password: str | None
 
 
 def _scheme_of(url: str) -> str | None:
@@ -81,21 +75,12 @@ def _checked_split(url: str) -> ParseResult:
     except ValueError:
         raise ValueError("unbalanced '[' or ']' (only an IPv6 host may use brackets)") from None
     if parts.fragment or any("@" in piece for piece in (parts.path, parts.params, parts.query)):
-        raise ValueError(_ENCODE_HINT)
+        raise ValueError(ENCODE_HINT)
     try:
         _ = parts.port
     except ValueError:  # urllib's message quotes the "port", which may be a piece of the password
-        raise ValueError(f"the port is not a number from 0 to 65535, or {_ENCODE_HINT}") from None
+        raise ValueError(f"the port is not a number from 0 to 65535, or {ENCODE_HINT}") from None
     return parts
-
-
-def _auth_marker(userinfo: _Userinfo) -> str:
-    """``user:***@`` / ``:***@`` / ``***@`` (a lone userinfo is often a password) / nothing."""
-    return auth_marker(userinfo.username, userinfo.password)
-
-
-def _host_text(host: str) -> str:
-    return host_text(host)
 
 
 def parse_redis_url(url: str) -> dict[str, Any]:
@@ -148,11 +133,11 @@ def redis_url_problem(url: str) -> str | None:
 
 
 def _describe_redis(scheme: str, kwargs: Mapping[str, Any]) -> str:
-    auth = _auth_marker(_Userinfo(kwargs.get("username"), kwargs.get("password")))
+    auth = auth_marker(kwargs.get("username"), kwargs.get("password"))
     db = kwargs.get("db", 0)
     if scheme == "unix":
         return f"unix://{auth}{kwargs.get('path', '')}?db={db}"
-    host = _host_text(str(kwargs.get("host") or "localhost"))
+    host = host_text(str(kwargs.get("host") or "localhost"))
     return f"{scheme}://{auth}{host}:{kwargs.get('port', 6379)}/{db}"
 
 
@@ -166,8 +151,8 @@ def _redacted_query(query: str) -> str:
 def _describe_other(scheme: str, url: str) -> str:
     """Any other URL (``postgresql://``, ``sqlite:///``): host, port, path, and the query with secrets masked."""
     parts = _checked_split(url)
-    auth = _auth_marker(_Userinfo(unquote(parts.username) if parts.username else None, parts.password))
-    host = _host_text(parts.hostname) if parts.hostname else ""
+    auth = auth_marker(unquote(parts.username) if parts.username else None, parts.password)
+    host = host_text(parts.hostname) if parts.hostname else ""
     port = f":{parts.port}" if parts.port is not None else ""
     query = _redacted_query(parts.query)
     return f"{scheme}://{auth}{host}{port}{quote(parts.path, safe='/:.-_~%')}" + (f"?{query}" if query else "")
@@ -273,15 +258,15 @@ def bounded_seconds(value: float | str, what: str, low: float, high: float) -> f
 MAX_REPLICAS = 100
 
 
-def replica_count(value: int | str, what: str = "min_replicas") -> int:
+def replica_count(value: int | str) -> int:
     """Parse the number of replicas a lease write must reach: a whole number from 0 (off) to 100."""
     try:
         count = int(str(value).strip())
     except ValueError:
-        raise ConfigurationError(f"{what} must be a whole number of replicas from 0 to {MAX_REPLICAS}, "
+        raise ConfigurationError(f"min_replicas must be a whole number of replicas from 0 to {MAX_REPLICAS}, "
                                  f"got {value!r}") from None
     if not 0 <= count <= MAX_REPLICAS:
-        raise ConfigurationError(f"{what} must be from 0 (off) to {MAX_REPLICAS}, got {value!r}")
+        raise ConfigurationError(f"min_replicas must be from 0 (off) to {MAX_REPLICAS}, got {value!r}")
     return count
 
 
