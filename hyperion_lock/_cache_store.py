@@ -619,6 +619,13 @@ def client_for_cache(source: aredis.Redis | _redis.Redis | str, socket_timeout: 
     return aredis.Redis(connection_pool=aredis.BlockingConnectionPool(connection_class=cls, **kwargs, **sizing))
 
 
+def _owned(pubsub: Any, channel: str | None = None) -> None:
+    """A sharded subscription with no node behind it (redis-py skips a channel whose slot no node owns, as during
+    a failover) is a broken connection: the listener resets and the next subscribe starts over."""
+    if not pubsub.node_pubsub_mapping:
+        raise ConnectionError(f"no node of the cluster owns the slot of {channel or 'the subscribed channels'}")
+
+
 class _Listener:
     """One pub/sub connection per store: subscribes to each namespace's channel once (confirmed before the first
     read of that namespace) and routes messages to the futures waiting for an entry. If the connection breaks,
@@ -661,6 +668,7 @@ class _Listener:
                     self._pubsub = self._client.pubsub()
                 if self._sharded:
                     await self._pubsub.ssubscribe(channel)
+                    _owned(self._pubsub, channel)
                 else:
                     await self._pubsub.subscribe(channel)
             except BaseException:
@@ -686,6 +694,7 @@ class _Listener:
     async def _next_sharded(pubsub: Any) -> dict[str, Any] | None:
         """The next message of any node (redis-py reads the nodes in turn: a short timeout each), as a plain
         pub/sub message."""
+        _owned(pubsub)  # else redis-py returns None at once, and this loop would never yield
         message = await pubsub.get_sharded_message(ignore_subscribe_messages=False, timeout=0.1)
         if message is None:
             return None

@@ -30,6 +30,7 @@ from hyperion_lock import (
     redact_url,
     use_lock_for_workers,
 )
+from hyperion_lock._cache_store import _Listener
 from hyperion_lock._cluster import MIN_REDIS_PY, cluster_support_problem
 from hyperion_lock._cluster_url import parse_cluster_url
 from hyperion_lock._connect import aclose, async_client_from_url, is_transient, sync_client_from_url
@@ -162,6 +163,36 @@ def test_min_replicas_is_refused_on_a_cluster_when_the_coordinator_is_made() -> 
         return
     with pytest.raises(ConfigurationError, match=r"min_replicas\) is not supported with redis\+cluster://"):
         Coordinator(url, generation="g", min_replicas=1)
+
+
+class _OrphanedShardedPubSub:
+    """redis-py's cluster pub/sub after SSUBSCRIBE to a channel whose slot no node owns (a failover under way): no
+    node connection, and get_sharded_message returns None at once, without awaiting anything."""
+
+    def __init__(self) -> None:
+        self.node_pubsub_mapping: dict[str, Any] = {}
+
+    async def ssubscribe(self, channel: str) -> None:
+        return None
+
+    async def get_sharded_message(self, **_: Any) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+class _OrphanClient:
+    def pubsub(self) -> _OrphanedShardedPubSub:
+        return _OrphanedShardedPubSub()
+
+
+async def test_a_sharded_cache_subscription_without_a_node_is_a_broken_connection_not_a_busy_loop() -> None:
+    """Before, the cache's listener looped on the immediate None without ever yielding: the event loop hung."""
+    listener = _Listener(_OrphanClient(), sharded=True)  # type: ignore[arg-type]
+    async with asyncio.timeout(10):
+        with pytest.raises(ConnectionError, match="no node of the cluster owns the slot of ns:events"):
+            await listener.subscribe("ns:events")
 
 
 # --- a real cluster ----------------------------------------------------------------------------------------------
