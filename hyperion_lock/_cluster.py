@@ -19,7 +19,8 @@ replicated are lost (replication is asynchronous), as with Sentinel.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import redis
 import redis.asyncio.cluster as async_cluster
@@ -40,16 +41,24 @@ def cluster_support_problem() -> str | None:
             f"redis.asyncio.cluster); this is redis-py {redis.__version__}: pip install 'redis>={MIN_REDIS_PY}'")
 
 
+_Cluster = TypeVar("_Cluster", async_cluster.RedisCluster, sync_cluster.RedisCluster)
+
+
+def _cluster_client(target: ClusterURL, options: dict[str, Any], node_class: Callable[[str, int], Any],
+                    cluster_class: Callable[..., _Cluster]) -> _Cluster:
+    """A ``cluster_class`` client for ``target``'s startup nodes (``node_class`` each); no connection is made here."""
+    nodes = [node_class(host, port) for host, port in target.nodes]
+    return cluster_class(startup_nodes=nodes, **options, **target.node_kwargs())
+
+
 def async_cluster_client(target: ClusterURL, options: dict[str, Any]) -> async_cluster.RedisCluster:
     """An asyncio ``RedisCluster`` for ``target``'s startup nodes; no connection is made here."""
-    nodes = [async_cluster.ClusterNode(host, port) for host, port in target.nodes]
-    return async_cluster.RedisCluster(startup_nodes=nodes, **options, **target.node_kwargs())
+    return _cluster_client(target, options, async_cluster.ClusterNode, async_cluster.RedisCluster)
 
 
 def sync_cluster_client(target: ClusterURL, options: dict[str, Any]) -> sync_cluster.RedisCluster:
     """A sync ``RedisCluster`` for ``target``'s startup nodes (see :func:`async_cluster_client`)."""
-    nodes = [sync_cluster.ClusterNode(host, port) for host, port in target.nodes]  # type: ignore[no-untyped-call]
-    return sync_cluster.RedisCluster(startup_nodes=nodes, **options, **target.node_kwargs())
+    return _cluster_client(target, options, sync_cluster.ClusterNode, sync_cluster.RedisCluster)
 
 
 def is_cluster_client(client: object) -> bool:

@@ -23,7 +23,7 @@ discarded then (measured in tests/test_sentinel_failover.py).
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 import redis.asyncio as aredis
@@ -80,6 +80,10 @@ class _Explained:
 
     _down: set[str]
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._down = set()
+
     def check_master_state(self, state: Any, service_name: str) -> bool:
         ok: bool = super().check_master_state(state, service_name)  # type: ignore[misc]
         if not ok:
@@ -88,10 +92,6 @@ class _Explained:
 
 
 class SyncSentinel(_Explained, sync_sentinel.Sentinel):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
-        self._down = set()
-
     def discover_master(self, service_name: str) -> Any:
         self._down.discard(service_name)
         try:
@@ -102,10 +102,6 @@ class SyncSentinel(_Explained, sync_sentinel.Sentinel):
 
 
 class AsyncSentinel(_Explained, async_sentinel.Sentinel):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
-        self._down = set()
-
     async def discover_master(self, service_name: str) -> Any:
         self._down.discard(service_name)
         try:
@@ -147,6 +143,23 @@ class SyncSentinelRedis(redis.Redis):
                 client.close()
 
 
+_Client = TypeVar("_Client", AsyncSentinelRedis, SyncSentinelRedis)
+
+
+def _sentinel_client(target: SentinelURL, options: dict[str, Any], manager_class: type[AsyncSentinel | SyncSentinel],
+                     retry_class: type[AsyncRetry | SyncRetry], redis_class: type[_Client]) -> _Client:
+    """A ``redis_class`` client for ``target``'s primary, looked up by a ``manager_class``; the Sentinel queries
+    and the client's commands get ``retry_class`` retries (see :func:`async_sentinel_client`)."""
+    sentinel_kwargs = {**_sentinel_kwargs(target, options), "retry": retry_class(NoBackoff(), 0)}
+    # Any: the sync and the asyncio master_for each take only their own side's redis_class.
+    manager: Any = manager_class(list(target.sentinels), sentinel_kwargs=sentinel_kwargs)
+    options = {"retry": retry_class(NoBackoff(), 1), **options}
+    client = manager.master_for(target.service, redis_class=redis_class, **options, **target.data_kwargs())
+    assert isinstance(client, redis_class)
+    client.sentinel_clients = list(manager.sentinels)
+    return client
+
+
 def async_sentinel_client(target: SentinelURL, options: dict[str, Any]) -> AsyncSentinelRedis:
     """An asyncio client for ``target``'s primary. ``options`` (timeouts, handshake) apply to the Sentinels too;
     no connection is made here.
@@ -155,25 +168,12 @@ def async_sentinel_client(target: SentinelURL, options: dict[str, Any]) -> Async
     connection died (a failover closes them all). redis-py's defaults (up to 3 retries with exponential backoff, each
     asking every Sentinel again) would multiply, and a first connect could outlast the caller's whole budget
     before reporting anything; the caller's own retry loop (``with_retries``, the renewal loop) paces the rest."""
-    manager = AsyncSentinel(list(target.sentinels),
-                            sentinel_kwargs={**_sentinel_kwargs(target, options), "retry": AsyncRetry(NoBackoff(), 0)})
-    options = {"retry": AsyncRetry(NoBackoff(), 1), **options}
-    client = manager.master_for(target.service, redis_class=AsyncSentinelRedis, **options, **target.data_kwargs())
-    assert isinstance(client, AsyncSentinelRedis)
-    client.sentinel_clients = list(manager.sentinels)
-    return client
+    return _sentinel_client(target, options, AsyncSentinel, AsyncRetry, AsyncSentinelRedis)
 
 
 def sync_sentinel_client(target: SentinelURL, options: dict[str, Any]) -> SyncSentinelRedis:
     """A sync client for ``target``'s primary (see :func:`async_sentinel_client`)."""
-    manager = SyncSentinel(list(target.sentinels),
-                           sentinel_kwargs={**_sentinel_kwargs(target, options), "retry": SyncRetry(NoBackoff(), 0)})
-    options = {"retry": SyncRetry(NoBackoff(), 1), **options}
-    client = manager.master_for(target.service, redis_class=SyncSentinelRedis, **options,
-                                 **target.data_kwargs())  # type: ignore[no-untyped-call]
-    assert isinstance(client, SyncSentinelRedis)
-    client.sentinel_clients = list(manager.sentinels)
-    return client
+    return _sentinel_client(target, options, SyncSentinel, SyncRetry, SyncSentinelRedis)
 
 
 def _sentinel_kwargs(target: SentinelURL, options: dict[str, Any]) -> dict[str, Any]:
