@@ -37,6 +37,7 @@ from hyperion_lock._connect import aclose, async_client_from_url, is_transient, 
 from hyperion_lock._keys import JobKeys
 from hyperion_lock.testing import ClusterSet, free_port
 
+from ._caching import Waits, computed_once
 from .conftest import ROOT, Workers
 from .test_secrets import AT_COLON, SLASHY, assert_no_secret
 
@@ -427,7 +428,7 @@ def test_a_cluster_client_handed_over_is_refused_with_what_to_do() -> None:
 
 @pytest.mark.integration
 async def test_the_cache_on_a_cluster_computes_once_and_wakes_waiters_on_the_shard_channel(
-        cluster: ClusterSet) -> None:
+        cluster: ClusterSet, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two caches (two workers) on a redis+cluster:// URL, three namespaces (three slots): concurrent misses
     compute once per namespace. The lease is 30 s and the test's bound 20 s, so the other worker's waiters can
     only have been woken by the namespace's shard channel (SSUBSCRIBE on the node owning its slot). Tag
@@ -441,25 +442,17 @@ async def test_the_cache_on_a_cluster_computes_once_and_wakes_waiters_on_the_sha
     # A generous op_timeout: what is tested is routing and wake-ups, not the breaker of a busy machine.
     workers = [Cache(url, settings=settings, lease_ttl=30, op_timeout=2) for _ in range(2)]
     namespaces = ("alpha", "beta", "gamma")
-    runs = dict.fromkeys(namespaces, 0)
-
-    def computing(ns: str) -> Any:
-        async def compute() -> str:
-            runs[ns] += 1
-            await asyncio.sleep(0.3)
-            return f"value of {ns}"
-        return compute
-
+    waits = Waits(monkeypatch)
     try:
         async with asyncio.timeout(20):
             assert all(await asyncio.gather(*[w.connect(budget=10) for w in workers]))  # as a lifespan does
-            results = await asyncio.gather(*[w.get_or_compute(ns, "k", computing(ns), ttl=60, tags=["t"])
-                                             for ns in namespaces for w in workers for _ in range(3)])
-            assert results == [f"value of {ns}" for ns in namespaces for _ in range(6)]
-            assert runs == dict.fromkeys(namespaces, 1)
+            for ns in namespaces:
+                # Worker 0 computes; its computation ends only once worker 1's callers wait for it.
+                runs, results = await computed_once(workers, waits, ns, "k", f"value of {ns}", ttl=60, tags=["t"])
+                assert (runs, results) == (1, [f"value of {ns}"] * 4)
             assert await workers[1].invalidate_tag("alpha", "t") == 1
-            assert await workers[0].get_or_compute("alpha", "k", computing("alpha"), ttl=60) == "value of alpha"
-            assert runs["alpha"] == 2
+            again, results = await computed_once(workers, waits, "alpha", "k", "again", ttl=60)
+            assert (again, results) == (1, ["again"] * 4)
     finally:
         for w in workers:
             await w.aclose()

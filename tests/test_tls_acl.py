@@ -14,6 +14,7 @@ import redis
 
 from hyperion_lock import Cache, Settings
 from hyperion_lock._connect import _ACL_COMMANDS
+from tests._caching import Waits, computed_once
 from tests.conftest import ROOT, Workers
 from tests.test_redis_errors import TlsRedis, tls_redis
 
@@ -54,7 +55,7 @@ def test_the_minimal_acl_the_library_names_is_enough_over_tls(tls_redis: TlsRedi
 
 
 async def test_the_cache_works_as_an_acl_user_with_the_commands_docs_caching_lists(
-        tls_redis: TlsRedis, caplog: pytest.LogCaptureFixture) -> None:
+        tls_redis: TlsRedis, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """The core's commands plus the ones docs/caching.md lists (read from the page): two caches (two workers)
     over TLS compute once, invalidate by tag, add their counts, and the CLI's status shows the namespace; the
     store never fails (the breaker never opens)."""
@@ -66,22 +67,14 @@ async def test_the_cache_works_as_an_acl_user_with_the_commands_docs_caching_lis
     namespace = f"acl{time.time_ns()}"
     # A missing permission fails at once; a generous op_timeout keeps a busy machine from opening the breaker.
     caches = [Cache(url, settings=Settings(redis_url=None), op_timeout=2) for _ in range(2)]
-    runs = 0
-
-    async def compute() -> str:
-        nonlocal runs
-        runs += 1
-        await asyncio.sleep(0.2)
-        return "value"
-
+    waits = Waits(monkeypatch)
     try:
         async with asyncio.timeout(30):
-            results = await asyncio.gather(*[c.get_or_compute(namespace, "k", compute, ttl=60, tags=["t"])
-                                             for c in caches for _ in range(3)])
-            assert results == ["value"] * 6 and runs == 1
+            runs, results = await computed_once(caches, waits, namespace, "k", "value", ttl=60, tags=["t"])
+            assert (runs, results) == (1, ["value"] * 4)
             assert await caches[0].invalidate_tag(namespace, "t") == 1
-            assert await caches[1].get_or_compute(namespace, "k", compute, ttl=60, tags=["t"]) == "value"
-            assert runs == 2
+            again, results = await computed_once(caches[::-1], waits, namespace, "k", "value", ttl=60, tags=["t"])
+            assert (again, results) == (1, ["value"] * 4)
     finally:
         for c in caches:
             await c.aclose()  # adds this worker's counts
