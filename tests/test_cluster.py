@@ -241,14 +241,15 @@ def _wait_subscribers(cset: ClusterSet, channel: str, count: int, port: int | No
 def _spawn_gated(workers: Workers, url: str, tmp_path: Path, key: str, n: int = 8) -> tuple[Path, str]:
     gate = tmp_path / f"{key}.go"
     gen = f"{key}-{time.time_ns()}"
-    # A 30 s lease: a waiter woken by the lease running out, not by the sharded channel, would take >= 30 s.
-    workers.spawn(n, url=url, key=key, ttl=30, job=f"file:{gate}", generation=gen)
+    # A 120 s lease: a waiter woken by the lease running out, not by the sharded channel, would take >= 120 s,
+    # twice the bound of _finish_and_join.
+    workers.spawn(n, url=url, key=key, ttl=120, job=f"file:{gate}", generation=gen)
     return gate, gen
 
 
 def _finish_and_join(workers: Workers, gate: Path, n: int = 8) -> list[dict[str, Any]]:
     gate.touch()
-    codes = workers.join(timeout=25)  # well below the 30 s lease
+    codes = workers.join(timeout=60)  # half the lease: only the sharded channel can have woken the waiters
     assert codes == [0] * n, (workers.events("raised"), workers.outputs)
     returned = workers.events("returned")
     assert len(returned) == n
