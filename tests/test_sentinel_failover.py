@@ -22,10 +22,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 
 from hyperion_lock import JobKeys
-from hyperion_lock.testing import SentinelSet
+from hyperion_lock.testing import SentinelSet, _redis_call
 
 from .conftest import Workers
 from .test_faults import wait_heartbeat
@@ -54,11 +53,7 @@ def report(capsys: pytest.CaptureFixture[str]) -> Iterator[Any]:
 
 
 def _lease_on(port: int) -> dict[str, Any] | None:
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
-    try:
-        raw = client.get(JobKeys("hyperion_lock", KEY).lease)
-    finally:
-        client.close()
+    raw = _redis_call(port, "GET", JobKeys("hyperion_lock", KEY).lease)
     return json.loads(raw) if raw else None
 
 
@@ -127,32 +122,26 @@ def test_primary_killed_mid_job_with_a_short_lease(sentinels: SentinelSet, worke
            f"{failover_s:.2f} s -> job ran {len(ran)}x (fences {fences}), "
            f"{len(returned)}/8 returned, raised {[r['error'] for r in raised]}, lease re-created by the leader: "
            f"{bool(recreated)}")
-    assert len(codes) == 8
+    code_of = {proc.pid: code for proc, code in zip(workers.procs, codes, strict=True)}  # join: in spawn order
     if len(ran) == 1:
         assert codes == [0] * 8, workers.outputs
         assert {r["fence"] for r in returned} == {first["fence"]}
         return
     assert len(ran) == 2, ran
     assert fences[1] > fences[0] == first["fence"]
-    # The superseded leader learns it: its outcome is discarded and it raises LeaseLostError.
+    # The superseded leader learns it: its outcome is discarded and it raises LeaseLostError, which proc_worker
+    # turns into exit code 3; the 7 others (the second runner among them) return and exit 0.
     assert [r["error"] for r in raised] == ["LeaseLostError"] and int(raised[0]["pid"]) == int(first["pid"])
+    assert code_of == {pid: 3 if pid == int(first["pid"]) else 0 for pid in code_of}, (code_of, workers.outputs)
     assert len(returned) == 7 and {r["fence"] for r in returned} == {fences[1]}
 
 
 def _role(port: int) -> str:
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
-    try:
-        return str(client.role()[0], "ascii")
-    finally:
-        client.close()
+    return str(_redis_call(port, "ROLE")[0], "ascii")
 
 
 def _outcome_on(port: int, generation: str) -> bool:
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
-    try:
-        return client.get(JobKeys("hyperion_lock", KEY).outcome(generation)) is not None
-    finally:
-        client.close()
+    return _redis_call(port, "GET", JobKeys("hyperion_lock", KEY).outcome(generation)) is not None
 
 
 def test_graceful_failover_mid_job_keeps_writing_to_the_old_primary(sentinels: SentinelSet, workers: Workers,
