@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import subprocess
 import sys
@@ -12,12 +13,14 @@ from urllib.parse import quote
 
 import pytest
 import redis
+import redis.asyncio as aredis
 from redis import exceptions as rexc
 
 from hyperion_lock import (
     Cache,
     ConfigurationError,
     Coordinator,
+    JobKeys,
     OptionalRedis,
     RedisAuthError,
     RedisUnavailableError,
@@ -316,21 +319,46 @@ def test_wrong_password_is_an_auth_error_naming_neither(
     assert_no_secret(str(info.value) + repr(info.value) + caplog.text, PW, SPW, "Wrong7/Pw?Zz")
 
 
+async def _renewal_heartbeats(host: str, port: int, key: str, count: int, timeout: float = 30.0) -> int:
+    """Until ``count`` renewal heartbeats ("running") were published on ``key``'s channel; how many were seen.
+    Subscribed after the job started: mid-job, only the leader's renewals publish there."""
+    client = aredis.Redis(host=host, port=port, password=PW, socket_timeout=5)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    seen = 0
+    try:
+        await pubsub.subscribe(JobKeys("hyperion_lock", key).channel)
+        async with asyncio.timeout(timeout):
+            while seen < count:
+                message = await pubsub.get_message(timeout=1.0)
+                if message is not None and json.loads(message["data"]).get("status") == "running":
+                    seen += 1
+    except TimeoutError:
+        raise AssertionError(f"{seen} of {count} renewal heartbeats on {key!r}'s channel within {timeout} s") from None
+    finally:
+        await aclose(pubsub)  # redis-py 4.6 to 8: close() or aclose()
+        await aclose(client)
+    return seen
+
+
 @pytest.mark.integration
-@pytest.mark.parametrize(("wanted", "ttl", "warned"), [(1, 10.0, False), (2, 0.3, True)])
+@pytest.mark.parametrize(("wanted", "ttl", "warned", "renewals"), [(1, 10.0, False, 1), (2, 0.3, True, 3)])
 async def test_min_replicas_waits_and_warns_once(
-    sentinel_set: SentinelSet, wanted: int, ttl: float, warned: bool, caplog: pytest.LogCaptureFixture
+    sentinel_set: SentinelSet, wanted: int, ttl: float, warned: bool, renewals: int, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """One replica: WAIT 1 is met (within 1 s, the WAIT timeout of a 10 s lease); WAIT 2 cannot be, which is
-    logged once, not at each of the ~10 renewals of a 0.3 s lease, and the job still runs."""
+    """One replica: WAIT 1 is met (within 1 s, the WAIT timeout of a 10 s lease), at the take and at a renewal;
+    WAIT 2 cannot be, which is logged once, not again at each of the (at least 3) renewals the job waits for, and
+    the job still runs. The job ends on the renewal heartbeats seen on the job's channel, not after a sleep."""
     caplog.set_level(logging.WARNING, logger="hyperion_lock")
     coordinator = Coordinator(_url(sentinel_set), generation=f"w-{time.time_ns()}", min_replicas=wanted,
                               lease_ttl=ttl)
+    host, port = sentinel_set.primary_address()
+    seen: list[int] = []
 
     async def job() -> None:
-        await asyncio.sleep(1.0)  # about 10 renewals with the 0.3 s lease
+        seen.append(await _renewal_heartbeats(host, port, "replicated", renewals))
 
     assert (await coordinator.run_once("replicated", job)).ran_here
+    assert seen and seen[0] >= renewals, seen
     warnings = [r for r in caplog.records if "replica(s) within" in r.getMessage()]
     assert len(warnings) == (1 if warned else 0), caplog.text
     if warned:
