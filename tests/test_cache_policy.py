@@ -213,9 +213,10 @@ async def test_a_store_call_that_loses_the_timeouts_cancel_is_cancelled_again() 
     then drops the cancel; the call waits for a reply up to its socket timeout (seconds). It is cancelled again,
     and the caller still sees one ``TimeoutError``, its task not left marked as cancelling; a cancel from
     outside is still a ``CancelledError``."""
-    reply_forever = asyncio.Event()
+    reply_forever, writing = asyncio.Event(), asyncio.Event()
 
     async def losing_the_first_cancel() -> str:
+        writing.set()  # the write has started: a cancel from now on lands in it
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.sleep(10)  # the write: the first cancel arrives as it completes, and is lost
         await reply_forever.wait()  # the read of a reply that never comes
@@ -230,8 +231,10 @@ async def test_a_store_call_that_loses_the_timeouts_cancel_is_cancelled_again() 
     async def outside() -> str:
         return await within(losing_the_first_cancel(), 0.05, alive=lambda since: False)
 
+    writing.clear()
     caller = asyncio.ensure_future(outside())
-    await asyncio.sleep(0.01)
+    async with asyncio.timeout(5):
+        await writing.wait()
     caller.cancel()  # lost in the write, then the timeout's cancel lands: the outer cancel must still win
     with pytest.raises(asyncio.CancelledError):
         async with asyncio.timeout(5):
