@@ -276,10 +276,13 @@ async def test_slow_renewals_do_not_hand_the_entry_to_a_second_computation(
     bound by that timeout and by the breaker: two slow ones opened it, renewing stopped, the lease expired and
     the other worker computed the entry a second time (two values served). Now one computation runs."""
     original = RedisStore.renew
+    renewed: list[bool] = []  # the result of every slow renewal that completed
 
     async def slow_renew(self: RedisStore, *args: Any) -> bool:
         await asyncio.sleep(0.1)
-        return await original(self, *args)
+        held = await original(self, *args)
+        renewed.append(held)
+        return held
 
     monkeypatch.setattr(RedisStore, "renew", slow_renew)
     workers = [make(redis_url, prefix, lease_ttl=0.6) for _ in range(2)]
@@ -291,10 +294,12 @@ async def test_slow_renewals_do_not_hand_the_entry_to_a_second_computation(
             await counter.started.wait()
             other = asyncio.create_task(workers[1].get_or_compute("q", "k", counter, ttl=30, returns=Quote))
             await until(lambda: spy.waits >= 1, "the other worker waits")
-            await asyncio.sleep(1.5)  # several lease lifetimes of slow renewals while the computation runs
+            # Several lease lifetimes of slow renewals while the computation runs (one every ~0.3 s).
+            await until(lambda: len(renewed) >= 5, "5 slow renewals completed")
             gate.set()
             results = [await first, await other]
         assert counter.runs == 1 and results[0] == results[1]
+        assert all(renewed[:5]), renewed  # the lease was still held at each of them
     finally:
         await close(*workers)
 
