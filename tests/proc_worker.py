@@ -20,6 +20,8 @@ from typing import Any
 
 from hyperion_lock import Coordinator, HyperionLockError, current_lease
 
+GATE_TIMEOUT = 120.0  # the longest a ``file:`` job waits for its gate file; a test that never creates it fails
+
 
 def emit(path: str, **fields: Any) -> None:
     fields.setdefault("pid", os.getpid())
@@ -41,9 +43,10 @@ def make_job(spec: str, log: str) -> Any:
             emit(log, event="job-failing")
             raise ValueError("migration 0002 exploded")
         elif kind == "file":  # run until the test creates the file ``arg`` (the test decides when the job ends)
-            while True:  # polled: the test process has no other way to signal this one
-                if await asyncio.to_thread(os.path.exists, arg):
-                    break
+            deadline = time.monotonic() + GATE_TIMEOUT
+            while not await asyncio.to_thread(os.path.exists, arg):  # polled: the test has no other way to signal
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"gate file {arg!r} did not appear within {GATE_TIMEOUT:g} s")
                 await asyncio.sleep(0.02)
         elif kind == "check":  # sleep, then verify the lease is still ours before "writing"
             await asyncio.sleep(float(arg or 0))
