@@ -3,13 +3,14 @@ client certificate: ssl_ca_certs, ssl_certfile, ssl_keyfile and ssl_cert_reqs ea
 
 from __future__ import annotations
 
+import re
 import tempfile
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from hyperion_lock import Coordinator, HyperionLockError, RedisTLSError
+from hyperion_lock import Coordinator, RedisTLSError, RedisUnavailableError
 from hyperion_lock.testing import RedisServer, SentinelSet, TlsFiles, free_port
 
 from .conftest import Workers
@@ -45,9 +46,14 @@ def test_ca_and_client_certificate_from_the_url(tls_server: RedisServer, tls_fil
 
 
 def test_without_the_client_certificate_the_server_refuses(tls_server: RedisServer, tls_files: TlsFiles) -> None:
-    with pytest.raises(HyperionLockError):
+    """Both are retried as connection errors until connect_timeout, then named RedisUnavailableError: without a
+    certificate the server ends the handshake with its "certificate required" alert; a key alone is refused by
+    the ssl module before any handshake."""
+    base = re.escape(f"rediss://127.0.0.1:{tls_server.port}/0")
+    with pytest.raises(RedisUnavailableError, match=rf"{base} did not answer .*certificate required"):
         _run(f"rediss://127.0.0.1:{tls_server.port}/0?ssl_ca_certs={tls_files.ca}")
-    with pytest.raises(HyperionLockError):  # a key without its certificate is no better
+    with pytest.raises(RedisUnavailableError,  # a key without its certificate is no better
+                       match=rf"{base} did not answer .*certfile should be a valid filesystem path"):
         _run(f"rediss://127.0.0.1:{tls_server.port}/0?ssl_ca_certs={tls_files.ca}&ssl_keyfile={tls_files.client_key}")
 
 
@@ -77,6 +83,9 @@ def test_rediss_sentinel_reaches_a_tls_primary(tls_sentinels: SentinelSet, worke
 
 
 def test_sentinel_url_without_tls_cannot_reach_a_tls_primary(tls_sentinels: SentinelSet) -> None:
-    plain = f"redis+sentinel://:tls-data-pw@127.0.0.1:{tls_sentinels.sentinel_ports[0]}/{tls_sentinels.service}"
-    with pytest.raises(HyperionLockError):
+    port, service = tls_sentinels.sentinel_ports[0], tls_sentinels.service
+    plain = f"redis+sentinel://:tls-data-pw@127.0.0.1:{port}/{service}"
+    # The Sentinels answer in plain text; the TLS-only primary they name drops the plain connection.
+    redacted = re.escape(f"redis+sentinel://:***@127.0.0.1:{port}/{service}/0")  # the password not shown
+    with pytest.raises(RedisUnavailableError, match=rf"{redacted} did not answer .*last error ConnectionError"):
         _run(plain)
