@@ -197,6 +197,9 @@ async def test_a_sharded_cache_subscription_without_a_node_is_a_broken_connectio
 
 
 # --- a real cluster ----------------------------------------------------------------------------------------------
+NOWHERE = "redis+cluster://127.0.0.1:1"  # enough for the refusal on an old redis-py: no server is started for it
+
+
 def _refused(url: str) -> bool:
     """On an old redis-py: assert the refusal and tell the test to stop there."""
     if SUPPORTED:
@@ -238,13 +241,16 @@ def _wait_subscribers(cset: ClusterSet, channel: str, count: int, port: int | No
     raise AssertionError(f"{count} sharded subscribers to {channel} expected, saw {seen}")
 
 
-def _spawn_gated(workers: Workers, url: str, tmp_path: Path, key: str, n: int = 8) -> tuple[Path, str]:
+def _job_running(cset: ClusterSet, workers: Workers, tmp_path: Path, key: str) -> tuple[Path, str, int]:
+    """8 workers on ``key``: one runs a job that waits for a gate file, and all 8 listen on the job's shard channel
+    (the leader subscribed before it won). Returns (the gate, the channel, the port of the node owning its slot)."""
     gate = tmp_path / f"{key}.go"
-    gen = f"{key}-{time.time_ns()}"
     # A 120 s lease: a waiter woken by the lease running out, not by the sharded channel, would take >= 120 s,
     # twice the bound of _finish_and_join.
-    workers.spawn(n, url=url, key=key, ttl=120, job=f"file:{gate}", generation=gen)
-    return gate, gen
+    workers.spawn(8, url=_url(cset), key=key, ttl=120, job=f"file:{gate}", generation=f"{key}-{time.time_ns()}")
+    workers.wait_for("ran")
+    channel = JobKeys("hyperion_lock", key).channel
+    return gate, channel, _wait_subscribers(cset, channel, 8)
 
 
 def _finish_and_join(workers: Workers, gate: Path, n: int = 8) -> list[dict[str, Any]]:
@@ -270,13 +276,9 @@ def _wake_latency(workers: Workers) -> float:
 def test_eight_processes_run_the_job_once_woken_by_the_sharded_channel(
     cluster: ClusterSet, workers: Workers, tmp_path: Path
 ) -> None:
-    url = _url(cluster)
-    if _refused(url):
+    if _refused(_url(cluster)):
         return
-    channel = JobKeys("hyperion_lock", "cl-once").channel
-    gate, _ = _spawn_gated(workers, url, tmp_path, "cl-once")
-    workers.wait_for("ran")
-    owner = _wait_subscribers(cluster, channel, 8)  # the leader listens too (it subscribed before it won)
+    gate, channel, owner = _job_running(cluster, workers, tmp_path, "cl-once")
     assert int(cluster.call(owner, "PUBSUB", "NUMSUB", channel)[1]) == 0  # nobody uses broadcast pub/sub
     returned = _finish_and_join(workers, gate)
     assert len(workers.events("ran")) == 1 and sum(r["ran_here"] for r in returned) == 1
@@ -289,14 +291,10 @@ def test_eight_processes_run_the_job_once_woken_by_the_sharded_channel(
 def test_master_failover_mid_job(workers: Workers, tmp_path: Path) -> None:
     """SIGKILL the master owning the job's slot while the job runs and 7 waiters listen there; its replica takes
     over; every waiter re-subscribes on it and every worker returns."""
+    if _refused(NOWHERE):
+        return
     with ClusterSet(password=PW) as cset:
-        url = _url(cset)
-        if _refused(url):
-            return
-        channel = JobKeys("hyperion_lock", "cl-failover").channel
-        gate, _ = _spawn_gated(workers, url, tmp_path, "cl-failover")
-        workers.wait_for("ran")
-        old = _wait_subscribers(cset, channel, 8)
+        gate, channel, old = _job_running(cset, workers, tmp_path, "cl-failover")
         slot = cset.slot_of(channel)
         killed = time.monotonic()
         cset.node_at(old).kill()
@@ -322,14 +320,10 @@ def test_waiters_follow_their_slot_when_it_moves(workers: Workers, tmp_path: Pat
     """Migrate the job's slot to another master while 7 waiters listen: the old owner drops their sharded
     subscriptions (sunsubscribe), they re-subscribe on the new owner, the leader's FINISH follows MOVED there and
     its SPUBLISH wakes them."""
+    if _refused(NOWHERE):
+        return
     with ClusterSet(password=PW) as cset:
-        url = _url(cset)
-        if _refused(url):
-            return
-        channel = JobKeys("hyperion_lock", "cl-moved").channel
-        gate, _ = _spawn_gated(workers, url, tmp_path, "cl-moved")
-        workers.wait_for("ran")
-        old = _wait_subscribers(cset, channel, 8)
+        gate, channel, old = _job_running(cset, workers, tmp_path, "cl-moved")
         slot = cset.slot_of(channel)
         target = next(n.port for n in cset.nodes if n.port != old
                       and cset.call(n.port, "INFO", "replication").get("role") == "master")
