@@ -161,6 +161,11 @@ class RedisServer(_Server):
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
+    @property
+    def running(self) -> bool:
+        """Whether the server process was started and has not exited (or been killed) since."""
+        return self.proc is not None and self.proc.poll() is None
+
     def start(self) -> RedisServer:
         args = [
             self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
@@ -175,7 +180,8 @@ class RedisServer(_Server):
 
     def kill(self) -> None:
         """SIGKILL: every key is lost (no persistence), clients see their connections drop."""
-        if self.proc and self.proc.poll() is None:
+        if self.running:
+            assert self.proc is not None
             self.proc.kill()
             self.proc.wait(10)
 
@@ -192,7 +198,8 @@ class RedisServer(_Server):
         self.proc.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
+        if self.running:
+            assert self.proc is not None
             self.proc.send_signal(signal.SIGCONT)
             self.proc.terminate()
             try:
@@ -478,12 +485,12 @@ class ClusterSet(_Server):
         return bool(replication.get("role") == "master" or replication.get("master_link_status") == "up")
 
     def alive(self) -> int:
-        return sum(1 for node in self.nodes if node.proc is not None and node.proc.poll() is None)
+        return sum(1 for node in self.nodes if node.running)
 
     def wait_healthy(self, timeout: float = 60.0) -> None:
         """Until every running node says ``cluster_state:ok`` and every running replica is in sync (bounded)."""
         for node in self.nodes:
-            if node.proc is not None and node.proc.poll() is None:
+            if node.running:
                 _poll(lambda n=node: self._healthy(n.port), f"cluster node {node.port} healthy", timeout)
 
     def node_at(self, port: int) -> RedisServer:
@@ -494,7 +501,7 @@ class ClusterSet(_Server):
 
     def owner(self, slot: int, via: int | None = None) -> int:
         """The port of the master that owns ``slot``, as the node ``via`` (default: a running node) sees it."""
-        port = via if via is not None else next(n.port for n in self.nodes if n.proc and n.proc.poll() is None)
+        port = via if via is not None else next(n.port for n in self.nodes if n.running)
         for start, end, master, *_ in self.call(port, "CLUSTER", "SLOTS"):
             if int(start) <= slot <= int(end):
                 return int(master[1])
@@ -506,7 +513,7 @@ class ClusterSet(_Server):
 
     def replica_of(self, master_port: int) -> int:
         for node in self.nodes:
-            if node.port == master_port or node.proc is None or node.proc.poll() is not None:
+            if node.port == master_port or not node.running:
                 continue
             info = self.call(node.port, "INFO", "replication")
             if info.get("role") == "slave" and int(info.get("master_port", 0)) == master_port:
@@ -517,7 +524,7 @@ class ClusterSet(_Server):
         """Until every running node names a master other than ``old_port`` for ``slot``; return its port."""
 
         def moved() -> int | None:
-            owners = {self.owner(slot, via=n.port) for n in self.nodes if n.proc and n.proc.poll() is None}
+            owners = {self.owner(slot, via=n.port) for n in self.nodes if n.running}
             return owners.pop() if len(owners) == 1 and old_port not in owners else None
 
         port = int(_poll(moved, f"slot {slot} failed over away from {old_port}", timeout))
