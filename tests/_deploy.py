@@ -157,13 +157,27 @@ class Gunicorn:
             time.sleep(0.1)
         raise AssertionError(f"no healthy worker within {timeout} s; log:\n{self.log()}")
 
-    def startup_reports(self, distinct: int = 4, timeout: float = 60.0, max_requests: int = 2000) -> dict[int, Any]:
-        """Hit /health and /startup until ``distinct`` worker pids answered (bounded in time and requests)."""
-        seen: dict[int, Any] = {}
+    def from_workers(self, fetch: Callable[[], tuple[int, T] | None], distinct: int, timeout: float = 60.0,
+                     max_requests: int = 2000) -> dict[int, T]:
+        """Call ``fetch`` -- requests on fresh connections, so any worker may answer: (its pid, what it said), or
+        None -- 8 at a time until ``distinct`` worker pids answered; the first answer of each is kept. Fails after
+        ``timeout`` s or ``max_requests`` calls, with the log."""
+        seen: dict[int, T] = {}
         sent = 0
         deadline = time.monotonic() + timeout
+        with ThreadPoolExecutor(8) as pool:
+            while len(seen) < distinct and time.monotonic() < deadline and sent < max_requests:
+                for item in pool.map(lambda _: fetch(), range(8)):
+                    if item is not None:
+                        seen.setdefault(*item)
+                sent += 8
+        assert len(seen) >= distinct, f"saw only pids {sorted(seen)} after {sent} requests; log:\n{self.log()}"
+        return seen
 
-        def one(_: int) -> tuple[int, Any] | None:
+    def startup_reports(self, distinct: int = 4, timeout: float = 60.0, max_requests: int = 2000) -> dict[int, Any]:
+        """Each worker's /startup report, from ``distinct`` workers that also answer /health with 200."""
+
+        def one() -> tuple[int, Any] | None:
             try:
                 health = self.get("/health")
                 report = self.get("/startup")
@@ -173,14 +187,7 @@ class Gunicorn:
                 return None
             return int(report.json()["pid"]), report.json()
 
-        with ThreadPoolExecutor(8) as pool:
-            while len(seen) < distinct and time.monotonic() < deadline and sent < max_requests:
-                for item in pool.map(one, range(16)):
-                    if item is not None:
-                        seen[item[0]] = item[1]
-                sent += 16
-        assert len(seen) >= distinct, f"saw only pids {sorted(seen)} after {sent} requests; log:\n{self.log()}"
-        return seen
+        return self.from_workers(one, distinct, timeout, max_requests)
 
     def wait_exit(self, timeout: float) -> int:
         assert self.proc is not None

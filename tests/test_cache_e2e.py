@@ -108,14 +108,12 @@ def calls_for(db: Path, symbol: str) -> list[int]:
 def from_every_worker(g: Gunicorn, path: str, workers: int = 4, limit: int = 400,
                       headers: dict[str, str] | None = None) -> dict[int, httpx.Response]:
     """One response per worker pid (``X-Worker-Pid``), asking until ``workers`` distinct pids answered."""
-    seen: dict[int, httpx.Response] = {}
-    with ThreadPoolExecutor(8) as pool:
-        for _ in range(limit // 8):
-            for r in pool.map(lambda _: get(g, path, headers=headers), range(8)):
-                seen.setdefault(int(r.headers["x-worker-pid"]), r)
-            if len(seen) >= workers:
-                return seen
-    raise AssertionError(f"only workers {sorted(seen)} answered {path} in {limit} requests")
+
+    def one() -> tuple[int, httpx.Response]:
+        response = get(g, path, headers=headers)
+        return int(response.headers["x-worker-pid"]), response
+
+    return g.from_workers(one, workers, max_requests=limit)
 
 
 def count(g: Gunicorn, pattern: str) -> int:
