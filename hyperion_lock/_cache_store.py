@@ -593,12 +593,13 @@ def client_for_cache(source: aredis.Redis | _redis.Redis | str, socket_timeout: 
     ``redis+cluster://`` URL its ``RedisCluster`` (redis-py >= 8: sharded pub/sub). redis-py has no blocking pool
     for either, and a bounded one would fail a burst past its size, so their pools are not bounded: a burst opens
     as many connections as it has concurrent store calls."""
-    own = {**client_kwargs(min(1.0, socket_timeout), socket_timeout), "retry": Retry(NoBackoff(), 1),
-           "decode_responses": False}
-    sizing: dict[str, Any] = {"max_connections": POOL_SIZE, "timeout": POOL_WAIT}
+    connect_timeout = min(1.0, socket_timeout)
+    options: dict[str, Any] = {"retry": Retry(NoBackoff(), 1), "decode_responses": False}
     if isinstance(source, str) and (is_sentinel_url(source) or is_cluster_url(source)):
-        return async_client_from_url(source, connect_timeout=min(1.0, socket_timeout), socket_timeout=socket_timeout,
-                                     retry=Retry(NoBackoff(), 1), decode_responses=False)
+        return async_client_from_url(source, connect_timeout=connect_timeout, socket_timeout=socket_timeout,
+                                     **options)
+    own = {**client_kwargs(connect_timeout, socket_timeout), **options}
+    sizing: dict[str, Any] = {"max_connections": POOL_SIZE, "timeout": POOL_WAIT}
     if isinstance(source, str):
         problem = redis_url_problem(source)
         if problem is not None:
