@@ -35,6 +35,7 @@ from hyperion_lock._sentinel_url import parse_sentinel_url
 from hyperion_lock._settings import replica_wait_ms
 from hyperion_lock.testing import RedisServer, SentinelSet, free_port
 
+from ._caching import Waits, computed_once
 from .conftest import ROOT, Workers
 from .test_secrets import AT_COLON, SLASHY, assert_no_secret
 
@@ -380,29 +381,25 @@ def test_plain_url_at_a_replica_reports_read_only() -> None:
 
 
 @pytest.mark.integration
-async def test_the_cache_through_sentinel_computes_once_for_two_workers(sentinel_set: SentinelSet) -> None:
-    """Two caches (two workers) on a redis+sentinel:// URL: concurrent misses compute once and both serve the
-    value; a Sentinel client handed over instead of the URL is refused with what to do."""
+async def test_the_cache_through_sentinel_computes_once_for_two_workers(sentinel_set: SentinelSet,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two caches (two workers) on a redis+sentinel:// URL: the second waits for the first's computation and
+    both serve the value; a Sentinel client handed over instead of the URL is refused with what to do."""
     url = _url(sentinel_set)
     settings = Settings(redis_url=None, key_prefix=f"s{time.time_ns()}")
     workers = [Cache(url, settings=settings, op_timeout=2) for _ in range(2)]  # not the breaker's test
-    runs = 0
-
-    async def compute() -> str:
-        nonlocal runs
-        runs += 1
-        await asyncio.sleep(0.3)
-        return "through sentinel"
-
     try:
         async with asyncio.timeout(30):
-            results = await asyncio.gather(*[w.get_or_compute("q", "k", compute, ttl=30) for w in workers
-                                             for _ in range(3)])
-        assert results == ["through sentinel"] * 6 and runs == 1
+            runs, results = await computed_once(workers, Waits(monkeypatch), "q", "k", "through sentinel", ttl=30)
+        assert (runs, results) == (1, ["through sentinel"] * 4)
         assert sum(w.stats()["q"]["misses"] for w in workers) == 1
     finally:
         for w in workers:
             await w.aclose()
+
+    async def compute() -> str:
+        raise AssertionError("a refused cache computed")
+
     client = async_client_from_url(url, connect_timeout=1, socket_timeout=1)
     try:
         with pytest.raises(ConfigurationError, match=r"give it the redis\+sentinel:// URL"):
