@@ -110,10 +110,12 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> Spy:
 
 async def until(condition: Callable[[], Any], what: str, timeout: float = 10.0) -> None:
     """Wait (bounded) for a state another task or process reaches; checked every 10 ms."""
-    async with asyncio.timeout(timeout):
-        while not condition():  # noqa: ASYNC110 -- the conditions are read from other objects, not events
-            await asyncio.sleep(0.01)
-    assert condition(), what
+    try:
+        async with asyncio.timeout(timeout):
+            while not condition():  # noqa: ASYNC110 -- the conditions are read from other objects, not events
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"{what}: not reached within {timeout} s") from None
 
 
 def refreshing(*caches: Cache) -> bool:
