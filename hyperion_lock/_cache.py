@@ -69,7 +69,7 @@ from ._cache_store import (
 )
 from ._connect import describe_client, redis_error
 from ._errors import ConfigurationError
-from ._metrics import cache_counted
+from ._metrics import metrics
 from ._settings import ENV_PREFIX, Settings, positive_seconds, redact_url
 
 T = TypeVar("T")
@@ -506,7 +506,7 @@ class Cache:
             if compute is not None:
                 s.computations += 1
                 s.compute_seconds += compute
-        cache_counted(namespace, status, error=error, compute=compute)
+        metrics.cache_counted(namespace, status, error=error, compute=compute)
 
     def _deltas(self) -> dict[str, dict[str, float]]:
         with self._lock:

@@ -115,16 +115,16 @@ class Metrics:
         self._record(lambda p: p.reconnects.labels(key).inc())
 
     def cache_counted(
-        self, namespace: str, status: str | None, n: int = 1, *, error: bool = False, compute: float | None = None
+        self, namespace: str, status: str | None, *, error: bool = False, compute: float | None = None
     ) -> None:
-        """``n`` cache lookups of ``status`` (hit, miss, stale, bypass; any case), plus an error and a computation's
+        """A cache lookup of ``status`` (hit, miss, stale, bypass; any case), plus an error and a computation's
         run time when given."""
 
         def record(p: _Prometheus) -> None:
             if status is not None:
-                p.cache.labels(namespace, str(status).lower()).inc(n)
+                p.cache.labels(namespace, str(status).lower()).inc()
             if error:
-                p.cache.labels(namespace, "error").inc(n)
+                p.cache.labels(namespace, "error").inc()
             if compute is not None:
                 p.compute.labels(namespace).observe(compute)
 
@@ -218,13 +218,6 @@ class Metrics:
 
 
 metrics = Metrics()
-
-
-def cache_counted(
-    namespace: str, status: str | None, n: int = 1, *, error: bool = False, compute: float | None = None
-) -> None:
-    """For the cache: count ``n`` lookups of ``status`` in ``namespace`` (see :meth:`Metrics.cache_counted`)."""
-    metrics.cache_counted(namespace, status, n, error=error, compute=compute)
 
 
 def render_metrics() -> tuple[bytes, str]:

@@ -18,7 +18,6 @@ import sys
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -49,7 +48,6 @@ from hyperion_lock._metrics import (
     PLAIN_TEXT,
     Metrics,
     _remove_dir,
-    cache_counted,
     metrics,
 )
 from hyperion_lock.testing import RedisServer
@@ -123,8 +121,8 @@ def test_events_are_counted_under_few_labels() -> None:
 def test_cache_counts_by_namespace_and_status() -> None:
     reg = CollectorRegistry()
     m = Metrics(registry=reg)
-    m.cache_counted("quotes", CacheStatus.HIT)
-    m.cache_counted("quotes", CacheStatus.HIT, 2)
+    for _ in range(3):
+        m.cache_counted("quotes", CacheStatus.HIT)
     m.cache_counted("quotes", CacheStatus.STALE)
     m.cache_counted("quotes", CacheStatus.MISS, compute=0.5)
     m.cache_counted("quotes", None, error=True, compute=0.25)
@@ -136,9 +134,9 @@ def test_cache_counts_by_namespace_and_status() -> None:
     assert sample("hyperion_lock_cache_requests_total", reg, namespace="users", status="bypass") == 1
     assert sample("hyperion_lock_cache_compute_seconds_count", reg, namespace="quotes") == 2
     assert sample("hyperion_lock_cache_compute_seconds_sum", reg, namespace="quotes") == 0.75
-    # The module-level function the cache calls records into the process-wide registry.
+    # The process-wide Metrics the cache records into writes to the default registry.
     namespace = new_key()
-    cache_counted(namespace, CacheStatus.MISS)
+    metrics.cache_counted(namespace, CacheStatus.MISS)
     assert sample("hyperion_lock_cache_requests_total", namespace=namespace, status="miss") == 1
 
 
@@ -293,12 +291,12 @@ import json, sys
 for name in ("prometheus_client", "opentelemetry"):
     sys.modules[name] = None  # as if not installed: importing it raises ImportError
 from hyperion_lock import Coordinator, gunicorn_metrics_dir, render_metrics
-from hyperion_lock._metrics import cache_counted
+from hyperion_lock._metrics import metrics
 
 calls = []
 outcome = Coordinator(None, lock_dir=sys.argv[1], generation="g").run_once_sync("k", lambda: calls.append(1))
 again = Coordinator(None, lock_dir=sys.argv[1], generation="g").run_once_sync("k", lambda: calls.append(1))
-cache_counted("ns", "HIT", error=True, compute=0.1)
+metrics.cache_counted("ns", "HIT", error=True, compute=0.1)
 body, content_type = render_metrics()
 env = {}
 print(json.dumps({"ran": [outcome.ran_here, again.ran_here], "calls": len(calls), "body": body.decode(),
@@ -512,20 +510,14 @@ def metric_values(text: str, name: str, key: str) -> dict[str, float]:
 
 
 def metrics_from_workers(g: Gunicorn, distinct: int, max_requests: int = 2000) -> dict[int, str]:
-    """GET /metrics, 8 at a time on fresh connections, until ``distinct`` workers answered: pid -> text."""
-    texts: dict[int, str] = {}
+    """GET /metrics on fresh connections until ``distinct`` workers answered: pid -> text."""
 
-    def one(_: int) -> tuple[int, str]:
+    def one() -> tuple[int, str]:
         response = g.get("/metrics")
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
         return int(response.headers["x-worker-pid"]), response.text
 
-    with ThreadPoolExecutor(8) as pool:
-        for _ in range(0, max_requests, 16):
-            texts.update(pool.map(one, range(16)))
-            if len(texts) >= distinct:
-                return texts
-    raise AssertionError(f"only workers {sorted(texts)} answered {max_requests} requests")
+    return g.from_workers(one, distinct, max_requests=max_requests)
 
 
 @pytest.mark.e2e
