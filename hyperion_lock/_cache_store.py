@@ -32,11 +32,11 @@ from redis.backoff import NoBackoff
 from ._aio import cancel_and_wait
 from ._cache_keys import CacheKeys
 from ._cluster import is_cluster_client
-from ._connect import as_text, async_client_from_url, async_closer, client_kwargs, is_cluster_url, is_sentinel_url
+from ._connect import as_text, async_client_from_url, async_closer, client_kwargs
 from ._connect import close_quietly as _close_quietly
 from ._errors import ConfigurationError
 from ._sentinel import is_sentinel_pool
-from ._settings import redact_url, redis_url_problem
+from ._settings import is_cluster_url, is_sentinel_url, redact_url, redis_url_problem
 
 T = TypeVar("T")
 

@@ -35,7 +35,7 @@ from ._sentinel import (
     sync_sentinel_client,
 )
 from ._sentinel_url import SENTINEL_SCHEMES, parse_sentinel_url
-from ._settings import URL_FORMS, redact_url, redis_url_problem
+from ._settings import URL_FORMS, is_cluster_url, is_sentinel_url, redact_url, redis_url_problem
 
 T = TypeVar("T")
 
@@ -284,14 +284,6 @@ def _from_url(
         raise ConfigurationError(f"invalid Redis URL {redact_url(url)!r}: {reason}. {_URL_FORMS}") from None
 
 
-def is_sentinel_url(url: str) -> bool:
-    return url.partition("://")[0].lower() in SENTINEL_SCHEMES
-
-
-def is_cluster_url(url: str) -> bool:
-    return url.partition("://")[0].lower() in CLUSTER_SCHEMES
-
-
 def _cluster_target(url: str) -> Any:
     """The parsed ``redis+cluster://`` URL; ConfigurationError when this redis-py cannot serve it."""
     problem = cluster_support_problem()
@@ -387,9 +379,9 @@ def unreachable_hints(where: str) -> str:
     """What to check when a server at ``where`` does not answer; the TLS hint depends on the scheme used, and a
     Sentinel URL gets the Sentinel's own checks."""
     scheme = _scheme_in(where)
-    if scheme in ("redis+sentinel", "rediss+sentinel"):
+    if scheme in SENTINEL_SCHEMES:
         return _sentinel_hints(where)
-    if scheme in ("redis+cluster", "rediss+cluster"):
+    if scheme in CLUSTER_SCHEMES:
         return _cluster_hints(where)
     if scheme == "rediss":
         tls = "a plain (non-TLS) Redis never answers a TLS handshake: use redis:// for it"

@@ -26,7 +26,7 @@ import redis.asyncio as aredis
 from ._aio import to_the_end
 from ._call import Backend, Call
 from ._cluster import is_cluster_client
-from ._connect import async_client_from_url, describe_client, is_cluster_url
+from ._connect import async_client_from_url, describe_client
 from ._errors import ConfigurationError, JobFailedError, WaitInterruptedError, WaitTimeoutError
 from ._file_backend import FileBackend
 from ._keys import JobKeys
@@ -35,7 +35,7 @@ from ._metrics import metrics
 from ._model import Lease, Outcome, Probe
 from ._policy import TERMINAL, Act, Next, Notice, WaitPolicy
 from ._redis_backend import MIN_REPLICAS_ON_CLUSTER, AsyncOps, ClusterOps, RedisBackend, SyncOps
-from ._settings import Settings
+from ._settings import Settings, is_cluster_url
 from ._signals import stop_requested
 
 P = ParamSpec("P")

@@ -62,6 +62,14 @@ def _scheme_of(url: str) -> str | None:
     return match.group(1).lower() if match else None
 
 
+def is_sentinel_url(url: str) -> bool:
+    return _scheme_of(url) in SENTINEL_SCHEMES
+
+
+def is_cluster_url(url: str) -> bool:
+    return _scheme_of(url) in CLUSTER_SCHEMES
+
+
 def _checked_split(url: str) -> ParseResult:
     """``urlparse(url)``, refusing splits in which the userinfo leaked past the authority.
 
@@ -121,9 +129,9 @@ def redis_url_problem(url: str) -> str | None:
     (``redis+sentinel://``, ``rediss+sentinel://``) and Cluster URLs (``redis+cluster://``, ``rediss+cluster://``)
     are checked by the parser their client is built from."""
     try:
-        if _scheme_of(url) in SENTINEL_SCHEMES:
+        if is_sentinel_url(url):
             parse_sentinel_url(url)
-        elif _scheme_of(url) in CLUSTER_SCHEMES:
+        elif is_cluster_url(url):
             parse_cluster_url(url)
         else:
             parse_redis_url(url)
