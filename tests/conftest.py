@@ -8,15 +8,31 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from hyperion_lock import ConfigurationError, Coordinator, OptionalRedis
+
 pytest_plugins = ["hyperion_lock.testing"]
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def noop() -> None:
+    """A job that does nothing."""
+
+
+def refusals(url: str, makers: tuple[Callable[[str], object], ...] = (Coordinator, OptionalRedis)) -> list[str]:
+    """The text of the ConfigurationError each of ``makers`` raises for ``url`` (fails if one accepts it)."""
+    texts = []
+    for make in makers:
+        with pytest.raises(ConfigurationError) as info:
+            make(url)
+        texts.append(str(info.value))
+    return texts
 
 
 class Workers:

@@ -28,11 +28,9 @@ from hyperion_lock import (
 from hyperion_lock._settings import ProcessInfo, default_generation, default_lock_dir
 from hyperion_lock.testing import RedisServer, free_port
 
+from .conftest import noop
+
 PACKAGE_ROOT = str(Path(cast(str, __import__("hyperion_lock").__file__)).resolve().parent.parent)
-
-
-def _noop() -> None:
-    return None
 
 
 def _fields(fields: dict[str, Any]) -> dict[str, Any]:
@@ -67,7 +65,7 @@ def test_invalid_job_keys_are_refused(key: str) -> None:
     with pytest.raises(ConfigurationError, match="invalid job key"):
         JobKeys("hyperion_lock", key)
     with pytest.raises(ConfigurationError):
-        Coordinator(None, lock_dir="/tmp/x").run_once_sync(key, _noop)
+        Coordinator(None, lock_dir="/tmp/x").run_once_sync(key, noop)
 
 
 @pytest.mark.parametrize("ttl", [0, -1, "abc", float("nan"), float("inf"), 0.01])
@@ -119,7 +117,7 @@ def test_unreachable_redis_fails_within_connect_timeout() -> None:
     coordinator = Coordinator(f"redis://:topsecret@127.0.0.1:{port}/0", connect_timeout=1.0, generation="x")
     t0 = time.monotonic()
     with pytest.raises(RedisUnavailableError) as info:
-        coordinator.run_once_sync("migrate", _noop)
+        coordinator.run_once_sync("migrate", noop)
     assert time.monotonic() - t0 < 5
     text = str(info.value)
     assert "topsecret" not in text and str(port) in text and "key='migrate'" in text
@@ -135,7 +133,7 @@ def test_blackholed_redis_fails_within_bounded_time() -> None:
         coordinator = Coordinator(f"redis://127.0.0.1:{port}/0", connect_timeout=1.0, lease_ttl=3, generation="x")
         t0 = time.monotonic()
         with pytest.raises(RedisUnavailableError):
-            coordinator.run_once_sync("migrate", _noop)
+            coordinator.run_once_sync("migrate", noop)
         assert time.monotonic() - t0 < 10
 
 
@@ -145,16 +143,16 @@ def test_wrong_password_is_reported_at_once_without_the_password() -> None:
         url = server.url.replace("right-one", "wrong-one")
         t0 = time.monotonic()
         with pytest.raises(RedisAuthError) as info:
-            Coordinator(url, generation="x").run_once_sync("migrate", _noop)
+            Coordinator(url, generation="x").run_once_sync("migrate", noop)
         assert time.monotonic() - t0 < 2  # not retried: retrying cannot fix credentials
         assert "wrong-one" not in str(info.value) and "right-one" not in str(info.value)
         # Missing password against a protected server: same clear error, whichever refusal arrives first
         # (NOAUTH, or Redis cutting off a long unauthenticated command).
         for _ in range(5):
             with pytest.raises(RedisAuthError):
-                Coordinator(f"redis://127.0.0.1:{server.port}/0", generation="x").run_once_sync("migrate", _noop)
+                Coordinator(f"redis://127.0.0.1:{server.port}/0", generation="x").run_once_sync("migrate", noop)
         # The right password works.
-        assert Coordinator(server.url, generation="x").run_once_sync("migrate", _noop).ran_here
+        assert Coordinator(server.url, generation="x").run_once_sync("migrate", noop).ran_here
 
 
 @pytest.mark.integration
@@ -162,7 +160,7 @@ def test_sync_client_with_wrong_password() -> None:
     with RedisServer(password="pw1") as server:
         client = redis.Redis(host="127.0.0.1", port=server.port, password="nope")
         with pytest.raises(RedisAuthError):
-            Coordinator(client, generation="x").run_once_sync("migrate", _noop)
+            Coordinator(client, generation="x").run_once_sync("migrate", noop)
         client.close()
 
 
@@ -171,7 +169,7 @@ def test_sync_twin_refuses_an_asyncio_client() -> None:
 
     client = aredis.Redis()
     with pytest.raises(ConfigurationError, match="asyncio client"):
-        Coordinator(client).run_once_sync("migrate", _noop)
+        Coordinator(client).run_once_sync("migrate", noop)
 
 
 # --- the optional-Redis FastAPI dependency -------------------------------------------------------------------

@@ -17,6 +17,8 @@ import pytest
 from hyperion_lock import Coordinator, HyperionLockError, RedisAuthError, Settings, redact_url
 from hyperion_lock.testing import RedisServer, free_port
 
+from .conftest import noop
+
 SLASHY = "Xq7/Zk9?Mv3#Wp5=="  # like a/b?c#d==
 AT_COLON = "Pq8@Ss2:Wr4/Rd6"  # like p@ss:w/rd
 PLAIN = "sekretQ1zz"
@@ -52,10 +54,6 @@ def assert_no_secret(text: str, *secrets: str) -> None:
     for secret in secrets:
         leaked = [piece for piece in _pieces(secret) if piece in text]
         assert not leaked, f"{leaked} leaked in {text!r}"
-
-
-def _noop() -> None:
-    return None
 
 
 @pytest.mark.parametrize(("template", "secret"), CASES)
@@ -119,7 +117,7 @@ def test_unreachable_server_error_and_log_hide_the_secret(
     url = _url(template, secret, free_port())  # nothing listens there
     caplog.set_level(logging.DEBUG)
     with pytest.raises(HyperionLockError) as info:
-        Coordinator(url, connect_timeout=0.5, generation="x").run_once_sync("migrate", _noop)
+        Coordinator(url, connect_timeout=0.5, generation="x").run_once_sync("migrate", noop)
     assert_no_secret(str(info.value), secret)
     assert_no_secret(repr(info.value), secret)
     assert_no_secret(caplog.text, secret)
@@ -139,7 +137,7 @@ def test_wrong_password_error_and_log_hide_both_passwords(
     url = _url(template, secret, protected_redis.port)
     caplog.set_level(logging.DEBUG)
     with pytest.raises(HyperionLockError) as info:
-        Coordinator(url, connect_timeout=0.5, generation="x").run_once_sync("migrate", _noop)
+        Coordinator(url, connect_timeout=0.5, generation="x").run_once_sync("migrate", noop)
     if "<unparseable URL" not in str(redact_url(url)) and not url.startswith("rediss://"):
         assert isinstance(info.value, RedisAuthError)
     for text in (str(info.value), repr(info.value), caplog.text):
@@ -149,7 +147,7 @@ def test_wrong_password_error_and_log_hide_both_passwords(
 @pytest.mark.integration
 def test_right_password_with_special_characters_works_percent_encoded(protected_redis: RedisServer) -> None:
     url = f"redis://:{quote(protected_redis.password or '', safe='')}@127.0.0.1:{protected_redis.port}/0"
-    assert Coordinator(url, generation="special").run_once_sync("migrate", _noop).ran_here
+    assert Coordinator(url, generation="special").run_once_sync("migrate", noop).ran_here
     assert redact_url(url) == f"redis://:***@127.0.0.1:{protected_redis.port}/0"
 
 
@@ -195,7 +193,7 @@ def test_unreachable_sentinel_error_and_log_hide_both_secrets(
     url = _sentinel_url(template, secret, sentinel_secret, free_port())  # nothing listens there
     caplog.set_level(logging.DEBUG)
     with pytest.raises(HyperionLockError) as info:
-        Coordinator(url, connect_timeout=0.5, generation="x").run_once_sync("migrate", _noop)
+        Coordinator(url, connect_timeout=0.5, generation="x").run_once_sync("migrate", noop)
     assert "no Sentinel at" in str(info.value)
     for text in (str(info.value), repr(info.value), caplog.text):
         assert_no_secret(text, secret, sentinel_secret)

@@ -13,13 +13,9 @@ import pytest
 from hyperion_lock import Coordinator, RedisTLSError, RedisUnavailableError
 from hyperion_lock.testing import RedisServer, SentinelSet, TlsFiles, free_port
 
-from .conftest import Workers
+from .conftest import Workers, noop
 
 pytestmark = pytest.mark.integration
-
-
-def _noop() -> None:
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +32,7 @@ def tls_server(tls_files: TlsFiles) -> Iterator[RedisServer]:
 
 
 def _run(url: str) -> bool:
-    return Coordinator(url, connect_timeout=2, generation=f"tls-{time.time_ns()}").run_once_sync("m", _noop).ran_here
+    return Coordinator(url, connect_timeout=2, generation=f"tls-{time.time_ns()}").run_once_sync("m", noop).ran_here
 
 
 def test_ca_and_client_certificate_from_the_url(tls_server: RedisServer, tls_files: TlsFiles) -> None:
