@@ -31,7 +31,7 @@ from redis.backoff import NoBackoff
 
 from ._aio import cancel_and_wait
 from ._cache_keys import CacheKeys
-from ._cluster import is_cluster_client
+from ._cluster import is_cluster_client, next_sharded, sharded_subscribe
 from ._connect import as_text, async_client_from_url, async_closer, client_kwargs
 from ._connect import close_quietly as _close_quietly
 from ._errors import ConfigurationError
@@ -620,27 +620,19 @@ def client_for_cache(source: aredis.Redis | _redis.Redis | str, socket_timeout: 
     return aredis.Redis(connection_pool=aredis.BlockingConnectionPool(connection_class=cls, **kwargs, **sizing))
 
 
-def _owned(pubsub: Any, channel: str | None = None) -> None:
-    """A sharded subscription with no node behind it (redis-py skips a channel whose slot no node owns, as during
-    a failover) is a broken connection: the listener resets and the next subscribe starts over."""
-    if not pubsub.node_pubsub_mapping:
-        raise ConnectionError(f"no node of the cluster owns the slot of {channel or 'the subscribed channels'}")
-
-
 class _Listener:
     """One pub/sub connection per store: subscribes to each namespace's channel once (confirmed before the first
     read of that namespace) and routes messages to the futures waiting for an entry. If the connection breaks,
     every waiter is told to read again (messages may have been missed) and the next ``subscribe`` reconnects.
 
-    On a Redis Cluster (``sharded``) it uses sharded pub/sub: ``SSUBSCRIBE`` on the node owning each namespace's
-    slot (redis-py's ``ClusterPubSub``, one connection per node). A node that drops the subscription (its slot
-    moved, or it was demoted in a failover) counts as a broken connection, as does a MOVED reply."""
+    On a Redis Cluster (given ``cluster_ready``, which loads the slot map: a cluster client must know it before it
+    can tell which node to subscribe on) it uses sharded pub/sub: ``SSUBSCRIBE`` on the node owning each
+    namespace's slot (redis-py's ``ClusterPubSub``, one connection per node). A node that drops the subscription
+    (its slot moved, or it was demoted in a failover) counts as a broken connection, as does a MOVED reply."""
 
-    def __init__(self, client: aredis.Redis, sharded: bool = False,
-                 ready: Callable[[], Awaitable[None]] | None = None) -> None:
+    def __init__(self, client: aredis.Redis, cluster_ready: Callable[[], Awaitable[None]] | None = None) -> None:
         self._client = client
-        self._sharded = sharded
-        self._ready = ready  # a cluster client must know the slot map before it can tell which node to subscribe on
+        self._ready = cluster_ready
         self._pubsub: Any = None
         self._task: asyncio.Task[None] | None = None
         self._confirmed: dict[str, asyncio.Future[None]] = {}
@@ -667,9 +659,8 @@ class _Listener:
                     await self._ready()
                 if self._pubsub is None:
                     self._pubsub = self._client.pubsub()
-                if self._sharded:
-                    await self._pubsub.ssubscribe(channel)
-                    _owned(self._pubsub, channel)
+                if self._ready is not None:
+                    await sharded_subscribe(self._pubsub, channel)
                 else:
                     await self._pubsub.subscribe(channel)
             except BaseException:
@@ -682,7 +673,7 @@ class _Listener:
     async def _read(self, pubsub: Any) -> None:
         try:
             while True:
-                message = await (self._next_sharded(pubsub) if self._sharded else pubsub.get_message(timeout=None))
+                message = await (next_sharded(pubsub, 0.1) if self._ready else pubsub.get_message(timeout=None))
                 if message is not None:
                     self._route(message)
         except asyncio.CancelledError:
@@ -690,19 +681,6 @@ class _Listener:
         except Exception as exc:
             if self._pubsub is pubsub:
                 self._reset(exc)
-
-    @staticmethod
-    async def _next_sharded(pubsub: Any) -> dict[str, Any] | None:
-        """The next message of any node (redis-py reads the nodes in turn: a short timeout each), as a plain
-        pub/sub message."""
-        _owned(pubsub)  # else redis-py returns None at once, and this loop would never yield
-        message = await pubsub.get_sharded_message(ignore_subscribe_messages=False, timeout=0.1)
-        if message is None:
-            return None
-        kind = as_text(message.get("type"))
-        if kind == "sunsubscribe":
-            raise ConnectionError("a node dropped the sharded subscription (its slot moved to another node)")
-        return {**message, "type": {"ssubscribe": "subscribe", "smessage": "message"}.get(kind or "", kind)}
 
     def _route(self, message: dict[str, Any]) -> None:
         channel = as_text(message.get("channel")) or ""
@@ -750,7 +728,7 @@ class RedisStore:
         self._scripts: dict[str, Any] = {}
         self.sharded = is_cluster_client(client)  # a Redis Cluster: the scripts publish with SPUBLISH
         self._initialized: asyncio.Future[Any] | None = None
-        self._listener = _Listener(client, self.sharded, self._ready if self.sharded else None)
+        self._listener = _Listener(client, self._ready if self.sharded else None)
         self._registered: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_reply = -1.0  # event-loop time of the last reply from Redis

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import redis
 import redis.asyncio.cluster as async_cluster
 import redis.cluster as sync_cluster
+from redis import exceptions as rexc
 
 from ._cluster_url import ClusterURL
 
@@ -63,3 +64,40 @@ def sync_cluster_client(target: ClusterURL, options: dict[str, Any]) -> sync_clu
 
 def is_cluster_client(client: object) -> bool:
     return isinstance(client, async_cluster.RedisCluster | sync_cluster.RedisCluster)
+
+
+# -- sharded pub/sub, as the waiters of both the coordinator and the cache read it ---------------------------------
+_PLAIN_KIND = {"ssubscribe": "subscribe", "smessage": "message"}
+
+
+async def sharded_subscribe(pubsub: Any, channel: str) -> None:
+    """``SSUBSCRIBE`` on the node owning ``channel``'s slot. redis-py skips a channel whose slot no node owns (a
+    failover under way): that is a ``ConnectionError``, retried like any broken connection."""
+    await pubsub.ssubscribe(channel)
+    if not pubsub.node_pubsub_mapping:
+        raise ConnectionError(f"no node of the cluster owns the slot of {channel} (a failover under way?)")
+
+
+async def next_sharded(pubsub: Any, timeout: float) -> dict[str, Any] | None:
+    """The next message of a sharded subscription as a plain pub/sub one (type ``subscribe`` or ``message``), or
+    None when none came within ``timeout``.
+
+    A broken subscription is a ``ConnectionError``, whatever the sign: no node behind it any more (redis-py would
+    then return None at once, and a reading loop would never yield), the node dropping it (``sunsubscribe``: its
+    slot moved, or a failover demoted it), or ``MOVED``/``ASK`` in reply to the subscribe (an outdated slot map).
+    The caller re-reads the slot map and subscribes again."""
+    if not pubsub.node_pubsub_mapping:
+        raise ConnectionError("the sharded subscription was dropped: no node serves it any more")
+    try:
+        message = await pubsub.get_sharded_message(ignore_subscribe_messages=False, timeout=max(0.0, timeout))
+    except rexc.ResponseError as exc:
+        if isinstance(exc, rexc.AskError) or str(exc).startswith(("MOVED", "ASK")):  # MovedError is an AskError
+            raise ConnectionError(f"the sharded subscription was refused: its slot moved ({exc})") from None
+        raise
+    if message is None:
+        return None
+    kind = message.get("type")
+    kind = kind.decode() if isinstance(kind, bytes) else kind
+    if kind == "sunsubscribe":
+        raise ConnectionError("the node dropped the sharded subscription (its slot moved to another node)")
+    return {**message, "type": _PLAIN_KIND.get(kind, kind)}

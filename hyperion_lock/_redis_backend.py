@@ -15,9 +15,8 @@ import socket
 import time
 from typing import Any, Protocol
 
-from redis import exceptions as rexc
-
 from . import _scripts
+from ._cluster import next_sharded, sharded_subscribe
 from ._connect import as_text, async_closer, close_quietly, is_transient, redis_error
 from ._errors import ConfigurationError
 from ._keys import JobKeys
@@ -123,11 +122,8 @@ class ClusterOps(AsyncOps):
             self._pubsub = None
             await self._client.nodes_manager.initialize()  # a resubscribe: the slot may have a new owner
         await self._client.initialize()
-        pubsub = self._client.pubsub(ignore_subscribe_messages=False)
-        self._pubsub = pubsub
-        await pubsub.ssubscribe(channel)
-        if not pubsub.node_pubsub_mapping:  # redis-py skips a channel whose slot no node owns
-            raise ConnectionError(f"no node of the cluster owns the slot of {channel} (a failover under way?)")
+        self._pubsub = self._client.pubsub(ignore_subscribe_messages=False)
+        await sharded_subscribe(self._pubsub, channel)
         await self._confirmed()
 
     async def _confirmed(self) -> None:
@@ -136,31 +132,16 @@ class ClusterOps(AsyncOps):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _CONFIRM_TIMEOUT
         while loop.time() < deadline:
-            message = await self._read(min(1.0, deadline - loop.time()))
-            if message is not None and as_text(message.get("type")) == "ssubscribe":
+            message = await next_sharded(self._pubsub, min(1.0, deadline - loop.time()))
+            if message is not None and message["type"] == "subscribe":
                 return
         raise ConnectionError(f"no reply to SSUBSCRIBE within {_CONFIRM_TIMEOUT:g} s")
 
-    async def _read(self, timeout: float) -> Any:
-        try:
-            return await self._pubsub.get_sharded_message(ignore_subscribe_messages=False, timeout=max(0.0, timeout))
-        except rexc.ResponseError as exc:
-            if isinstance(exc, rexc.AskError) or str(exc).startswith(("MOVED", "ASK")):  # MovedError is an AskError
-                raise ConnectionError(f"the sharded subscription was refused: its slot moved ({exc})") from None
-            raise
-
     async def get_message(self, timeout: float) -> Any:
-        if self._pubsub is None or not self._pubsub.node_pubsub_mapping:
+        if self._pubsub is None:
             raise ConnectionError("the sharded subscription was dropped")
-        message = await self._read(timeout)
-        if message is None:
-            return None
-        kind = as_text(message.get("type"))
-        if kind == "sunsubscribe":
-            raise ConnectionError("the node dropped the sharded subscription (its slot moved to another node)")
-        if kind == "smessage":
-            return {**message, "type": "message"}
-        return None
+        message = await next_sharded(self._pubsub, timeout)
+        return message if message is not None and message["type"] == "message" else None
 
 
 #: How long a sharded subscribe waits for the node's confirmation before it counts as a lost connection.

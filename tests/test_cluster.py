@@ -183,7 +183,10 @@ class _OrphanClient:
 
 async def test_a_sharded_cache_subscription_without_a_node_is_a_broken_connection_not_a_busy_loop() -> None:
     """Before, the cache's listener looped on the immediate None without ever yielding: the event loop hung."""
-    listener = _Listener(_OrphanClient(), sharded=True)  # type: ignore[arg-type]
+    async def slot_map_loaded() -> None:
+        return None
+
+    listener = _Listener(_OrphanClient(), cluster_ready=slot_map_loaded)  # type: ignore[arg-type]
     async with asyncio.timeout(10):
         with pytest.raises(ConnectionError, match="no node of the cluster owns the slot of ns:events"):
             await listener.subscribe("ns:events")
