@@ -31,7 +31,7 @@ from redis.backoff import NoBackoff
 
 from ._aio import cancel_and_wait
 from ._cache_keys import CacheKeys
-from ._cluster import is_cluster_client, next_sharded, sharded_subscribe
+from ._cluster import is_cluster_client, next_sharded, sharded_script, sharded_subscribe
 from ._connect import as_text, async_client_from_url, async_closer, client_kwargs
 from ._connect import close_quietly as _close_quietly
 from ._errors import ConfigurationError
@@ -775,7 +775,7 @@ class RedisStore:
     def _code(self, script: str) -> str:
         """The script as sent: on a Cluster its wake-ups go to the namespace's shard channel (same hash tag as its
         keys, so the same slot and node)."""
-        return script.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'") if self.sharded else script
+        return sharded_script(script) if self.sharded else script
 
     def _register(self, keys: CacheKeys) -> None:
         """List the namespace for ``hyperion-lock status`` (its own key and slot: a separate, background call)."""

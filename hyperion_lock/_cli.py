@@ -50,7 +50,7 @@ import redis
 
 from . import _scripts
 from ._cache_store import cache_report, describe_report
-from ._cluster import is_cluster_client
+from ._cluster import is_cluster_client, sharded_script
 from ._connect import as_text, sync_client_from_url
 from ._core import Coordinator
 from ._errors import (
@@ -156,13 +156,13 @@ def redis_reset(client: redis.Redis, prefix: str, key: str, generation: str | No
         outcome_keys = [keys.outcome(generation)]
     else:
         outcome_keys = [as_text(k) or "" for k in client.scan_iter(match=f"{keys.base}:outcome:*", count=500)]
-    script = client.register_script(_scripts.RESET)
+    script = client.register_script(sharded_script(_scripts.RESET) if is_cluster_client(client) else _scripts.RESET)
     release = json.dumps({"status": str(Status.RELEASED), "generation": generation or "", "host": "hyperion-lock",
                           "pid": os.getpid(), "fence": 0, "since": int(time.time() * 1000)})
     deleted = 0
     for okey in outcome_keys or [keys.outcome(generation or "-")]:
         done, lease = script(keys=[keys.lease, okey, keys.channel],
-                             args=["1" if force else "0", release, "1" if is_cluster_client(client) else "0"])
+                             args=["1" if force else "0", release])
         if as_text(lease):
             holder = Holder.from_mapping(json.loads(as_text(lease) or "{}"))
             return True, (f"refused: {key} is running in {holder.runner} (generation {holder.generation}, fencing "

@@ -66,7 +66,13 @@ def is_cluster_client(client: object) -> bool:
     return isinstance(client, async_cluster.RedisCluster | sync_cluster.RedisCluster)
 
 
-# -- sharded pub/sub, as the waiters of both the coordinator and the cache read it ---------------------------------
+# -- sharded pub/sub, for the coordinator and the cache alike --------------------------------------------------------
+def sharded_script(script: str) -> str:
+    """``script`` as a Redis Cluster runs it: its wake-ups use ``SPUBLISH`` (which reaches the subscribers on the
+    node owning the channel's slot; a broadcast ``PUBLISH`` would never reach a sharded subscriber)."""
+    return script.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'")
+
+
 _PLAIN_KIND = {"ssubscribe": "subscribe", "smessage": "message"}
 
 

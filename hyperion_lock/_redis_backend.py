@@ -16,7 +16,7 @@ import time
 from typing import Any, Protocol
 
 from . import _scripts
-from ._cluster import next_sharded, sharded_subscribe
+from ._cluster import next_sharded, sharded_script, sharded_subscribe
 from ._connect import as_text, async_closer, close_quietly, is_transient, redis_error
 from ._errors import ConfigurationError
 from ._keys import JobKeys
@@ -33,7 +33,6 @@ MIN_REPLICAS_ON_CLUSTER = (
 class _Ops(Protocol):
     """The handful of Redis operations the backend needs, whatever the client flavour."""
 
-    sharded: bool  # publish and subscribe with sharded pub/sub (SPUBLISH/SSUBSCRIBE: a Redis Cluster)
 
     async def run(self, script: str, keys: list[str], args: list[Any]) -> Any: ...
     async def run_and_wait(
@@ -46,8 +45,6 @@ class _Ops(Protocol):
 
 
 class _OpsBase:
-    sharded = False
-
     def __init__(self, client: Any, *, owned: bool) -> None:
         self._client = client
         self._owned = owned  # close the client with the backend (we made it from a URL)
@@ -57,14 +54,19 @@ class _OpsBase:
     def _script(self, script: str) -> Any:
         """redis-py Script objects: EVALSHA, falling back to SCRIPT LOAD once per server (NOSCRIPT)."""
         if script not in self._scripts:
-            self._scripts[script] = self._client.register_script(script)
+            self._scripts[script] = self._client.register_script(self._code(script))
         return self._scripts[script]
+
+    @staticmethod
+    def _code(script: str) -> str:
+        """The text the server runs for ``script`` (a Redis Cluster rewrites its wake-ups)."""
+        return script
 
     def _eval_then_wait(self, script: str, keys: list[str], args: list[Any], replicas: int, timeout_ms: int) -> Any:
         """A pipeline of ``EVAL`` and ``WAIT``: one connection, so WAIT counts the replicas that have the script's
         writes (WAIT on another connection would wait for that connection's own, older, writes)."""
         pipe = self._client.pipeline(transaction=False)
-        pipe.eval(script, len(keys), *keys, *args)
+        pipe.eval(self._code(script), len(keys), *keys, *args)
         pipe.execute_command("WAIT", replicas, timeout_ms)
         return pipe
 
@@ -80,7 +82,7 @@ class AsyncOps(_OpsBase):
         return result, int(acked)
 
     async def load(self, script: str) -> None:
-        await self._client.script_load(script)
+        await self._client.script_load(self._code(script))
 
     async def subscribe(self, channel: str) -> None:
         if self._pubsub is not None:
@@ -109,7 +111,7 @@ class ClusterOps(AsyncOps):
     owner) and probes the job again, as after any reconnect.
     """
 
-    sharded = True
+    _code = staticmethod(sharded_script)
 
     async def run_and_wait(
         self, script: str, keys: list[str], args: list[Any], replicas: int, timeout_ms: int
@@ -162,7 +164,7 @@ class SyncOps(_OpsBase):
         return result, int(acked)
 
     async def load(self, script: str) -> None:
-        await asyncio.to_thread(self._client.script_load, script)
+        await asyncio.to_thread(self._client.script_load, self._code(script))
 
     async def subscribe(self, channel: str) -> None:
         old, self._pubsub = self._pubsub, self._client.pubsub(ignore_subscribe_messages=True)
@@ -199,7 +201,6 @@ class RedisBackend:
         self._result_ttl_ms = max(1, int(settings.result_ttl * 1000))
         self._scripts_loaded = False
         self._replicas_warned = False
-        self._sharded = "1" if ops.sharded else "0"  # the scripts' last ARGV: SPUBLISH or PUBLISH
 
     def describe(self) -> str:
         return f"Redis at {self.where}"
@@ -311,7 +312,7 @@ class RedisBackend:
             _scripts.RENEW,
             [self.keys.lease, self.keys.fence, self.keys.channel],
             [lease.token, self._ttl_ms, self._lease_record(lease), lease.fencing_token,
-             self._holder_message(lease, Status.RUNNING), self._sharded],
+             self._holder_message(lease, Status.RUNNING)],
         )
         result = RenewResult(int(reply))
         self._replicas_acked(acked, wrote=result is not RenewResult.LOST)
@@ -323,7 +324,7 @@ class RedisBackend:
             _scripts.FINISH,
             [self.keys.lease, self.keys.outcome(self.generation), self.keys.fence, self.keys.channel],
             [lease.token, outcome.to_json(ttl_ms=self._result_ttl_ms) if outcome else "", self._result_ttl_ms,
-             self._holder_message(lease, Status.RELEASED), lease.fencing_token, self._sharded],
+             self._holder_message(lease, Status.RELEASED), lease.fencing_token],
         )
         return FinishResult(int(result))
 

@@ -6,8 +6,8 @@ retry continues as if the first reply had arrived. Writes that can fail come bef
 Replies are turned into :class:`~hyperion_lock._model.RenewResult` / ``FinishResult`` by the backend.
 
 Every key and the channel a script touches is declared in KEYS and shares the job's hash tag (one slot, so a Redis
-Cluster runs each script on one node). A script that wakes waiters publishes with ``SPUBLISH`` when its last ARGV is
-'1' (a Cluster: sharded pub/sub reaches the subscribers on the node owning the slot), else with ``PUBLISH``.
+Cluster runs each script on one node). On a Cluster the scripts run as :func:`._cluster.sharded_script` rewrites
+them: their wake-ups use ``SPUBLISH``, which reaches the subscribers on the node owning the slot.
 """
 
 from __future__ import annotations
@@ -68,7 +68,6 @@ return {outcome, lease, 1, counter, pttl}
 # ARGV[3] our lease JSON (to re-create it)
 # ARGV[4] our fencing token
 # ARGV[5] heartbeat message
-# ARGV[6] '1' = publish with SPUBLISH (Redis Cluster), else PUBLISH
 # returns 1 renewed, 2 re-created, 0 lost (another owner holds it, or a newer leader existed; nothing changed)
 RENEW = """
 local cur = redis.call('GET', KEYS[1])
@@ -84,7 +83,7 @@ elseif cjson.decode(cur).token == ARGV[1] then
 else
   return 0
 end
-redis.call(ARGV[6] == '1' and 'SPUBLISH' or 'PUBLISH', KEYS[3], ARGV[5])
+redis.call('PUBLISH', KEYS[3], ARGV[5])
 return status
 """
 
@@ -99,7 +98,6 @@ return status
 # ARGV[3] outcome TTL (ms)
 # ARGV[4] release message (published when there is no outcome)
 # ARGV[5] our fencing token
-# ARGV[6] '1' = publish with SPUBLISH (Redis Cluster), else PUBLISH
 # returns 1 recorded while we held the lease (also for a retry of our own earlier call), 2 the lease had expired
 #         but nobody took over (recorded anyway), 0 superseded by a newer leader (nothing changed)
 FINISH = """
@@ -111,14 +109,13 @@ if not held then
   if prev and tonumber(cjson.decode(prev).fencing_token) == tonumber(ARGV[5]) then return 1 end
   if tonumber(redis.call('GET', KEYS[3]) or '0') > tonumber(ARGV[5]) then return 0 end
 end
-local publish = ARGV[6] == '1' and 'SPUBLISH' or 'PUBLISH'
 if ARGV[2] ~= '' then
   if not (prev and cjson.decode(prev).status == 'done' and cjson.decode(ARGV[2]).status ~= 'done') then
     redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
   end
-  redis.call(publish, KEYS[4], ARGV[2])
+  redis.call('PUBLISH', KEYS[4], ARGV[2])
 elseif held then
-  redis.call(publish, KEYS[4], ARGV[4])
+  redis.call('PUBLISH', KEYS[4], ARGV[4])
 end
 if held then
   redis.call('DEL', KEYS[1])
@@ -133,14 +130,13 @@ return 2
 # KEYS[3] channel
 # ARGV[1] '1' = also drop a live lease
 # ARGV[2] release message
-# ARGV[3] '1' = publish with SPUBLISH (Redis Cluster), else PUBLISH
 # returns [1] 1 if something was deleted else 0
 #         [2] lease JSON or false (when a live lease blocked the reset)
 RESET = """
 local lease = redis.call('GET', KEYS[1])
 if lease and ARGV[1] ~= '1' then return {0, lease} end
 local n = redis.call('DEL', KEYS[1], KEYS[2])
-if lease then redis.call(ARGV[3] == '1' and 'SPUBLISH' or 'PUBLISH', KEYS[3], ARGV[2]) end
+if lease then redis.call('PUBLISH', KEYS[3], ARGV[2]) end
 if n > 0 then return {1, false} end
 return {0, false}
 """
