@@ -43,18 +43,6 @@ _CLEARED = {"DATABASE_URL", "WEB_CONCURRENCY", "PORT", "HOST", "GUNICORN_CMD_ARG
 T = TypeVar("T")
 
 
-def wait_until(condition: Callable[[], T], what: str, timeout: float = 30.0, interval: float = 0.05) -> T:
-    """Poll ``condition`` until it returns something truthy (returned); fail after ``timeout`` s naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what}: not reached within {timeout} s (last seen: {value!r})")
-        time.sleep(interval)
-
-
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(_OURS) and k not in _CLEARED}
     env.update(PYTHONUNBUFFERED="1", **extra)

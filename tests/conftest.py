@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import os
 import subprocess
@@ -10,15 +12,44 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 from hyperion_lock import ConfigurationError, Coordinator, OptionalRedis
 
 pytest_plugins = ["hyperion_lock.testing"]
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until(condition: Callable[[], T], what: str, timeout: float = 30.0, interval: float = 0.05) -> T:
+    """Poll ``condition`` until it returns something truthy (returned); fail after ``timeout`` s naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not reached within {timeout} s (last seen: {value!r})")
+        time.sleep(interval)
+
+
+async def until(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
+    """The asyncio flavour: wait for a state another task or process reaches; ``condition`` may be sync or async;
+    checked every 10 ms, failing after ``timeout`` s naming ``what``."""
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                value = condition()
+                if inspect.isawaitable(value):
+                    value = await value
+                if value:
+                    return
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"{what}: not reached within {timeout} s") from None
 
 
 def noop() -> None:

@@ -38,7 +38,7 @@ from hyperion_lock._cache_store import MemoryStore, Message, Read, RedisStore, c
 from hyperion_lock._cli import main
 from hyperion_lock.testing import RedisServer
 
-from .conftest import ROOT
+from .conftest import ROOT, until
 
 pytestmark = pytest.mark.integration
 LOGGER = "hyperion_lock._cache"
@@ -106,16 +106,6 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> Spy:
     monkeypatch.setattr(RedisStore, "read", read)
     monkeypatch.setattr(Cache, "_wait", staticmethod(waiting))
     return seen
-
-
-async def until(condition: Callable[[], Any], what: str, timeout: float = 10.0) -> None:
-    """Wait (bounded) for a state another task or process reaches; checked every 10 ms."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not condition():  # noqa: ASYNC110 -- the conditions are read from other objects, not events
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"{what}: not reached within {timeout} s") from None
 
 
 def refreshing(*caches: Cache) -> bool:

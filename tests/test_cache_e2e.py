@@ -27,7 +27,8 @@ import yaml
 
 from hyperion_lock.testing import RedisServer
 
-from ._deploy import ROOT, Gunicorn, clean_env, running, sqlite_query, wait_until
+from ._deploy import ROOT, Gunicorn, clean_env, running, sqlite_query
+from .conftest import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 FAILING = r"cache: Redis at \S+ is failing"

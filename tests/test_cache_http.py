@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -20,6 +20,8 @@ from pydantic import BaseModel
 
 from hyperion_lock import Cache, Settings
 from hyperion_lock._cache_store import Message
+
+from .conftest import until
 
 pytestmark = pytest.mark.integration
 HEADERS = ("etag", "cache-control", "age", "x-cache")
@@ -176,7 +178,7 @@ async def test_client_no_cache_is_ignored_unless_the_endpoint_allows_it(redis_ur
             gate.clear()  # the recomputation waits until all five requests are in: they overlap for sure
             refreshing = [asyncio.create_task(c.get("/items/a", headers={"Cache-Control": "no-cache"}))
                           for _ in range(5)]
-            await until(lambda: forced[0] >= 5, 10)
+            await until(lambda: forced[0] >= 5, "5 forced lookups", 10)
             gate.set()
             refreshed = [await r for r in refreshing]
             assert {r.json()["run"] for r in refreshed} == {2}  # recomputed, once for the concurrent ones
@@ -201,7 +203,7 @@ async def test_workers_share_entries_etags_and_http_errors(redis_url: str, prefi
                 first = asyncio.create_task(c0.get("/items/z"))
                 await started.wait()
                 others = [asyncio.create_task(c1.get("/items/z")) for _ in range(3)]
-                await until(lambda: waiting[0] >= 1, 5)  # the other worker waits for the computation
+                await until(lambda: waiting[0] >= 1, "the other worker waits for the computation", 5)
                 gate.set()
                 responses = [await first] + [await o for o in others]
             assert {r.headers["etag"] for r in responses} == {responses[0].headers["etag"]}
@@ -213,7 +215,7 @@ async def test_workers_share_entries_etags_and_http_errors(redis_url: str, prefi
                 await started.wait()
                 before = waiting[0]
                 second = asyncio.create_task(c1.get("/items/missing"))
-                await until(lambda: waiting[0] > before, 5)
+                await until(lambda: waiting[0] > before, "one more wait", 5)
                 gate.set()
                 lost = [await failing, await second]
             assert [r.status_code for r in lost] == [404, 404]
@@ -235,12 +237,6 @@ def spy_waits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(Cache, "_wait", staticmethod(spy))
     return count
-
-
-async def until(condition: Callable[[], bool], timeout: float) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():  # noqa: ASYNC110 -- state of another task, polled briefly
-            await asyncio.sleep(0.01)
 
 
 async def test_same_content_has_the_same_etag_after_a_restart(redis_url: str, prefix: str) -> None:

@@ -18,7 +18,8 @@ import redis
 from hyperion_lock import JobKeys
 from hyperion_lock.testing import RedisServer, free_port
 
-from ._deploy import blocked_on_flock, clean_env, parent_pid, wait_until, waiting_on_redis
+from ._deploy import blocked_on_flock, clean_env, parent_pid, waiting_on_redis
+from .conftest import wait_until
 
 pytestmark = pytest.mark.integration
 PASSWORD = "s3cret-Pw-42"

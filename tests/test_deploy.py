@@ -35,9 +35,9 @@ from ._deploy import (
     pg_table_exists,
     running,
     sqlite_query,
-    wait_until,
     waiting_on_redis,
 )
+from .conftest import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 

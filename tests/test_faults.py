@@ -22,8 +22,8 @@ import redis
 from hyperion_lock import JobKeys
 from hyperion_lock.testing import RedisServer, free_port
 
-from ._deploy import wait_until, waiting_on_redis
-from .conftest import Workers
+from ._deploy import waiting_on_redis
+from .conftest import Workers, wait_until
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
 

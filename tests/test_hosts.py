@@ -18,8 +18,9 @@ import redis
 
 from hyperion_lock import JobKeys
 
-from ._deploy import HEAD, assert_same_jobs, wait_until
+from ._deploy import HEAD, assert_same_jobs
 from ._netns import HostGunicorn, NetnsPostgres, NetnsRedis, Network, several_hosts
+from .conftest import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 

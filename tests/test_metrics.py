@@ -17,7 +17,7 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -52,7 +52,8 @@ from hyperion_lock._metrics import (
 )
 from hyperion_lock.testing import RedisServer
 
-from ._deploy import ROOT, Gunicorn, running, wait_until
+from ._deploy import ROOT, Gunicorn, running
+from .conftest import until, wait_until
 
 LABELS = {"key", "outcome", "namespace", "status", "le"}
 
@@ -327,15 +328,6 @@ def test_importing_the_package_imports_neither() -> None:
 
 
 # -- run-once against a real Redis ---------------------------------------------------------------------------------
-async def until(condition: Callable[[], Awaitable[bool]], what: str, limit: int = 3000) -> None:
-    """Check ``condition`` until it holds (bounded: ``limit`` checks, 10 ms apart; pytest-timeout bounds it too)."""
-    for _ in range(limit):
-        if await condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{what}: not reached")
-
-
 async def subscribers(client: aredis.Redis, key: str) -> int:
     reply = await client.pubsub_numsub(JobKeys("hyperion_lock", key).channel)
     return int(reply[0][1])

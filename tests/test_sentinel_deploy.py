@@ -12,7 +12,8 @@ import pytest
 from hyperion_lock import JobKeys
 from hyperion_lock.testing import SentinelSet, _redis_call
 
-from ._deploy import HEAD, Gunicorn, assert_same_jobs, fresh_database, pg_query, running, wait_until
+from ._deploy import HEAD, Gunicorn, assert_same_jobs, fresh_database, pg_query, running
+from .conftest import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 

@@ -26,7 +26,7 @@ import pytest
 from hyperion_lock import JobKeys
 from hyperion_lock.testing import SentinelSet, _redis_call
 
-from .conftest import Workers
+from .conftest import Workers, wait_until
 from .test_faults import wait_heartbeat
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
@@ -57,16 +57,6 @@ def _lease_on(port: int) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
-def _wait(condition: Any, what: str, timeout: float = EVENT_TIMEOUT) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"{what}: not seen within {timeout} s")
-
-
 def _kill_primary_mid_job(
     sset: SentinelSet, w: Workers, ttl: float, job: str, *, after_renewal: bool = False
 ) -> tuple[dict[str, Any], float, int]:
@@ -80,7 +70,7 @@ def _kill_primary_mid_job(
     replica_port = next(node.port for node in sset.nodes if node.port != old_port)
     if after_renewal:
         wait_heartbeat(f"redis://127.0.0.1:{old_port}/0", KEY, timeout=EVENT_TIMEOUT)
-    _wait(lambda: (_lease_on(replica_port) or {}).get("fence", 0) >= first["fence"], "the lease on the replica")
+    wait_until(lambda: (_lease_on(replica_port) or {}).get("fence", 0) >= first["fence"], "the lease on the replica")
     killed = sset.kill_primary()
     killed_at = time.monotonic()
     assert killed.port == old_port
@@ -158,7 +148,7 @@ def test_graceful_failover_mid_job_keeps_writing_to_the_old_primary(sentinels: S
     first = workers.wait_for("ran", 1, timeout=EVENT_TIMEOUT)[0]
     old_port = sentinels.primary_address()[1]
     replica_port = next(node.port for node in sentinels.nodes if node.port != old_port)
-    _wait(lambda: (_lease_on(replica_port) or {}).get("fence", 0) >= first["fence"], "the lease on the replica")
+    wait_until(lambda: (_lease_on(replica_port) or {}).get("fence", 0) >= first["fence"], "the lease on the replica")
     started = time.monotonic()
     assert sentinels.sentinel(0, "SENTINEL", "FAILOVER", sentinels.service)
     new_port = sentinels.wait_failover(old_port, timeout=EVENT_TIMEOUT)
@@ -167,7 +157,7 @@ def test_graceful_failover_mid_job_keeps_writing_to_the_old_primary(sentinels: S
     ran, returned = workers.events("ran"), workers.events("returned")
     readonly = sum(out.count("READONLY") + out.count("ReadOnlyError") + out.count("now a slave")
                    for out in workers.outputs.values())
-    _wait(lambda: _role(old_port) == "slave", "the old primary demoted by Sentinel", timeout=EVENT_TIMEOUT)
+    wait_until(lambda: _role(old_port) == "slave", "the old primary demoted by Sentinel", timeout=EVENT_TIMEOUT)
     demoted = time.monotonic() - started
     kept = _outcome_on(new_port, gen)
     lease = _lease_on(new_port)
