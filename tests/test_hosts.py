@@ -93,18 +93,18 @@ def test_three_hosts_twelve_workers_run_each_job_once(tmp_path: Path, cluster: C
 def test_leader_host_cut_off_mid_job_is_taken_over_and_its_late_write_refused(
     tmp_path: Path, cluster: Callable[[], Cluster]
 ) -> None:
-    """Host a leads the seed job and is slow (HYPERION_DEMO_SEED_DELAY: it sleeps before its fenced write); its
-    bridge port goes down. b or c takes over after the lease TTL and seeds with a higher fencing token; b's and c's
-    8 workers serve. The link comes back while a's job still sleeps: its write, with the old token, is refused by
-    the database's fence (job_fences), and nothing ran twice."""
+    """Host a leads the seed job and is slow (HYPERION_DEMO_SEED_GATE: it waits for a file before its fenced
+    write); its bridge port goes down. b or c takes over after the lease TTL and seeds with a higher fencing token;
+    b's and c's 8 workers serve. The link comes back, then the test opens a's gate: its write, with the old token,
+    is refused by the database's fence (job_fences), and nothing ran twice."""
     net, store, db = cluster()
-    delay = 20.0  # a's job sleeps this long; the link is back long before (the test waits for events, not this)
+    gate = tmp_path / "seed-of-a.go"
     common = {"DATABASE_URL": db.url, "HYPERION_LOCK_REDIS_URL": store.url, "HYPERION_LOCK_GENERATION": "release-8",
               "HYPERION_LOCK_LEASE_TTL": "2"}
-    with hosts(net, tmp_path, a={**common, "HYPERION_DEMO_SEED_DELAY": str(delay)}, b=common, c=common) as gs:
+    with hosts(net, tmp_path, a={**common, "HYPERION_DEMO_SEED_GATE": str(gate)}, b=common, c=common) as gs:
         a, b, c = gs["a"], gs["b"], gs["c"]
         a.start()  # first, so that the slow host is the one leading
-        sleeping = a.wait_log(r"seed: pid (\d+) sleeping [\d.]+ s with fencing token (\d+)")[0]
+        sleeping = a.wait_log(r"seed: pid (\d+) waiting for \S+ with fencing token (\d+)")[0]
         old_leader, old_token = int(sleeping.group(1)), int(sleeping.group(2))
         assert old_leader in worker_pids(a)
         assert lease_holder_pid(store, "seed") == old_leader
@@ -130,14 +130,15 @@ def test_leader_host_cut_off_mid_job_is_taken_over_and_its_late_write_refused(
         jobs = assert_same_jobs(serving)
         assert jobs["seed"]["runner_pid"] == new_leader and jobs["seed"]["fencing_token"] == new_token
         assert new_leader in worker_pids(b) | worker_pids(c)
-        # a's job is still asleep: it has not written anything.
+        # a's job still waits for its gate: it has not written anything.
         assert "refusing to write" not in a.log()
         assert db.query("SELECT fencing_token, pid FROM job_fences WHERE name = 'seed'") == [(new_token, new_leader)]
 
         net.restore("a")
         restored_at = time.monotonic()
+        gate.touch()
         refused = a.wait_log(r"refusing to write: fencing token (\d+) \(pid (\d+).*with token (\d+) began",
-                             timeout=delay + 60)[0]
+                             timeout=60)[0]
         assert (int(refused.group(1)), int(refused.group(2)), int(refused.group(3))) == (
             new_token, new_leader, old_token)
         refused_after = time.monotonic() - restored_at

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
@@ -20,7 +21,8 @@ from .models import Item, JobFence, SeedRun
 logger = logging.getLogger(__name__)
 
 SEED_ITEMS = ("alpha", "beta", "gamma")
-SEED_DELAY_ENV = "HYPERION_DEMO_SEED_DELAY"  # test hook: seconds the seed sleeps before its fenced write
+SEED_GATE_ENV = "HYPERION_DEMO_SEED_GATE"  # test hook: a file the seed waits for before its fenced write
+SEED_GATE_LIMIT = 600.0  # seconds; then the seed goes on without it
 
 
 def migrate(url: str) -> bool:
@@ -55,23 +57,29 @@ def check_fence(recorded: JobFence | None, token: int, lease_since: float) -> No
     )
 
 
+def _wait_for_gate(gate: Path, token: int) -> None:
+    logger.warning("seed: pid %d waiting for %s with fencing token %d (%s)", os.getpid(), gate, token, SEED_GATE_ENV)
+    deadline = time.monotonic() + SEED_GATE_LIMIT
+    while not gate.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def seed(engine: Engine, lease: Lease | None = None, *, name: str = "seed") -> int:
     """Make sure the seed rows exist (idempotent) and log this run; return how many items were inserted.
 
     The job's fencing token (``current_lease().fencing_token``) is recorded in ``job_fences`` inside the same
     transaction, under a row lock, and a lower token is refused (:func:`check_fence`), so a worker that lost its
     lease cannot write after its successor did. Outside a run-once job (no lease) the token is 0.
-    ``HYPERION_DEMO_SEED_DELAY=<seconds>`` (a test hook) sleeps before the write: a slow or partitioned leader.
+    ``HYPERION_DEMO_SEED_GATE=<file>`` (a test hook) waits, up to 10 minutes, until that file exists before the
+    write: a slow or partitioned leader that writes exactly when the test says so.
     """
     lease = lease if lease is not None else current_lease()
     token = lease.fencing_token if lease else 0
     generation = lease.generation if lease else "manual"
     since = lease.holder.since if lease else time.time()
-    delay = float(os.environ.get(SEED_DELAY_ENV, "0") or 0)
-    if delay > 0:
-        logger.warning("seed: pid %d sleeping %.1f s with fencing token %d (%s)", os.getpid(), delay, token,
-                       SEED_DELAY_ENV)
-        time.sleep(delay)
+    gate = os.environ.get(SEED_GATE_ENV, "")
+    if gate:
+        _wait_for_gate(Path(gate), token)
     with Session(engine) as session, session.begin():
         recorded = session.get(JobFence, name, with_for_update=True)
         check_fence(recorded, token, since)
