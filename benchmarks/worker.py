@@ -154,7 +154,7 @@ RUNNERS: dict[str, Callable[..., bool]] = {
 
 
 def floor_round(log: Log, r: redis.Redis, channel: str) -> None:
-    pubsub = r.pubsub()  # type: ignore[no-untyped-call]
+    pubsub = r.pubsub()
     pubsub.subscribe(channel)
     confirmed = pubsub.get_message(timeout=10)
     log.emit("subscribed", key=channel, ok=bool(confirmed))
@@ -182,7 +182,7 @@ def floor_async_round(log: Log, url: str, channel: str) -> None:
             if message is not None and message["type"] == "message":
                 log.emit("woke", key=channel)
                 break
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
         await client.aclose()
 
     asyncio.run(wait())

@@ -95,7 +95,7 @@ class SyncSentinel(_Explained, sync_sentinel.Sentinel):
     def discover_master(self, service_name: str) -> Any:
         self._down.discard(service_name)
         try:
-            return super().discover_master(service_name)  # type: ignore[no-untyped-call]
+            return super().discover_master(service_name)
         except sync_sentinel.MasterNotFoundError as exc:
             raise master_not_found(service_name, list(self.sentinels), str(exc),
                                    service_name in self._down) from None

@@ -8,10 +8,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
 from hyperion_lock import ConfigurationError, Holder, Lease, LeaseLostError, gunicorn_worker_count, new_generation
@@ -52,6 +53,37 @@ def test_seed_is_idempotent_and_fenced(tmp_path: Path) -> None:
         assert sqlite_query(tmp_path / "db.sqlite3", "SELECT fencing_token FROM job_fences") == [(1,)]
     finally:
         engine.dispose()
+
+
+def test_a_dropped_connection_is_retried_and_the_fence_still_decides(postgres_url: str) -> None:
+    """The database drops the seed's connection inside its transaction (as after a network cut): the write is tried
+    again on a new connection, where the fence answers. Before, the drop surfaced as OperationalError, so a stale
+    leader's late write failed for the wrong reason and a live one failed its boot."""
+    with fresh_database(postgres_url) as url:
+        assert upgrade_to_head(url) is True
+        engine = make_engine(url)
+        dropped: list[int] = []
+
+        @event.listens_for(engine, "before_cursor_execute")
+        def drop_first_locking_read(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if "FOR UPDATE" in statement and len(dropped) < 1:
+                pid = cursor.connection.info.backend_pid
+                dropped.append(pid)
+                pg_query(url, f"SELECT pg_terminate_backend({pid})")
+
+        try:
+            before = time.time()
+            assert jobs.seed(engine, lease(5, since=before - 1)) == 3
+            assert len(dropped) == 1
+            assert pg_query(url, "SELECT fencing_token FROM job_fences") == [(5,)]
+            assert pg_query(url, "SELECT count(*) FROM seed_runs") == [(1,)]
+            dropped.clear()
+            with pytest.raises(LeaseLostError, match="refusing to write"):  # a stale leader, dropped too
+                jobs.seed(engine, lease(4, since=before - 2))
+            assert len(dropped) == 1
+            assert pg_query(url, "SELECT fencing_token, count(*) FROM job_fences GROUP BY 1") == [(5, 1)]
+        finally:
+            engine.dispose()
 
 
 _MIGRATOR = """

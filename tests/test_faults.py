@@ -72,7 +72,7 @@ def wait_waiting(url: str, pids: Iterable[int], timeout: float = EVENT_TIMEOUT) 
 def wait_heartbeat(url: str, key: str = KEY, timeout: float = EVENT_TIMEOUT) -> None:
     """Wait for a message on the job's channel: mid-job, only the leader's renewal heartbeat is published there."""
     client = redis.Redis.from_url(url)
-    pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
     try:
         pubsub.subscribe(JobKeys("hyperion_lock", key).channel)
         deadline = time.monotonic() + timeout

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from hyperion_lock import Lease, LeaseLostError, current_lease
@@ -80,8 +81,38 @@ def seed(engine: Engine, lease: Lease | None = None, *, name: str = "seed") -> i
     gate = os.environ.get(SEED_GATE_ENV, "")
     if gate:
         _wait_for_gate(Path(gate), token)
+    inserted = _fenced_write_retrying(engine, name, token, generation, since, lease)
+    logger.info("seed: pid %d inserted %d item(s) with fencing token %d", os.getpid(), inserted, token)
+    return inserted
+
+
+SEED_WRITE_TRIES = 3  # a dropped connection is retried; the fence is checked again in each new transaction
+
+
+def _fenced_write_retrying(engine: Engine, name: str, token: int, generation: str, since: float,
+                           lease: Lease | None) -> int:
+    """Run :func:`_fenced_write`, again on a new connection when the database dropped ours.
+
+    A leader cut off from the network can find its connection gone when the link comes back (the server reset
+    it, or a pooled one died while the job waited): that is not an answer to "may I write?". The transaction is
+    retried on a fresh connection, where the fence gives the answer (a successor's higher token: LeaseLostError).
+    """
+    for attempt in range(1, SEED_WRITE_TRIES + 1):
+        try:
+            return _fenced_write(engine, name, token, generation, since, lease)
+        except DBAPIError as exc:
+            if not exc.connection_invalidated or attempt == SEED_WRITE_TRIES:
+                raise
+            logger.info("%s: the database dropped the connection (%s); trying again on a new one (%d/%d)", name,
+                        type(exc.orig).__name__, attempt, SEED_WRITE_TRIES)
+    raise AssertionError("unreachable")
+
+
+def _fenced_write(engine: Engine, name: str, token: int, generation: str, since: float, lease: Lease | None) -> int:
     with Session(engine) as session, session.begin():
         recorded = session.get(JobFence, name, with_for_update=True)
+        if recorded is not None and (recorded.fencing_token, recorded.pid) == (token, os.getpid()) and token:
+            return 0  # this leadership's own write, whose commit went through before the connection dropped
         check_fence(recorded, token, since)
         now = time.time()
         if recorded is None:
@@ -96,5 +127,4 @@ def seed(engine: Engine, lease: Lease | None = None, *, name: str = "seed") -> i
         session.add(SeedRun(fencing_token=token, generation=generation, pid=os.getpid(), ran_at=now))
         if lease is not None:
             lease.ensure_held()  # last local check before the commit
-    logger.info("seed: pid %d inserted %d item(s) with fencing token %d", os.getpid(), len(missing), token)
     return len(missing)
