@@ -91,7 +91,13 @@ if TYPE_CHECKING:
 def __getattr__(name: str) -> Any:
     # FastAPI is imported only by code that asks for the dependency, keeping worker start-up and the CLI light.
     if name == "OptionalRedis":
-        from ._fastapi import OptionalRedis
-
+        try:
+            from ._fastapi import OptionalRedis
+        except ModuleNotFoundError as exc:
+            if exc.name != "fastapi" and not (exc.name or "").startswith("fastapi."):
+                raise
+            raise ImportError(
+                "hyperion_lock.OptionalRedis needs FastAPI: pip install 'hyperion_lock[fastapi]'", name=exc.name
+            ) from exc
         return OptionalRedis
     raise AttributeError(f"module 'hyperion_lock' has no attribute {name!r}")

@@ -42,6 +42,18 @@ def test_importing_the_package_loads_no_framework() -> None:
     assert "fastapi" in heavy_modules_after("import hyperion_lock; hyperion_lock.OptionalRedis")
 
 
+def test_optional_redis_without_fastapi_names_the_extra() -> None:
+    """Without FastAPI, asking for OptionalRedis says which extra to install (before: a bare ModuleNotFoundError)."""
+    probe = ("import sys; sys.modules['fastapi'] = None\n"  # what an install without the extra looks like
+             "import hyperion_lock\n"
+             "try:\n    from hyperion_lock import OptionalRedis\n"
+             "except ImportError as exc:\n    print(type(exc).__name__, exc)\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, check=True, capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.strip() == ("ImportError hyperion_lock.OptionalRedis needs FastAPI: "
+                                  "pip install 'hyperion_lock[fastapi]'")
+
+
 def private_imports(path: Path) -> list[str]:
     """``hyperion_lock._*`` modules (or names not in ``__all__``) imported by one module of the demo package."""
     tree = ast.parse(path.read_text(), filename=str(path))
