@@ -42,6 +42,13 @@ def test_importing_the_package_loads_no_framework() -> None:
     assert "fastapi" in heavy_modules_after("import hyperion_lock; hyperion_lock.OptionalRedis")
 
 
+def test_the_installed_version_is_the_package_version() -> None:
+    """One version source: pyproject.toml takes it from hyperion_lock.__version__."""
+    from importlib.metadata import version
+
+    assert version("hyperion_lock") == hyperion_lock.__version__
+
+
 def test_optional_redis_without_fastapi_names_the_extra() -> None:
     """Without FastAPI, asking for OptionalRedis says which extra to install (before: a bare ModuleNotFoundError)."""
     probe = ("import sys; sys.modules['fastapi'] = None\n"  # what an install without the extra looks like
