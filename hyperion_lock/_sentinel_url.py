@@ -30,10 +30,35 @@ CERT_REQS = ("none", "optional", "required")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 ENCODE_HINT = "a '/', '?', '#' or '@' in the password must be percent-encoded (%2F, %3F, %23, %40)"
+#: The highest database index a server can have: Redis reads ``databases`` as a C int (1 .. 2147483647).
+MAX_DB_INDEX = 2**31 - 2
+DB_RANGE = ("a database index is a whole number from 0 to the server's 'databases' setting minus 1 (16 by default, "
+            "so 0-15)")
 SENTINEL_FORM = (
     "redis+sentinel://[[user]:password@]host:port[,host:port...]/service_name[/db] (rediss+sentinel:// or "
     f"?ssl=true for TLS to the data nodes; query parameters: {', '.join(SENTINEL_QUERY)})"
 )
+
+
+class AmbiguousURLError(ValueError):
+    """The URL cannot be split unambiguously: a badly encoded password may be anywhere in it, so nothing of the URL
+    but its scheme may be shown (not even the parts a parser found)."""
+
+
+class DatabaseIndexError(ValueError):
+    """The URL names a database index no server can have (negative, or beyond what Redis can configure)."""
+
+
+def db_index(text: str, where: str) -> int:
+    """The database index written as ``text`` (in the URL's ``where``: ``path``, ``?db=``); ValueError when it is
+    not a whole number (``abc``, ``1/2``, `` 1``, ``+1``), :class:`DatabaseIndexError` when it is out of range."""
+    if text.startswith("-") and text[1:].isascii() and text[1:].isdigit():
+        raise DatabaseIndexError(f"the database index in the {where} is negative; {DB_RANGE}")
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"the database in the {where} is not a number; {DB_RANGE}")
+    if int(text) > MAX_DB_INDEX:
+        raise DatabaseIndexError(f"the database index {int(text)} in the {where} is out of range; {DB_RANGE}")
+    return int(text)
 
 
 @dataclass(frozen=True)
@@ -95,9 +120,9 @@ def _split(url: str) -> SplitResult:
     try:
         parts = urlsplit(url)
     except ValueError:
-        raise ValueError("unbalanced '[' or ']' (only an IPv6 host may use brackets)") from None
+        raise AmbiguousURLError("unbalanced '[' or ']' (only an IPv6 host may use brackets)") from None
     if parts.fragment or "#" in url or any("@" in piece for piece in (parts.path, parts.query)):
-        raise ValueError(ENCODE_HINT)
+        raise AmbiguousURLError(ENCODE_HINT)
     return parts
 
 
@@ -114,16 +139,16 @@ def _address(text: str, noun: str, default_port: int) -> tuple[str, int]:
     if text.startswith("["):
         host, bracket, rest = text[1:].partition("]")
         if not bracket or (rest and not rest.startswith(":")):
-            raise ValueError(f"a {noun} address is not host:port or [ipv6]:port")
+            raise AmbiguousURLError(f"a {noun} address is not host:port or [ipv6]:port")
         port_text = rest[1:]
     else:
         host, _, port_text = text.partition(":")
     if not host:
-        raise ValueError(f"a {noun} address has no host, or {ENCODE_HINT}")
+        raise AmbiguousURLError(f"a {noun} address has no host, or {ENCODE_HINT}")
     if not port_text:
         return host, default_port
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"a {noun} port is not a number from 1 to 65535, or {ENCODE_HINT}")
+        raise AmbiguousURLError(f"a {noun} port is not a number from 1 to 65535, or {ENCODE_HINT}")
     return host, int(port_text)
 
 
@@ -155,9 +180,7 @@ def _service_and_db(path: str) -> tuple[str, int | None]:
     pieces = path.strip("/").split("/") if path.strip("/") else []
     if not 1 <= len(pieces) <= 2 or not pieces[0]:
         raise ValueError("the path must be /service_name or /service_name/db (the name Sentinel monitors)")
-    if len(pieces) == 2 and not pieces[1].isdigit():
-        raise ValueError("the database in /service_name/db must be a number")
-    return unquote(pieces[0]), int(pieces[1]) if len(pieces) == 2 else None
+    return unquote(pieces[0]), db_index(unquote(pieces[1]), "path /service_name/db") if len(pieces) == 2 else None
 
 
 def parse_bool(value: str, name: str) -> bool:
@@ -190,9 +213,9 @@ def known_query(text: str, allowed: Iterable[str], form: str) -> dict[str, str]:
 def _db(path_db: int | None, query: dict[str, str]) -> int:
     if "db" not in query:
         return path_db or 0
-    if path_db is not None or not query["db"].isdigit():
-        raise ValueError("give the database once, as a number: /service_name/db or ?db=")
-    return int(query["db"])
+    if path_db is not None:
+        raise ValueError("give the database once: /service_name/db or ?db=")
+    return db_index(query["db"], "query parameter 'db'")
 
 
 def tls_of(scheme: str, form: str, query: dict[str, str]) -> tuple[bool, tuple[tuple[str, Any], ...]]:

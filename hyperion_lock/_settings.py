@@ -19,15 +19,18 @@ from urllib.parse import ParseResult, parse_qsl, quote, unquote, urlparse
 from redis import connection as _redis_connection
 
 from ._cluster_url import CLUSTER_FORM, CLUSTER_SCHEMES, parse_cluster_url
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, RedisDatabaseIndexError
 from ._sentinel_url import (
     CERT_REQS,
     ENCODE_HINT,
     SENTINEL_FORM,
     SENTINEL_SCHEMES,
     TLS_QUERY,
+    AmbiguousURLError,
+    DatabaseIndexError,
     auth_marker,
     check_tls_value,
+    db_index,
     host_text,
     parse_sentinel_url,
 )
@@ -81,13 +84,13 @@ def _checked_split(url: str) -> ParseResult:
     try:
         parts = urlparse(url)
     except ValueError:
-        raise ValueError("unbalanced '[' or ']' (only an IPv6 host may use brackets)") from None
+        raise AmbiguousURLError("unbalanced '[' or ']' (only an IPv6 host may use brackets)") from None
     if parts.fragment or any("@" in piece for piece in (parts.path, parts.params, parts.query)):
-        raise ValueError(ENCODE_HINT)
+        raise AmbiguousURLError(ENCODE_HINT)
     try:
         _ = parts.port
     except ValueError:  # urllib's message quotes the "port", which may be a piece of the password
-        raise ValueError(f"the port is not a number from 0 to 65535, or {ENCODE_HINT}") from None
+        raise AmbiguousURLError(f"the port is not a number from 0 to 65535, or {ENCODE_HINT}") from None
     return parts
 
 
@@ -95,13 +98,15 @@ def parse_redis_url(url: str) -> dict[str, Any]:
     """What redis-py will connect to for ``url``, parsed by redis-py's own parser.
 
     Raises ValueError with a message that never quotes the URL when redis-py rejects it, or when the split is
-    ambiguous (see :func:`_checked_split`).
+    ambiguous (see :func:`_checked_split`), and :class:`DatabaseIndexError` for a database index out of range.
     """
     scheme = _scheme_of(url)
     if scheme not in _REDIS_SCHEMES:
         raise ValueError("the scheme must be redis://, rediss://, unix://, redis+sentinel://, rediss+sentinel://, "
                          "redis+cluster:// or rediss+cluster://")
-    _check_query(scheme, _checked_split(url).query)
+    parts = _checked_split(url)
+    _check_query(scheme, parts.query)
+    _check_db(scheme, parts)
     try:
         return dict(_redis_parse_url(url))
     except (ValueError, TypeError) as exc:
@@ -122,6 +127,20 @@ def _check_query(scheme: str, query: str) -> None:
     for name in ("ssl_cert_reqs", "ssl_check_hostname"):
         if name in names:
             check_tls_value(name, names[name])
+
+
+def _check_db(scheme: str, parts: ParseResult) -> None:
+    """Refuse a database index redis-py would misread: it ignores a path that is not a number (``/abc``: database 0,
+    silently), joins ``/1/2`` into 12, and passes a negative or huge index on to ``SELECT`` (refused at the first
+    connect, far from the cause)."""
+    path_db = None
+    if scheme != "unix" and parts.path not in ("", "/"):
+        path_db = db_index(unquote(parts.path[1:]), "path /db")
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    if "db" in query:
+        query_db = db_index(query["db"], "query parameter 'db'")
+        if path_db is not None and path_db != query_db:
+            raise ValueError("two different databases: give it once, as /db or ?db=")
 
 
 def redis_url_problem(url: str) -> str | None:
@@ -191,8 +210,28 @@ def redact_url(url: str | None) -> str | None:
         if scheme in _REDIS_SCHEMES:
             return _describe_redis(scheme, parse_redis_url(url))
         return _describe_other(scheme, url)
-    except ValueError:
+    except AmbiguousURLError:
         return f"{scheme}://{UNPARSEABLE_URL}"
+    except ValueError as exc:  # well split, so the message (which quotes nothing but parameter names) is the cause
+        return f"{scheme}://<invalid URL: {exc}>"
+
+
+def check_redis_url(url: str) -> None:
+    """Refuse a Redis URL its client could not use: :class:`RedisDatabaseIndexError` for a database index no server
+    can have, :class:`ConfigurationError` for anything else; the message shows no secret."""
+    try:
+        if is_sentinel_url(url):
+            parse_sentinel_url(url)
+        elif is_cluster_url(url):
+            parse_cluster_url(url)
+        else:
+            parse_redis_url(url)
+    except DatabaseIndexError as exc:
+        raise RedisDatabaseIndexError(f"invalid Redis URL: {exc}; fix it in HYPERION_LOCK_REDIS_URL") from None
+    except ValueError as exc:
+        scheme = _scheme_of(url)
+        shown = f" ({scheme}://...)" if scheme else ""
+        raise ConfigurationError(f"invalid Redis URL{shown}: {exc}. {URL_FORMS}") from None
 
 
 def validate_name(value: str, what: str) -> str:
@@ -372,6 +411,9 @@ class Settings:
     """Configuration for a :class:`~hyperion_lock.Coordinator`.
 
     Build it with :meth:`from_env` (reads ``HYPERION_LOCK_*``), then override fields with :meth:`with_`.
+    ``redis_url`` is parsed at construction (:func:`check_redis_url`): a malformed URL, an unknown query parameter
+    or a database that is not a number is a :class:`ConfigurationError`, an index no server can have a
+    :class:`RedisDatabaseIndexError`, each saying what to fix without the password.
     Durations are seconds, each checked at construction against its range (:data:`DURATION_BOUNDS`), so a value
     that Redis or the OS would refuse later fails at startup instead:
 
@@ -421,6 +463,8 @@ class Settings:
             )
         if self.redis_url is not None and not self.redis_url.strip():
             object.__setattr__(self, "redis_url", None)
+        if self.redis_url is not None:
+            check_redis_url(self.redis_url)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:

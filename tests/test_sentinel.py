@@ -76,7 +76,7 @@ def test_sentinel_url_forms(url: str, tls: bool, db: int, password: str | None) 
     [
         ("redis+sentinel://h:26379", "/service_name"),
         ("redis+sentinel://h:26379/", "/service_name"),
-        ("redis+sentinel://h:26379/m/x", "must be a number"),
+        ("redis+sentinel://h:26379/m/x", "is not a number"),
         ("redis+sentinel://h:26379/m/1/2", "/service_name"),
         ("redis+sentinel://h:0/m", "port"),
         ("redis+sentinel://h:99999/m", "port"),
@@ -142,6 +142,11 @@ def test_known_query_parameters_of_plain_urls_still_work() -> None:
 )
 def test_both_passwords_are_redacted_everywhere(url: str, expected: str) -> None:
     assert redact_url(url) == expected
+    if "unparseable" in expected:  # refused when the setting is made, without the secret
+        with pytest.raises(ConfigurationError, match="must be percent-encoded") as info:
+            Settings(redis_url=url, generation="g")
+        assert_no_secret(str(info.value), SLASHY, AT_COLON, "x1y2z3")
+        return
     settings = Settings(redis_url=url, generation="g")
     for text in (repr(settings), settings.describe_target()):
         assert_no_secret(text, SLASHY, AT_COLON, "x1y2z3")
