@@ -31,6 +31,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import math
 import os
 import re
 import secrets
@@ -70,7 +71,17 @@ from ._cache_store import (
 from ._connect import describe_client, redis_error
 from ._errors import ConfigurationError
 from ._metrics import metrics
-from ._settings import ENV_PREFIX, Settings, positive_seconds, redact_url
+from ._settings import (
+    DAY,
+    DURATION_BOUNDS,
+    ENV_PREFIX,
+    HOUR,
+    MINUTE,
+    YEAR,
+    Settings,
+    bounded_seconds,
+    redact_url,
+)
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -86,6 +97,56 @@ class CacheStatus(StrEnum):
     BYPASS = "BYPASS"  # the store is unavailable: computed directly, not stored
 
 
+MIB = 1 << 20
+MAX_VALUE_SIZE = 512 * MIB  # the largest string Redis stores
+MAX_TTL = YEAR  # of an entry (``ttl``, ``stale``): Cache-Control and Redis PX stay far from any overflow
+
+#: (lowest, highest) of each :class:`CacheSettings` field: durations in seconds (a lowest of 0 means "> 0"), sizes
+#: and counts as whole numbers (inclusive). Documented in docs/caching.md ("Settings").
+CACHE_SETTING_BOUNDS: dict[str, tuple[float, float]] = {
+    "op_timeout": (0.0, MINUTE),
+    "lease_ttl": DURATION_BOUNDS["lease_ttl"],
+    "wait_timeout": (0.0, DAY),
+    "max_size": (1, MAX_VALUE_SIZE),
+    "breaker_failures": (1, 1000),
+    "breaker_retry": (0.0, HOUR),
+    "breaker_max_retry": (0.0, DAY),
+    "stats_interval": (0.0, DAY),
+    "memory_max_entries": (1, 100_000_000),
+}
+
+
+def whole_number(value: Any, what: str, low: float, high: float) -> int:
+    """A size or count: a whole number in ``[low, high]`` (a string from the environment is parsed first)."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value.strip()) if any(c in value for c in ".eE") else int(value.strip())
+        except ValueError:
+            raise ConfigurationError(f"{what} must be a whole number, got {value!r}") from None
+    if isinstance(number, float) and math.isfinite(number) and number == int(number):
+        number = int(number)
+    if isinstance(number, bool) or not isinstance(number, int) or not low <= number <= high:
+        raise ConfigurationError(f"{what} must be a whole number from {int(low)} to {int(high)}, got {value!r}")
+    return number
+
+
+def seconds_in(value: Any, what: str, low: float, high: float, *, zero: bool = False) -> float:
+    """A duration in ``(0, high]`` (``[low, high]`` when ``low`` > 0; ``0`` itself too when ``zero``): a finite
+    number of seconds, never a bool. Refused here, a value never reaches Redis (``PX`` overflows) or a timer."""
+    if isinstance(value, bool):
+        raise ConfigurationError(f"{what} must be a number of seconds, got {value!r}")
+    if not zero:
+        return bounded_seconds(value, what, low, high)
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"{what} must be a number of seconds, got {value!r}") from None
+    if not (math.isfinite(seconds) and 0 <= seconds <= high):
+        raise ConfigurationError(f"{what} must be a finite number of seconds from 0 to {high:g}, got {value!r}")
+    return seconds
+
+
 @dataclass(frozen=True)
 class CacheSettings:
     """Tunables shared by every cached function of one :class:`Cache`, from ``HYPERION_LOCK_CACHE_*``.
@@ -93,17 +154,20 @@ class CacheSettings:
     - ``op_timeout`` (0.05 s): bound on every store call; the event loop's own lateness is not counted.
     - ``lease_ttl`` (3 s): a computing worker that dies is taken over after at most this long.
     - ``wait_timeout`` (30 s): a waiter computes directly after waiting this long in total.
-    - ``max_size`` (1 MiB): largest encoded value; larger raises :class:`CacheValueTooLargeError`.
+    - ``max_size`` (1 MiB): largest encoded value; a larger one is served, not stored.
     - ``breaker_failures`` (2): store failures in a row that open the circuit breaker;
       ``breaker_retry`` (0.5 s) first recovery check, doubling up to ``breaker_max_retry`` (10 s).
     - ``stats_interval`` (5 s): how often this process adds its counts to the shared ones in Redis.
     - ``memory_max_entries`` (10000): per namespace, without Redis.
+
+    Every value must lie in its range (:data:`CACHE_SETTING_BOUNDS`), else :class:`ConfigurationError` here, when
+    the :class:`Cache` is made: a value that is refused later (by Redis, or a timer) would fail every request.
     """
 
     op_timeout: float = 0.05
     lease_ttl: float = 3.0
     wait_timeout: float = 30.0
-    max_size: int = 1 << 20
+    max_size: int = MIB
     breaker_failures: int = 2
     breaker_retry: float = 0.5
     breaker_max_retry: float = 10.0
@@ -113,15 +177,16 @@ class CacheSettings:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            what = f"cache setting {f.name}"
+            what = f"cache setting {f.name} ({ENV_PREFIX}CACHE_{f.name.upper()})"
+            low, high = CACHE_SETTING_BOUNDS.get(f.name, (0.0, DAY))
             if f.type in ("int", int):
-                if isinstance(value, str | float):
-                    value = int(positive_seconds(value, what))
-                if not isinstance(value, int) or value < 1:
-                    raise ConfigurationError(f"{what} must be a whole number >= 1, got {value!r}")
+                value = whole_number(value, what, low, high)
             else:
-                value = positive_seconds(value, what)
+                value = seconds_in(value, what, low, high)
             object.__setattr__(self, f.name, value)
+        if self.breaker_retry > self.breaker_max_retry:
+            raise ConfigurationError(f"cache setting breaker_retry ({self.breaker_retry:g} s) must be at most "
+                                     f"breaker_max_retry ({self.breaker_max_retry:g} s)")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> CacheSettings:
@@ -155,9 +220,25 @@ class Spec:
     decode: bool = True  # decode hits (functions); the HTTP layer serves the stored bytes as they are
 
     def __post_init__(self) -> None:
-        positive_seconds(self.ttl, "ttl")
-        if self.stale < 0 or (self.refresh_ahead is not None and self.refresh_ahead < 0):
-            raise ConfigurationError("stale and refresh_ahead must be >= 0 seconds")
+        """Every duration and size checked against its documented range now (at decoration, or when
+        ``get_or_compute`` is called), never later: ``stale=float("inf")`` once passed here and then raised
+        ``OverflowError`` while storing, with the lease held; ``stale=1e300`` was refused by Redis and opened
+        the circuit breaker of the whole worker."""
+        where = f" (cache {self.keys.namespace!r})"
+        ttl = seconds_in(self.ttl, "ttl" + where, 0.0, MAX_TTL)
+        checked: dict[str, Any] = {
+            "ttl": ttl,
+            "stale": seconds_in(self.stale, "stale" + where, 0.0, MAX_TTL, zero=True),
+            "error_ttl": seconds_in(self.error_ttl, "error_ttl" + where, 0.0, MAX_TTL),
+        }
+        if self.refresh_ahead is not None:
+            checked["refresh_ahead"] = seconds_in(self.refresh_ahead, "refresh_ahead" + where, 0.0, ttl, zero=True)
+        if self.lease_ttl is not None:
+            checked["lease_ttl"] = seconds_in(self.lease_ttl, "lease_ttl" + where, *DURATION_BOUNDS["lease_ttl"])
+        if self.max_size is not None:
+            checked["max_size"] = whole_number(self.max_size, "max_size" + where, 1, MAX_VALUE_SIZE)
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
         if self.refresh not in ("background", "inline"):
             raise ConfigurationError(f"refresh must be 'background' or 'inline', got {self.refresh!r}")
 
@@ -280,6 +361,9 @@ class Cache:
         self.settings = settings if settings is not None else Settings.from_env()
         base = cache_settings if cache_settings is not None else CacheSettings.from_env()
         overrides = {k: v for k, v in overrides.items() if v is not None}  # None: keep the setting
+        unknown = set(overrides) - {f.name for f in fields(CacheSettings)}
+        if unknown:
+            raise ConfigurationError(f"unknown cache setting(s): {', '.join(sorted(unknown))}")
         self.cache_settings = replace(base, **overrides) if overrides else base
         if redis is not None and not isinstance(redis, str | aredis.Redis | _redis.Redis):
             raise ConfigurationError(
@@ -318,6 +402,9 @@ class Cache:
         return CacheKeys(self.settings.key_prefix, namespace)
 
     def spec(self, namespace: str, *, ttl: float, codec: Codec | None = None, **options: Any) -> Spec:
+        unknown = set(options) - {f.name for f in fields(Spec)}
+        if unknown:
+            raise ConfigurationError(f"unknown cache option(s) for {namespace!r}: {', '.join(sorted(unknown))}")
         return Spec(self.keys(namespace), ttl=ttl, codec=codec or JsonCodec(), **options)
 
     # -- explicit API -----------------------------------------------------------------------------------------------
@@ -665,8 +752,7 @@ class Cache:
         """The fast path: one read in the caller's own task, serving an entry that is simply fresh. Anything else
         (missing, soon stale, stale, an error entry, the store failing) goes through the flight."""
         try:
-            read = await self._guard(ctx, functools.partial(ctx.store.read, spec.keys, ident, tags, "",
-                                                            self._lease_ms(spec), TakeMode.NEVER))
+            read = await self._read(ctx, spec, ident, tags, "", TakeMode.NEVER)
         except _Unavailable:
             return None
         entry = read.entry
@@ -677,18 +763,36 @@ class Cache:
             return None
         return self._result(spec, entry, age, CacheStatus.HIT)
 
+    async def _read(self, ctx: _Loop, spec: Spec, ident: str, tags: tuple[str, ...], token: str,
+                    take: TakeMode) -> Read:
+        """One guarded read; an entry whose stored header is unreadable comes back as a miss (logged once)."""
+        read = await self._guard(ctx, functools.partial(ctx.store.read, spec.keys, ident, tags, token,
+                                                        self._lease_ms(spec), take))
+        if read.unreadable is not None:
+            self._unreadable(spec, read.unreadable)
+        return read
+
     def _result(self, spec: Spec, entry: Entry, age: EntryAge, status: CacheStatus) -> Result | None:
         """A served entry, decoded for the function API; ``None`` when it cannot be decoded (recompute it)."""
         value = _UNSET
+        if entry.header.codec != spec.codec.name:
+            self._unreadable(spec, f"written with codec {entry.header.codec!r}, read with {spec.codec.name!r}")
+            return None
         if spec.decode:
             try:
                 value = spec.codec.decode(entry.payload)
             except Exception as exc:
-                self._once(f"decode:{spec.namespace}", logging.WARNING, "cache: an entry of %s cannot be decoded "
-                           "(%s: %s; written by an older release?); computing it again", spec.namespace,
-                           type(exc).__name__, exc)
+                self._unreadable(spec, f"{type(exc).__name__}: {exc}")
                 return None
         return Result(entry.payload, entry.header.etag, status, age.max_age, age.age, value)
+
+    def _unreadable(self, spec: Spec, why: str) -> None:
+        """An entry that cannot be decoded, or whose stored header has the wrong shape or type, is a miss for that
+        entry alone: computed again (its next write replaces it), logged once per namespace, and never counted
+        as a store failure (Redis answered: the breaker stays closed for every other entry)."""
+        self._once(f"decode:{spec.namespace}", logging.WARNING, "cache: an entry of %s cannot be decoded (%s; "
+                   "written by an older release, or not by this cache?); computing it again, the new value replaces "
+                   "it", spec.namespace, why)
 
     async def _fly(self, spec: Spec, ident: str, tags: tuple[str, ...], compute: Callable[[], Awaitable[Any]],
                    force: bool) -> Result:
@@ -725,8 +829,7 @@ class Cache:
             take = TakeMode.ALWAYS if force else TakeMode.IF_MISSING
             future = ctx.store.expect(spec.keys, ident) if listening else None
             try:
-                read = await self._guard(ctx, functools.partial(ctx.store.read, spec.keys, ident, tags, token,
-                                                                self._lease_ms(spec), take))
+                read = await self._read(ctx, spec, ident, tags, token, take)
                 if read.lease is LeaseState.MINE:
                     return self._lead(ctx, spec, ident, tags, token, read.version)
                 if read.entry is not None and not force:

@@ -164,6 +164,7 @@ def cached_endpoint(
     def decorate(fn: F) -> F:
         sig, own_request = _signature(fn)
         ns = namespace or fn.__name__
+        cache.spec(ns, ttl=ttl, decode=False, **options)  # every duration and size checked now, not per request
         per_route: dict[int, tuple[Spec, frozenset[str] | None]] = {}
 
         def spec_for(route: Any) -> tuple[Spec, frozenset[str] | None]:

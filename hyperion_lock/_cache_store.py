@@ -45,7 +45,8 @@ T = TypeVar("T")
 # script builds entry and lease names from the namespace's own prefix (ARGV), so they are in that slot too.
 
 # Read an entry; take its compute lease when there is no valid entry (or always, for a forced refresh).
-# KEYS[1] entry (HASH h = header JSON, v = payload, n = namespace version it was written under)
+# KEYS[1] entry (HASH h = header JSON, v = payload, n = namespace version it was written under; a key of another
+#         type is deleted: nothing this cache wrote)
 # KEYS[2] namespace version
 # KEYS[3] compute lease
 # KEYS[4..] tag indexes of this entry (a taken lease is registered there, so tag invalidation can fence it)
@@ -59,9 +60,15 @@ T = TypeVar("T")
 #         [4] lease: 1 held by this token (taken now, or by an earlier call with it), 0 by another, -1 free
 #         [5] remaining life of the lease (ms; -2 when there is none)
 #         [6] namespace version now (the fence a later PUT is checked against)
+#         [7] why the entry's key was deleted as unreadable (another Redis type), or false
 READ = """
 local version = redis.call('GET', KEYS[2]) or '0'
-local e = redis.call('HMGET', KEYS[1], 'h', 'v', 'n')
+local e = redis.pcall('HMGET', KEYS[1], 'h', 'v', 'n')
+local wrong = false
+if e.err then  -- not a hash (WRONGTYPE): not an entry this cache can read; dropped like an outdated one
+  redis.call('DEL', KEYS[1])
+  wrong, e = e.err, {false, false, false}
+end
 local header, payload, left = e[1], e[2], -2
 if header then
   if e[3] ~= version then
@@ -81,7 +88,7 @@ if state == -1 and (ARGV[3] == '2' or (ARGV[3] == '1' and not header)) then
   local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
   for i = 4, #KEYS do redis.call('ZADD', KEYS[i], 'GT', expiry, ARGV[4]) end
 end
-return {header, payload, left, state, redis.call('PTTL', KEYS[3]), tonumber(version)}
+return {header, payload, left, state, redis.call('PTTL', KEYS[3]), tonumber(version), wrong}
 """
 
 # Take the lease to refresh a stale (or soon stale) entry in the background.
@@ -138,8 +145,11 @@ return 0
 PUT = """
 local holder = redis.call('GET', KEYS[3])
 if holder ~= ARGV[1] then
-  local h = redis.call('HGET', KEYS[1], 'h')
-  if h and cjson.decode(h).o == ARGV[1] then return 1 end
+  local h = redis.pcall('HGET', KEYS[1], 'h')
+  if type(h) == 'string' then
+    local ok, d = pcall(cjson.decode, h)
+    if ok and type(d) == 'table' and d.o == ARGV[1] then return 1 end
+  end
   return 2
 end
 redis.call('DEL', KEYS[3])
@@ -267,10 +277,29 @@ class Header:
 
     @classmethod
     def from_json(cls, text: str) -> Header:
+        """Parse a stored header; ``ValueError`` (with what is wrong) for anything of another shape or type: the
+        caller treats that entry alone as unreadable (a miss), never the store as failing."""
         d = json.loads(text)
-        return cls(ttl_ms=int(d["t"]), stale_ms=int(d["s"]), etag=str(d["e"]), codec=str(d["c"]),
-                   version=int(d["n"]), owner=str(d.get("o", "")), error=bool(d.get("x")),
-                   compute_ms=int(d.get("d", 0)), runner=str(d.get("r", "")))
+        if not isinstance(d, dict):
+            raise ValueError(f"the header is a JSON {type(d).__name__}, not an object")
+        return cls(ttl_ms=_field(d, "t", int, 0), stale_ms=_field(d, "s", int, 0), etag=_field(d, "e", str),
+                   codec=_field(d, "c", str), version=_field(d, "n", int, 0), owner=_field(d, "o", str, default=""),
+                   error=bool(_field(d, "x", int, 0, default=0)), compute_ms=_field(d, "d", int, 0, default=0),
+                   runner=_field(d, "r", str, default=""))
+
+
+_MISSING: Any = object()
+
+
+def _field(d: dict[str, Any], name: str, kind: type[T], low: int | None = None, *, default: Any = _MISSING) -> T:
+    """One header field of exactly the type written (``bool`` is not an ``int`` here), at least ``low``."""
+    value = d.get(name, default)
+    if value is _MISSING:
+        raise ValueError(f"the header has no {name!r}")
+    if isinstance(value, bool) or not isinstance(value, kind) or (low is not None and value < low):  # type: ignore[operator]
+        raise ValueError(f"the header's {name!r} is {value!r}, not a {kind.__name__}"
+                         + (f" >= {low}" if low is not None else ""))
+    return value
 
 
 @dataclass(frozen=True)
@@ -286,6 +315,7 @@ class Read:
     lease: LeaseState
     lease_left_ms: int
     version: int
+    unreadable: str | None = None  # there is an entry, but its header cannot be parsed (why): a miss, recomputed
 
 
 @dataclass(frozen=True)
@@ -805,15 +835,18 @@ class RedisStore:
 
     async def read(self, keys: CacheKeys, ident: str, tags: tuple[str, ...], token: str, lease_ms: int,
                    take: TakeMode) -> Read:
-        header, payload, left, state, lease_left, version = await self._run(
+        header, payload, left, state, lease_left, version, *wrong = await self._run(
             READ, [keys.entry(ident), keys.version, keys.lease(ident), *(keys.tag_index(t) for t in tags)],
             [token, lease_ms, int(take), ident],
         )
         self._register(keys)
-        entry = None
+        entry, unreadable = None, (f"not a hash: {as_text(wrong[0])}" if wrong and wrong[0] else None)
         if header is not None and payload is not None:
-            entry = Entry(Header.from_json(as_text(header) or "{}"), bytes(payload), int(left))
-        return Read(entry, LeaseState(int(state)), int(lease_left), int(version))
+            try:
+                entry = Entry(Header.from_json(as_text(header) or ""), bytes(payload), int(left))
+            except Exception as exc:  # the entry's own fault: Redis answered, so this is no store failure
+                unreadable = f"{type(exc).__name__}: {exc}"
+        return Read(entry, LeaseState(int(state)), int(lease_left), int(version), unreadable)
 
     async def take(self, keys: CacheKeys, ident: str, tags: tuple[str, ...], token: str, lease_ms: int) -> bool:
         taken = await self._run(TAKE, [keys.lease(ident), *(keys.tag_index(t) for t in tags)],

@@ -1,0 +1,239 @@
+"""Bad settings refused when made, bad entries contained, oversized or unannotated answers served: on a real Redis,
+through real HTTP (in-process ASGI) for endpoints.
+
+Each Cache instance stands for one worker (its own clients, flights and breaker). Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from fastapi import FastAPI
+
+from hyperion_lock import Cache, ConfigurationError, Settings
+from hyperion_lock._cache_keys import CacheKeys
+
+pytestmark = pytest.mark.integration
+LOGGER = "hyperion_lock._cache"
+YEAR = 365 * 86400
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"b{uuid.uuid4().hex[:10]}"
+
+
+def make(url: str | None, prefix: str, **overrides: Any) -> Cache:
+    return Cache(url, settings=Settings(redis_url=None, key_prefix=prefix), **overrides)
+
+
+@asynccontextmanager
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        yield c
+
+
+def breaker_open(cache: Cache) -> bool:
+    return any(ctx.breaker.is_open for ctx in cache._loops.values())
+
+
+def failing(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "is failing" in r.getMessage()]
+
+
+# -- 5. bad settings are refused when they are made ---------------------------------------------------------------
+@pytest.mark.parametrize(("variable", "value"), [
+    ("LEASE_TTL", "1e300"), ("LEASE_TTL", "0.01"), ("OP_TIMEOUT", "inf"), ("OP_TIMEOUT", "nan"),
+    ("OP_TIMEOUT", "3600"), ("WAIT_TIMEOUT", "-1"), ("MAX_SIZE", "0"), ("MAX_SIZE", "1e300"),
+    ("MAX_SIZE", "1.5"), ("BREAKER_FAILURES", "0"), ("BREAKER_RETRY", "1e300"), ("BREAKER_MAX_RETRY", "1e9"),
+    ("STATS_INTERVAL", "inf"), ("MEMORY_MAX_ENTRIES", "1e12"),
+])
+def test_every_cache_setting_from_the_environment_is_checked_at_construction(
+        redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
+    monkeypatch.setenv(f"HYPERION_LOCK_CACHE_{variable}", value)
+    with pytest.raises(ConfigurationError, match=f"HYPERION_LOCK_CACHE_{variable}"):
+        make(redis_url, prefix)
+
+
+@pytest.mark.parametrize("setting", [
+    {"lease_ttl": 1e300}, {"op_timeout": float("inf")}, {"max_size": -1}, {"max_size": 2**40},
+    {"breaker_retry": 20.0, "breaker_max_retry": 10.0}, {"wait_timeout": True}, {"lease": 1},
+])
+def test_every_cache_setting_given_as_an_argument_is_checked_at_construction(redis_url: str, prefix: str,
+                                                                             setting: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        make(redis_url, prefix, **setting)
+
+
+BAD_OPTIONS: list[dict[str, Any]] = [
+    {"stale": float("inf")}, {"stale": 1e300}, {"stale": -1}, {"error_ttl": -1}, {"error_ttl": 0},
+    {"ttl": 0}, {"ttl": float("nan")}, {"ttl": 1e300}, {"refresh_ahead": 31}, {"refresh_ahead": -1},
+    {"lease_ttl": 1e300}, {"lease_ttl": 0.001}, {"max_size": 0}, {"max_size": 2**40}, {"max_size": 1.5},
+    {"nonsense": 1},
+]
+
+
+@pytest.mark.parametrize("options", BAD_OPTIONS)
+def test_every_duration_and_size_of_a_function_is_checked_at_decoration(redis_url: str, prefix: str,
+                                                                        options: dict[str, Any]) -> None:
+    cache = make(redis_url, prefix)
+    with pytest.raises(ConfigurationError, match=next(iter(options)) if "nonsense" not in options else "unknown"):
+        @cache.cached("f", **{"ttl": 30, **options})
+        async def f(x: int) -> int:
+            return x
+
+
+@pytest.mark.parametrize("options", BAD_OPTIONS)
+def test_every_duration_and_size_of_an_endpoint_is_checked_at_decoration(redis_url: str, prefix: str,
+                                                                        options: dict[str, Any]) -> None:
+    cache, app = make(redis_url, prefix), FastAPI()
+    with pytest.raises(ConfigurationError, match=next(iter(options)) if "nonsense" not in options else "unknown"):
+        @app.get("/e")
+        @cache.endpoint("e", **{"ttl": 30, **options})
+        async def e() -> dict[str, int]:
+            return {"a": 1}
+
+
+async def test_the_extremes_of_every_range_work_on_redis(redis_url: str, prefix: str) -> None:
+    """The largest accepted durations are accepted by Redis too (PX of ttl + stale), and 0 where 0 is allowed."""
+    cache, runs = make(redis_url, prefix, lease_ttl=86400, max_size=512 << 20, op_timeout=60,
+                       breaker_failures=1000, wait_timeout=86400), [0]
+
+    @cache.cached("long", ttl=YEAR, stale=YEAR, error_ttl=YEAR, refresh_ahead=0, lease_ttl=0.1, max_size=1)
+    async def small(x: int) -> int:
+        runs[0] += 1
+        return x
+
+    @cache.cached("short", ttl=0.001, stale=0, refresh_ahead=0.001)
+    async def short(x: int) -> int:
+        return x
+
+    try:
+        assert [await small(1), await small(1), await short(2)] == [1, 1, 2] and runs == [1]
+        assert not breaker_open(cache)
+        with redis.Redis.from_url(redis_url) as r:
+            (name,) = r.scan_iter(match=CacheKeys(prefix, "long").entry("*"))
+            assert r.pttl(name) > (2 * YEAR - 60) * 1000
+    finally:
+        await cache.aclose()
+
+
+# -- 5. a bad entry is a miss for that entry alone ----------------------------------------------------------------
+CORRUPTIONS: list[tuple[str, Any]] = [
+    ("h", b"not json"),
+    ("h", b"[1, 2, 3]"),
+    ("h", b'{"t": "30000", "s": 0, "e": "\\"x\\"", "c": "json", "n": 0}'),
+    ("h", b'{"s": 0, "e": "\\"x\\"", "c": "json", "n": 0}'),
+    ("h", b'{"t": 30000, "s": 0, "e": {"x": 1}, "c": "json", "n": 0}'),
+    ("h", b'{"t": 30000, "s": -5, "e": "\\"x\\"", "c": "json", "n": 0}'),
+    ("h", b"\xff\xfe"),
+    ("h", b'{"t": 30000, "s": 0, "e": "\\"x\\"", "c": "pickle", "n": 0}'),  # another codec's entry
+    ("v", b"{not the value"),  # the header is fine, the payload cannot be decoded
+    ("type", b"a string, not a hash"),  # another Redis type under the entry's name
+]
+
+
+def corrupt(url: str, prefix: str, namespace: str, how: tuple[str, Any]) -> bytes:
+    """Spoil the one entry of ``namespace`` in Redis; returns its name."""
+    field, value = how
+    with redis.Redis.from_url(url) as r:
+        (name,) = r.scan_iter(match=CacheKeys(prefix, namespace).entry("*"))
+        if field == "type":
+            r.delete(name)
+            r.set(name, value, ex=60)
+        else:
+            r.hset(name, field, value)
+        return bytes(name)
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS, ids=[f"{f}:{v[:24]!r}" for f, v in CORRUPTIONS])
+async def test_a_bad_entry_is_a_miss_for_that_entry_alone(redis_url: str, prefix: str, how: tuple[str, Any],
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """One entry spoiled (a header of the wrong shape or type, an undecodable payload, another codec, another Redis
+    type): every worker recomputes it once, the new value replaces it, one WARNING names it, and the breaker stays
+    closed: the other entries of this and other namespaces are still served from Redis."""
+    caplog.set_level(logging.WARNING, LOGGER)
+    workers = [make(redis_url, prefix), make(redis_url, prefix)]
+    runs: dict[str, int] = {}
+
+    def cached(cache: Cache) -> tuple[Any, Any]:
+        @cache.cached("bad", ttl=60)
+        async def value(x: int) -> dict[str, int]:
+            runs[f"bad{x}"] = runs.get(f"bad{x}", 0) + 1
+            return {"x": x, "run": runs[f"bad{x}"]}
+
+        @cache.cached("good", ttl=60)
+        async def other(x: int) -> dict[str, int]:
+            runs[f"good{x}"] = runs.get(f"good{x}", 0) + 1
+            return {"x": x, "run": runs[f"good{x}"]}
+
+        return value, other
+
+    (bad_a, good_a), (bad_b, good_b) = cached(workers[0]), cached(workers[1])
+    try:
+        async with asyncio.timeout(30):
+            assert await bad_a(1) == {"x": 1, "run": 1} and await good_a(2) == {"x": 2, "run": 1}
+            name = corrupt(redis_url, prefix, "bad", how)
+            for _ in range(3):
+                assert await bad_a(1) == {"x": 1, "run": 2}  # recomputed once, then served
+                assert await bad_b(1) == {"x": 1, "run": 2}
+                assert await good_a(2) == await good_b(2) == {"x": 2, "run": 1}
+            assert runs == {"bad1": 2, "good2": 1}
+        assert not any(breaker_open(w) for w in workers) and not failing(caplog)
+        warnings = [r.getMessage() for r in caplog.records if "cannot be decoded" in r.getMessage()]
+        assert len(warnings) == 1 and "bad" in warnings[0], warnings
+        with redis.Redis.from_url(redis_url) as r:
+            assert r.type(name) == b"hash" and r.hget(name, "v") == b'{"x":1,"run":2}'  # replaced
+    finally:
+        for w in workers:
+            await w.aclose()
+
+
+@pytest.mark.parametrize("how", [*CORRUPTIONS[:3], CORRUPTIONS[7], CORRUPTIONS[9]],
+                         ids=["not-json", "list", "str-ttl", "codec", "type"])
+async def test_a_bad_entry_of_an_endpoint_is_recomputed_and_served(redis_url: str, prefix: str,
+                                                                   how: tuple[str, Any]) -> None:
+    cache, app, runs = make(redis_url, prefix), FastAPI(), [0]
+
+    @app.get("/q/{symbol}")
+    @cache.endpoint("quotes", ttl=60)
+    async def quote(symbol: str) -> dict[str, Any]:
+        runs[0] += 1
+        return {"symbol": symbol, "run": runs[0]}
+
+    try:
+        async with client(app) as c:
+            assert (await c.get("/q/A")).json() == {"symbol": "A", "run": 1}
+            corrupt(redis_url, prefix, "quotes", how)
+            again = await c.get("/q/A")
+            assert (again.status_code, again.headers["x-cache"], again.json()) == (200, "MISS", {"symbol": "A",
+                                                                                                  "run": 2})
+            hit = await c.get("/q/A")
+            assert (hit.headers["x-cache"], hit.json()) == ("HIT", {"symbol": "A", "run": 2})
+        assert not breaker_open(cache)
+    finally:
+        await cache.aclose()
+
+
+
+def test_every_cache_setting_has_a_documented_range() -> None:
+    """A setting added later gets a range and a row in docs/caching.md's table, or this fails."""
+    from dataclasses import fields
+
+    from hyperion_lock._cache import CACHE_SETTING_BOUNDS, CacheSettings
+
+    from .conftest import ROOT
+
+    table = (ROOT / "docs" / "caching.md").read_text().split("## Settings", 1)[1].split("\n## ", 1)[0]
+    for f in fields(CacheSettings):
+        assert f.name in CACHE_SETTING_BOUNDS, f.name
+        assert f"`{f.name.upper()}`" in table, f.name
