@@ -10,6 +10,9 @@ Under ``asyncio.run`` the previous SIGINT handler would cancel the main task wit
 runs; while a wait is active the hook cancels the waiting tasks instead (each ends with ``WaitInterruptedError``),
 and it only chains to that handler when no wait asked to be cancelled.
 
+A signal the process ignores (``SIG_IGN``, e.g. SIGINT in a background job of a non-interactive shell, or set by
+the app) is left ignored: the wait installs nothing for it, so it does not end the wait either.
+
 Handlers can only be installed from the main thread: a wait that begins in another thread while no wait of the
 main thread is active learns of no signal (the server's own shutdown still ends it).
 """
@@ -88,7 +91,8 @@ class _Hook:
             # Left installed by a wait that ended outside the main thread: act as the default would.
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
-        # SIG_DFL/SIG_IGN during a wait: it ends with WaitInterruptedError, which unwinds the process cleanly.
+        # SIG_DFL during a wait: it ends with WaitInterruptedError, which unwinds the process cleanly. (An ignored
+        # signal never gets here: enter() leaves SIG_IGN in place.)
 
     def enter(self, request: StopRequest) -> None:
         with self.lock:
@@ -97,7 +101,8 @@ class _Hook:
                 return
             for sig in SIGNALS:
                 with contextlib.suppress(ValueError, OSError):
-                    self.previous[sig] = signal.signal(sig, self.handler)
+                    if signal.getsignal(sig) != signal.SIG_IGN:  # the process chose to ignore it: respect that
+                        self.previous[sig] = signal.signal(sig, self.handler)
 
     def leave(self, request: StopRequest) -> None:
         with self.lock:
@@ -128,8 +133,9 @@ def _is_asyncio_run_sigint(handler: Any) -> bool:
 def stop_requested(loop: asyncio.AbstractEventLoop | None = None, *, cancel: bool = True) -> Iterator[StopRequest]:
     """While the block runs, SIGTERM/SIGINT mark the returned request and, with ``cancel``, cancel the current
     task with :data:`STOP_MESSAGE` (the caller turns that into ``WaitInterruptedError``; see
-    :meth:`StopRequest.absorb`). Without ``cancel`` the block only learns of the request, e.g. to start no
-    further job after the current one. The previous handlers keep running, and come back when the block ends.
+    :meth:`StopRequest.absorb`); a signal set to ``SIG_IGN`` stays ignored. Without ``cancel`` the block only
+    learns of the request, e.g. to start no further job after the current one. The previous handlers keep running,
+    and come back when the block ends.
     """
     running = loop or asyncio.get_running_loop()
     request = StopRequest(running, asyncio.current_task(running), cancel=cancel)

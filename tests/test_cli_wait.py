@@ -82,6 +82,36 @@ def test_wait_is_interruptible(redis_url: str) -> None:
         waiter.communicate()
 
 
+#: Runs the CLI with SIGINT ignored, as a non-interactive shell starts a background job (SIG_IGN survives exec).
+_SIGINT_IGNORED = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                   "os.execv(sys.executable, [sys.executable, '-m', 'hyperion_lock._cli', *sys.argv[1:]])")
+
+
+def test_wait_keeps_an_ignored_sigint_ignored(redis_url: str) -> None:
+    """A process that set SIGINT to SIG_IGN (``cmd &`` in a script) is not interrupted by SIGINT while it waits;
+    SIGTERM, which it did not ignore, still ends the wait (130)."""
+    env = {**os.environ, "HYPERION_LOCK_PROGRESS_INTERVAL": "0.2"}
+    waiter = subprocess.Popen(
+        [sys.executable, "-c", _SIGINT_IGNORED, "wait", "--key", "never", "--generation",
+         f"wait-ign-{time.time_ns()}", "--url", redis_url, "-v"],
+        cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        assert waiter.stderr is not None
+        line = waiter.stderr.readline()  # the first progress line comes from inside the wait
+        assert "still waiting" in line, line
+        waiter.send_signal(signal.SIGINT)
+        for _ in range(2):  # progress goes on after the signal: the wait did not end
+            line = waiter.stderr.readline()
+            assert "still waiting" in line, line
+        assert waiter.poll() is None
+        waiter.send_signal(signal.SIGTERM)
+        assert waiter.wait(30) == 130
+    finally:
+        waiter.kill()
+        waiter.communicate()
+
+
 def test_wait_without_redis_says_it_needs_redis(tmp_path: Path) -> None:
     env = {**os.environ, "HYPERION_LOCK_LOCK_DIR": str(tmp_path)}
     env.pop("HYPERION_LOCK_REDIS_URL", None)
