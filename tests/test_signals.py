@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from typing import Any
 
 from hyperion_lock import stop_requested
 
@@ -12,7 +13,7 @@ from hyperion_lock import stop_requested
 def test_an_ignored_signal_stays_ignored_during_a_wait() -> None:
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        async def wait() -> tuple[object, object, bool]:
+        async def wait() -> tuple[Any, Any, bool]:
             with stop_requested() as stop:
                 inside = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
                 os.kill(os.getpid(), signal.SIGINT)  # dropped by the kernel: nothing can mark the request
