@@ -32,7 +32,7 @@ from ._file_backend import FileBackend
 from ._keys import JobKeys
 from ._leadership import CURRENT_LEASE, RELEASE_BUDGET, Leadership
 from ._metrics import metrics
-from ._model import Lease, Outcome, Probe
+from ._model import Holder, Lease, Outcome, Probe
 from ._policy import TERMINAL, Act, Next, Notice, WaitPolicy
 from ._redis_backend import MIN_REPLICAS_ON_CLUSTER, AsyncOps, ClusterOps, RedisBackend, SyncOps
 from ._settings import Settings, is_cluster_url
@@ -340,11 +340,16 @@ class _Waiter:
             return None
         if nxt.act is Act.FAIL:
             raise self._failed(nxt)
-        runner = nxt.holder.runner if nxt.holder else "another worker"
-        raise WaitTimeoutError(
-            f"gave up after wait_timeout={call.settings.wait_timeout} s while {runner} still ran the job",
-            key=call.key, generation=call.generation,
-        )
+        raise WaitTimeoutError(self._timeout_text(nxt.holder), key=call.key, generation=call.generation)
+
+    def _timeout_text(self, holder: Holder | None) -> str:
+        """What was true when the wait gave up: the holder seen last (it may have died since), or nobody."""
+        gave_up = f"gave up after wait_timeout={self.call.settings.wait_timeout:g} s"
+        if holder is None:
+            return (f"{gave_up}: no worker held the job's lease and no outcome was recorded for this generation "
+                    "while this call waited (is anything running the job?)")
+        return (f"{gave_up}: no outcome recorded yet; the job was last seen running in {holder.runner} (fencing "
+                f"token {holder.fencing_token})")
 
     def _failed(self, nxt: Next) -> JobFailedError:
         o, call = nxt.outcome, self.call

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from hyperion_lock._settings import host_label
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.integration
@@ -61,7 +62,27 @@ def test_wait_times_out_when_nothing_runs_the_job(redis_url: str) -> None:
     waiter = _cli("wait", "--key", "never", "--generation", f"wait-none-{time.time_ns()}", "--url", redis_url,
                   "--timeout", "1")
     _, err = waiter.communicate(timeout=60)
-    assert waiter.returncode == 2 and "wait_timeout" in err, err
+    assert waiter.returncode == 2 and "wait_timeout=1 s" in err, err
+    # Nobody ran it: the message says so instead of naming "another worker" that "still ran the job".
+    assert "no worker held the job's lease and no outcome was recorded" in err and "still ran" not in err, err
+
+
+def test_wait_timeout_names_the_runner_seen_last(redis_url: str, tmp_path: Path) -> None:
+    gen = f"wait-slow-{time.time_ns()}"
+    gate, started = tmp_path / "gate", tmp_path / "started"
+    runner = _cli("run", "--key", "slow", "--generation", gen, "--url", redis_url, "--",
+                  f"touch {started}; while [ ! -f {gate} ]; do sleep 0.05; done")
+    try:
+        _until(started.exists, "the job to start")
+        waiter = _cli("wait", "--key", "slow", "--generation", gen, "--url", redis_url, "--timeout", "1")
+        _, err = waiter.communicate(timeout=60)
+        assert waiter.returncode == 2, err
+        assert f"no outcome recorded yet; the job was last seen running in {host_label()}" in err, err
+        assert f":{runner.pid} (fencing token" in err, err
+    finally:
+        gate.touch()
+        runner.wait(60)
+        runner.communicate()
 
 
 def test_wait_is_interruptible(redis_url: str) -> None:
