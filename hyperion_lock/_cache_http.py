@@ -28,11 +28,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import typing
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, TypeVar
 
 from fastapi import HTTPException, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from ._cache import Cache, CacheStatus, Result, Spec
@@ -106,8 +109,40 @@ class _ResponseCodec(JsonCodec):
         return super().encode(value)
 
 
+class _EncoderCodec(_ResponseCodec):
+    """No response model (no ``response_model``, no return annotation, or ``response_model=None``): the bytes
+    FastAPI itself would send, ``jsonable_encoder`` rendered by the route's JSON response class, so a cached answer
+    is byte for byte the uncached one (an unannotated endpoint used to answer 500: no pydantic schema for
+    ``inspect._empty``)."""
+
+    def __init__(self, response_class: type[Response]) -> None:
+        super().__init__(Any, check=False)
+        self.response_class = response_class
+
+    def _dump(self, value: Any) -> bytes:
+        return bytes(self.response_class(jsonable_encoder(value)).body)
+
+    def decode(self, data: bytes) -> Any:
+        return json.loads(data)
+
+
+def _json_response_class(route: Any) -> type[Response]:
+    """The route's response class when it renders JSON (``JSONResponse``, ``ORJSONResponse``...), else FastAPI's
+    default ``JSONResponse``."""
+    chosen = getattr(route, "response_class", None)
+    chosen = getattr(chosen, "value", chosen)  # FastAPI's DefaultPlaceholder
+    if isinstance(chosen, type) and issubclass(chosen, JSONResponse):
+        return chosen
+    return JSONResponse
+
+
 def _route_codec(route: Any, annotation: Any) -> JsonCodec:
-    model = getattr(route, "response_model", None) or annotation
+    if route is not None and hasattr(route, "response_model"):
+        model = route.response_model  # FastAPI's own choice: the annotation, unless response_model= says otherwise
+    else:
+        model = None if annotation is inspect.Signature.empty else annotation
+    if model is None:
+        return _EncoderCodec(_json_response_class(route))
     options: dict[str, Any] = {}
     for ours, theirs in (("by_alias", "response_model_by_alias"), ("exclude_unset", "response_model_exclude_unset"),
                          ("exclude_defaults", "response_model_exclude_defaults"),

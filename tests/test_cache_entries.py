@@ -7,16 +7,20 @@ Each Cache instance stands for one worker (its own clients, flights and breaker)
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import enum
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from decimal import Decimal
+from typing import Any, TypeVar
 
 import httpx
 import pytest
 import redis
 from fastapi import FastAPI
+from pydantic import BaseModel
 
 from hyperion_lock import Cache, ConfigurationError, Settings
 from hyperion_lock._cache_keys import CacheKeys
@@ -24,6 +28,7 @@ from hyperion_lock._cache_keys import CacheKeys
 pytestmark = pytest.mark.integration
 LOGGER = "hyperion_lock._cache"
 YEAR = 365 * 86400
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @pytest.fixture
@@ -237,3 +242,72 @@ def test_every_cache_setting_has_a_documented_range() -> None:
     for f in fields(CacheSettings):
         assert f.name in CACHE_SETTING_BOUNDS, f.name
         assert f"`{f.name.upper()}`" in table, f.name
+
+
+# -- 9. endpoints without a response model ------------------------------------------------------------------------
+class Side(enum.Enum):
+    BUY = "buy"
+
+
+class Leg(BaseModel):
+    price: Decimal
+    at: dt.datetime
+
+
+def payload(symbol: str, range: str) -> dict[str, Any]:
+    """What people return from unannotated endpoints: everything jsonable_encoder knows, nothing a schema names."""
+    return {
+        "symbol": symbol, "range": range, "name": "Société Générale ✓ 株", "prices": (1e16, 0.1, -0.0, 3),
+        "at": dt.datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=dt.timezone(dt.timedelta(hours=2))),
+        "day": dt.date(2026, 1, 2),
+        "id": uuid.UUID(int=7), "fee": Decimal("1.10"), "side": Side.BUY, "tags": frozenset({"x"}), "none": None,
+        "leg": Leg(price=Decimal("2.5"), at=dt.datetime(2026, 1, 1, tzinfo=dt.UTC)),
+        "nested": [{"a": [1, {"b": None}]}],
+    }
+
+
+def quote_app(cache: Cache | None) -> FastAPI:
+    """The same three endpoints, cached (``cache``) or not: unannotated, ``response_model=None``, annotated."""
+    app = FastAPI()
+
+    def cached(namespace: str) -> Callable[[F], F]:
+        return (lambda fn: fn) if cache is None else cache.endpoint(namespace, ttl=60)
+
+    @app.get("/quotes/{symbol}")
+    @cached("plain")
+    async def quotes(symbol: str, range: str = "1d"):  # type: ignore[no-untyped-def]
+        return payload(symbol, range)
+
+    @app.get("/none/{symbol}", response_model=None)
+    @cached("none")
+    def none(symbol: str, range: str = "1d") -> Any:
+        return payload(symbol, range)
+
+    @app.get("/typed/{symbol}")
+    @cached("typed")
+    async def typed(symbol: str, range: str = "1d") -> dict[str, Any]:
+        return payload(symbol, range)
+
+    return app
+
+
+async def test_unannotated_endpoints_answer_the_bytes_fastapi_would_send(redis_url: str, prefix: str) -> None:
+    """``async def quotes(symbol: str, range: str = "1d"):`` returning a dict answered 500 on every request
+    (PydanticSchemaGenerationError for inspect._empty). Now a MISS, a HIT and another worker's HIT carry exactly the
+    body of the same endpoint without the cache."""
+    workers = [make(redis_url, prefix), make(redis_url, prefix)]
+    try:
+        async with client(quote_app(None)) as plain, client(quote_app(workers[0])) as a, \
+                client(quote_app(workers[1])) as b:
+            for path in ("/quotes/AAPL", "/quotes/AAPL?range=5d", "/none/MSFT", "/typed/IBM?range=1y"):
+                expected = await plain.get(path)
+                assert expected.status_code == 200, expected.text
+                answers = [await a.get(path), await a.get(path), await b.get(path)]
+                assert [r.status_code for r in answers] == [200, 200, 200], answers[0].text
+                assert [r.headers["x-cache"] for r in answers] == ["MISS", "HIT", "HIT"], path
+                for r in answers:
+                    assert r.content == expected.content, path
+                    assert r.headers["content-type"] == expected.headers["content-type"]
+    finally:
+        for w in workers:
+            await w.aclose()
