@@ -15,9 +15,12 @@ decorated function and a cached FastAPI endpoint:
 6. Lease held elsewhere -> wait for its message, at most until that lease would expire: if its holder died
    (SIGKILL) the lease expires and the next read takes it over. No polling.
 
-Redis trouble (dead, SIGSTOPped, OOM, wrong password): every store call has a short timeout
-(``op_timeout``), the failure is logged once, the breaker opens and every request is computed directly with
-nothing added; a background check (never a request) closes it when Redis answers writes again.
+Redis trouble (dead, SIGSTOPped, OOM, wrong password): every store call has a timeout that follows the reply
+times actually observed (``op_timeout`` .. ``op_timeout_max``). A call that times out is computed directly and
+sends one liveness check with a longer bound: a busy Redis answers it and nothing else changes; a stopped one
+does not, and the breaker opens. Refused connections and error replies open it at once (the second one). The
+failure is logged once; while open every request is computed directly with nothing added, and a background
+check (never a request) closes it as soon as Redis answers a write again.
 
 With no Redis (``Cache(None)`` and no ``HYPERION_LOCK_REDIS_URL``), the same steps run against this process's
 memory: the same semantics inside one worker, one computation per worker.
@@ -53,7 +56,16 @@ from ._aio import cancel_and_wait
 from ._cache_codec import Codec, JsonCodec, PickleCodec, etag_of
 from ._cache_errors import CacheComputeError, CacheError, CacheValueTooLargeError
 from ._cache_keys import CacheKeys, canonical, identity
-from ._cache_policy import Breaker, BreakerChange, EntryAge, Freshness, default_refresh_ahead, freshness, wait_for
+from ._cache_policy import (
+    Action,
+    EntryAge,
+    Freshness,
+    Outcome,
+    StoreGuard,
+    default_refresh_ahead,
+    freshness,
+    wait_for,
+)
 from ._cache_store import (
     Entry,
     Header,
@@ -105,6 +117,7 @@ MAX_TTL = YEAR  # of an entry (``ttl``, ``stale``): Cache-Control and Redis PX s
 #: and counts as whole numbers (inclusive). Documented in docs/caching.md ("Settings").
 CACHE_SETTING_BOUNDS: dict[str, tuple[float, float]] = {
     "op_timeout": (0.0, MINUTE),
+    "op_timeout_max": (0.0, MINUTE),
     "lease_ttl": DURATION_BOUNDS["lease_ttl"],
     "wait_timeout": (0.0, DAY),
     "max_size": (1, MAX_VALUE_SIZE),
@@ -151,12 +164,15 @@ def seconds_in(value: Any, what: str, low: float, high: float, *, zero: bool = F
 class CacheSettings:
     """Tunables shared by every cached function of one :class:`Cache`, from ``HYPERION_LOCK_CACHE_*``.
 
-    - ``op_timeout`` (0.05 s): bound on every store call; the event loop's own lateness is not counted.
+    - ``op_timeout`` (0.05 s) / ``op_timeout_max`` (1 s): floor and ceiling of the store-call timeout, which is
+      4 x the 95th percentile of the last 64 reply times in between (the ceiling before the first reply); the
+      event loop's own lateness is not counted.
     - ``lease_ttl`` (3 s): a computing worker that dies is taken over after at most this long.
     - ``wait_timeout`` (30 s): a waiter computes directly after waiting this long in total.
     - ``max_size`` (1 MiB): largest encoded value; a larger one is served, not stored.
     - ``breaker_failures`` (2): store failures in a row that open the circuit breaker;
-      ``breaker_retry`` (0.5 s) first recovery check, doubling up to ``breaker_max_retry`` (10 s).
+      ``breaker_retry`` (0.5 s) first recovery check after a refused one, doubling up to ``breaker_max_retry``
+      (10 s); a check that is not answered waits up to 2 s, so a resumed Redis is seen at once.
     - ``stats_interval`` (5 s): how often this process adds its counts to the shared ones in Redis.
     - ``memory_max_entries`` (10000): per namespace, without Redis.
 
@@ -165,6 +181,7 @@ class CacheSettings:
     """
 
     op_timeout: float = 0.05
+    op_timeout_max: float = 1.0
     lease_ttl: float = 3.0
     wait_timeout: float = 30.0
     max_size: int = MIB
@@ -187,6 +204,9 @@ class CacheSettings:
         if self.breaker_retry > self.breaker_max_retry:
             raise ConfigurationError(f"cache setting breaker_retry ({self.breaker_retry:g} s) must be at most "
                                      f"breaker_max_retry ({self.breaker_max_retry:g} s)")
+        if self.op_timeout > self.op_timeout_max:
+            raise ConfigurationError(f"cache setting op_timeout ({self.op_timeout:g} s) must not exceed op_timeout_max "
+                                     f"({self.op_timeout_max:g} s)")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> CacheSettings:
@@ -295,11 +315,11 @@ def _runner() -> str:
 
 
 class _Loop:
-    """What one event loop uses: its store (Redis clients are bound to a loop), breaker and flights."""
+    """What one event loop uses: its store (Redis clients are bound to a loop), guard and flights."""
 
-    def __init__(self, store: Store, breaker: Breaker) -> None:
+    def __init__(self, store: Store, guard: StoreGuard) -> None:
         self.store = store
-        self.breaker = breaker
+        self.guard = guard
         self.flights: dict[tuple[str, str], asyncio.Future[Result]] = {}
         self.refreshing: set[tuple[str, str]] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -612,7 +632,7 @@ class Cache:
             await self._flush(ctx)
 
     async def _flush(self, ctx: _Loop) -> None:
-        if not ctx.store.shared or not ctx.breaker.allow():
+        if not ctx.store.shared or not ctx.guard.allow():
             return
         for ns, delta in self._deltas().items():
             try:
@@ -630,8 +650,9 @@ class Cache:
             if self._source is not None:
                 store = RedisStore(client_for_cache(self._source, socket_timeout=5.0), self._where(),
                                    self.settings.key_prefix)
-            ctx = self._loops[loop] = _Loop(store, Breaker(cs.breaker_failures, cs.breaker_retry,
-                                                            cs.breaker_max_retry))
+            guard = StoreGuard(floor=cs.op_timeout, ceiling=cs.op_timeout_max, threshold=cs.breaker_failures,
+                               retry_after=cs.breaker_retry, max_retry_after=cs.breaker_max_retry)
+            ctx = self._loops[loop] = _Loop(store, guard)
             if store.shared:
                 ctx.spawn(self._flush_loop(ctx), "hyperion-lock-cache-stats")
         return ctx
@@ -674,27 +695,62 @@ class Cache:
 
     # -- guarded store calls -------------------------------------------------------------------------------------
     async def _guard(self, ctx: _Loop, call: Callable[[], Awaitable[T]]) -> T:
-        if not ctx.breaker.allow():
+        """One store call on a request's path, bound by the guard's current timeout (see :class:`StoreGuard`)."""
+        guard = ctx.guard
+        if not guard.allow():
             raise _Unavailable
+        started = time.monotonic()
         try:
-            return await within(call(), self.cache_settings.op_timeout, ctx.store.replied_since)
+            result = await within(call(), guard.timeout, ctx.store.replied_since, guard.ceiling)
         except Exception as exc:
             self._failed(ctx, exc)
             raise _Unavailable from exc
+        guard.on_reply(time.monotonic() - started)
+        return result
 
     def _failed(self, ctx: _Loop, exc: Exception, *, trip: bool = False) -> None:
-        change = ctx.breaker.trip(self._clock()) if trip else ctx.breaker.on_failure(self._clock())
-        if change is not BreakerChange.OPENED:
-            self.log.debug("cache: %s failed (%s: %s)", ctx.store.describe(), type(exc).__name__, exc)
+        """A store call failed: a timeout sends a liveness check; an error counts towards opening the breaker."""
+        now = self._clock()
+        if trip:
+            action = ctx.guard.trip(now)
+        elif _timed_out(exc):
+            action = ctx.guard.on_timeout()
+        else:
+            action = ctx.guard.on_error(now)
+        self.log.debug("cache: %s failed (%s: %s)", ctx.store.describe(), type(exc).__name__, exc)
+        self._act(ctx, action, exc)
+
+    def _act(self, ctx: _Loop, action: Action, exc: BaseException | None) -> None:
+        if action is Action.PROBE:
+            ctx.spawn(self._probe(ctx), "hyperion-lock-cache-probe")
+        elif action is Action.OPENED:
+            self._opened(ctx, exc)
+        elif action is Action.CLOSED:
+            self.log.warning("cache: %s answers again; caching resumed", ctx.store.describe())
+
+    async def _probe(self, ctx: _Loop) -> None:
+        """The liveness check after a timeout: a small write with a longer bound. Answered: Redis is only busy
+        (its reply time enters the guard's window, raising the timeout); not answered or refused: it is down."""
+        started = time.monotonic()
+        try:
+            await within(ctx.store.check(), ctx.guard.probe_timeout)
+        except Exception as exc:
+            self._act(ctx, ctx.guard.on_probe(self._clock(), _outcome(exc)), exc)
             return
-        specific = redis_error(exc, where=self._where(), key=None, generation=None, prefix=self.settings.key_prefix)
+        self._act(ctx, ctx.guard.on_probe(self._clock(), Outcome.OK, time.monotonic() - started), None)
+
+    def _opened(self, ctx: _Loop, exc: BaseException | None) -> None:
+        specific = redis_error(exc, where=self._where(), key=None, generation=None,
+                               prefix=self.settings.key_prefix) if isinstance(exc, Exception) else None
         detail = str(specific) if specific is not None else f"{type(exc).__name__}: {exc}"
+        if _timed_out(exc):
+            detail += f", and a liveness check got no answer within {ctx.guard.probe_timeout * 1000:.0f} ms either"
         if isinstance(exc, _redis.exceptions.OutOfMemoryError):
             detail += ("; Redis is out of memory and refuses writes: raise maxmemory, or let it evict cache entries "
                        "(maxmemory-policy volatile-lru: every cache entry has a TTL)")
         self.log.warning(
             "cache: %s is failing (%s); computing every request directly, not caching, until it answers again "
-            "(checked in the background from %.1f s on)", ctx.store.describe(), detail, ctx.breaker.retry_after,
+            "(checked in the background)", ctx.store.describe(), detail,
             exc_info=not isinstance(exc, _redis.RedisError | OSError | TimeoutError),
         )
         if not ctx.recovering:
@@ -702,17 +758,20 @@ class Cache:
             ctx.spawn(self._recover(ctx), "hyperion-lock-cache-recovery")
 
     async def _recover(self, ctx: _Loop) -> None:
+        """Recovery checks while the breaker is open, in the background: each waits long for its answer, so a
+        stopped Redis that resumes closes the breaker at once; a refused one is retried with back-off."""
+        guard = ctx.guard
         try:
-            while ctx.breaker.is_open:
-                await asyncio.sleep(ctx.breaker.check_in(self._clock()))
+            while guard.is_open:
+                await asyncio.sleep(guard.check_in(self._clock()))
+                started = time.monotonic()
                 try:
-                    await within(ctx.store.check(), max(self.cache_settings.op_timeout, 0.25))
+                    await within(ctx.store.check(), guard.check_timeout)
                 except Exception as exc:
-                    ctx.breaker.on_failure(self._clock())
+                    guard.on_check(self._clock(), _outcome(exc))
                     self.log.debug("cache: %s still failing (%s)", ctx.store.describe(), exc)
                     continue
-                if ctx.breaker.on_success() is BreakerChange.CLOSED:
-                    self.log.warning("cache: %s answers again; caching resumed", ctx.store.describe())
+                self._act(ctx, guard.on_check(self._clock(), Outcome.OK, time.monotonic() - started), None)
         finally:
             ctx.recovering = False
 
@@ -813,7 +872,7 @@ class Cache:
     async def _begin(self, spec: Spec, ident: str, tags: tuple[str, ...],
                      refresher: Callable[[], Awaitable[Any]], force: bool) -> Result | _Lead:
         ctx = self._ctx()
-        if not ctx.breaker.allow():
+        if not ctx.guard.allow():
             return _Lead(None, spec, ident, tags)
         try:
             return await self._read_until_served(ctx, spec, ident, tags, refresher, force)
@@ -1108,6 +1167,15 @@ class Cache:
             self._run_bg(self._abandon(begun))
             raise
         return self._run_bg(self._finish(begun, value, self._clock() - started))
+
+
+def _timed_out(exc: BaseException | None) -> bool:
+    """No answer in time (ours, or redis-py's socket timeout), as opposed to an answer that is an error."""
+    return isinstance(exc, TimeoutError | _redis.exceptions.TimeoutError)
+
+
+def _outcome(exc: BaseException) -> Outcome:
+    return Outcome.TIMEOUT if _timed_out(exc) else Outcome.ERROR
 
 
 async def _coroutine(awaitable: Awaitable[T]) -> T:

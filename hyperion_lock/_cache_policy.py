@@ -16,7 +16,8 @@ clock (Redis ``PTTL``; the memory store's monotonic clock), never by a host's wa
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from enum import Enum
 
 
@@ -63,69 +64,187 @@ def default_refresh_ahead(ttl: float) -> float:
     return ttl / 10
 
 
-# -- circuit breaker --------------------------------------------------------------------------------------------
-class BreakerChange(Enum):
-    OPENED = "opened"  # log once: the cache is bypassed from now on
-    REOPENED = "reopened"  # a recovery check failed: still bypassed (debug only)
+# -- store guard: adaptive timeout, liveness checks, circuit breaker ---------------------------------------------
+class Health(Enum):
+    CLOSED = "closed"  # use the store
+    SUSPECT = "suspect"  # a call timed out; a liveness check is in flight; calls still go to the store
+    OPEN = "open"  # the store failed: every call is skipped (computed directly) until a check is answered
+
+
+class Outcome(Enum):
+    OK = "ok"  # the store answered
+    TIMEOUT = "timeout"  # no answer within the bound: slow or stopped, not known yet
+    ERROR = "error"  # an answer that is a failure, at once: connection refused, OOM, wrong password, ...
+
+
+class Action(Enum):
+    """What the I/O around a :class:`StoreGuard` must do after reporting an outcome."""
+
+    NONE = "none"
+    PROBE = "probe"  # send one liveness check (bound: ``probe_timeout``) and report it with ``on_probe``
+    OPENED = "opened"  # log once; run recovery checks (``check_in`` / ``on_check``) in the background
     CLOSED = "closed"  # log once: caching resumed
 
 
 @dataclass
-class Breaker:
-    """Closed: use the store. After ``threshold`` failures in a row (timeouts, refused connections, OOM), open:
-    every request is computed directly, with no store call at all. While open, one recovery check per
-    ``retry_after`` (doubling up to ``max_retry_after``) is made by a background task, never by a request; its
-    success closes the breaker.
+class StoreGuard:
+    """Tells a slow store from a dead one (busy is not down), for one event loop of one worker.
 
-    Failure timeline with Redis stopped (SIGSTOP): requests in flight each wait at most the operation timeout,
-    the breaker opens, later requests add nothing; a check every 0.5, 1, 2, ... 10 s; caching resumes at the
-    first check after Redis is back.
+    Inputs: reply times of successful calls, outcomes of calls, of liveness checks and of recovery checks, and
+    clock readings (monotonic seconds). Outputs: the current operation ``timeout``, whether a call may go to the
+    store at all (``allow``), and the next :class:`Action`. No I/O, no clock of its own.
+
+    * **Adaptive timeout** (like TCP's retransmission timeout): ``multiple`` x a high percentile (``quantile``) of
+      the last ``window`` reply times, never below ``floor`` nor above ``ceiling``. Before the first reply (a
+      worker's connections and scripts are being set up) it is the ceiling. Slow replies raise it at once; fast
+      replies lower it only as they push the slow ones out of the window. The reply time of a check that answered
+      after a timeout is held as a lower bound for the next ``window`` replies.
+    * **A timeout is not a failure by itself.** The first one sends a liveness check with a longer bound
+      (``probe_timeout``) and the guard is SUSPECT: calls still go to the store (each waiting at most the current
+      timeout). Any answer (a check or another call) proves the store alive: CLOSED again, nothing counted, and
+      the check's own reply time enters the window (so the timeout grows with a slow store). Only a check that is
+      not answered either, or fails, opens the breaker.
+    * **Immediate errors count** (refused connection, OOM, authentication): ``threshold`` of them open it, with
+      no waiting (a killed store fails fast).
+    * **Open**: no call goes to the store. Recovery checks run in the background, never in a request, each with a
+      long bound (``check_timeout``), so a stopped store that resumes is seen as soon as it answers. A check that
+      fails at once (connection refused) is retried after ``retry_after``, doubling up to ``max_retry_after``; one
+      that timed out is followed by the next at once. The first answered check closes the breaker.
+
+    Failure timelines: Redis SIGSTOPped -- the calls in flight each wait one timeout (≈ ``floor`` on an idle
+    store), the check is not answered within ``probe_timeout``: OPEN; later requests add nothing; SIGCONT -- the
+    pending recovery check is answered: CLOSED. Redis starved of CPU -- replies slow down, the timeout follows
+    them; a reply later than that sends a check, which is answered (late): CLOSED, nothing bypassed after that
+    request. Redis SIGKILLed -- every call is refused at once: OPEN after ``threshold`` calls; restarted -- the
+    next recovery check (at most ``max_retry_after`` later) closes it.
     """
 
+    floor: float = 0.05
+    ceiling: float = 1.0
+    multiple: float = 4.0
+    quantile: float = 0.95
+    window: int = 64
     threshold: int = 2
     retry_after: float = 0.5
     max_retry_after: float = 10.0
-    failures: int = 0
-    open_until: float | None = None  # monotonic time of the next recovery check while open
+    check_timeout: float = 2.0
+    state: Health = Health.CLOSED
+    errors: int = 0  # immediate errors since the breaker last closed
+    timeout: float = 0.0  # the current operation timeout (seconds); set from the samples
+    _samples: deque[float] = field(default_factory=deque)
+    _since_estimate: int = 0
+    _estimated: bool = False
+    _held: float = 0.0  # reply time of the last answered check, a lower bound while _held_for > 0
+    _held_for: int = 0  # replies left
+    _next_check: float = 0.0
     _interval: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.floor <= self.ceiling:
+            raise ValueError(f"the timeout floor ({self.floor}) must be > 0 and <= the ceiling ({self.ceiling})")
+        self.timeout = self.ceiling
+
+    # -- reading ---------------------------------------------------------------------------------------------------
+    def allow(self) -> bool:
+        """Whether a call may go to the store now (not while open)."""
+        return self.state is not Health.OPEN
 
     @property
     def is_open(self) -> bool:
-        return self.open_until is not None
+        return self.state is Health.OPEN
 
-    def allow(self) -> bool:
-        return self.open_until is None
-
-    def on_success(self) -> BreakerChange | None:
-        self.failures = 0
-        if self.open_until is None:
-            return None
-        self.open_until, self._interval = None, 0.0
-        return BreakerChange.CLOSED
-
-    def on_failure(self, now: float) -> BreakerChange | None:
-        """A store call failed; a failure while open is a failed recovery check."""
-        if self.open_until is not None:
-            self._interval = min(self._interval * 2, self.max_retry_after)
-            self.open_until = now + self._interval
-            return BreakerChange.REOPENED
-        self.failures += 1
-        if self.failures < self.threshold:
-            return None
-        self._interval = self.retry_after
-        self.open_until = now + self._interval
-        return BreakerChange.OPENED
-
-    def trip(self, now: float) -> BreakerChange | None:
-        """Open at once (a worker's warm-up found no Redis): no request has to find out again."""
-        if self.open_until is not None:
-            return None
-        self.failures = self.threshold - 1
-        return self.on_failure(now)
+    @property
+    def probe_timeout(self) -> float:
+        """Bound of the liveness check after a timeout: longer than a call's, within the ceiling."""
+        return min(self.ceiling, max(4 * self.timeout, self.ceiling / 2))
 
     def check_in(self, now: float) -> float:
-        """Seconds until the next recovery check (0 when due); ``math.inf`` when closed."""
-        return math.inf if self.open_until is None else max(0.0, self.open_until - now)
+        """Seconds until the next recovery check while open (0 when due); ``math.inf`` otherwise."""
+        return max(0.0, self._next_check - now) if self.state is Health.OPEN else math.inf
+
+    # -- outcomes of calls -------------------------------------------------------------------------------------------
+    def on_reply(self, seconds: float) -> Action:
+        """A call answered after ``seconds``: a sample of the store's reply time, and proof it is alive (a
+        SUSPECT guard is CLOSED again). It does not close an open breaker: a store out of memory still answers
+        reads; only a recovery check, a write, does that."""
+        self._samples.append(seconds)
+        if len(self._samples) > self.window:
+            self._samples.popleft()
+        self._since_estimate += 1
+        self._held_for -= 1
+        if seconds * self.multiple > self.timeout or self._since_estimate >= self.window // 4 or not self._estimated:
+            self._estimate()
+        if self.state is Health.SUSPECT:
+            self.state = Health.CLOSED
+        return Action.NONE
+
+    def on_timeout(self) -> Action:
+        """A call got no answer within ``timeout``: check whether the store is alive before calling it down."""
+        if self.state is Health.CLOSED:
+            self.state = Health.SUSPECT
+            return Action.PROBE
+        return Action.NONE
+
+    def on_error(self, now: float) -> Action:
+        """A call failed at once (refused, OOM, auth): the ``threshold``-th since the breaker last closed opens
+        it (replies in between do not reset the count: a store out of memory answers reads but refuses every
+        write)."""
+        if self.state is Health.OPEN:
+            return Action.NONE
+        self.errors += 1
+        return self._open(now) if self.errors >= self.threshold else Action.NONE
+
+    def on_probe(self, now: float, outcome: Outcome, seconds: float = 0.0) -> Action:
+        """The liveness check sent after a timeout ended: answered -> CLOSED (its reply time is a sample);
+        otherwise the store is down -> OPEN."""
+        if outcome is Outcome.OK:
+            self._hold(seconds)
+            return self.on_reply(seconds)
+        if self.state is Health.SUSPECT:
+            return self._open(now)
+        return Action.NONE  # closed meanwhile by another answer, or opened already
+
+    def trip(self, now: float) -> Action:
+        """Open at once (a worker's warm-up found no store): no request has to find out again."""
+        return Action.NONE if self.state is Health.OPEN else self._open(now)
+
+    # -- recovery while open -------------------------------------------------------------------------------------
+    def on_check(self, now: float, outcome: Outcome, seconds: float = 0.0) -> Action:
+        """A recovery check ended: answered -> closed; failed at once -> back off; not answered -> check again."""
+        if self.state is not Health.OPEN:
+            return Action.NONE
+        if outcome is Outcome.OK:
+            self._hold(seconds)
+            self.on_reply(seconds)
+            self.state, self.errors, self._interval = Health.CLOSED, 0, 0.0
+            return Action.CLOSED
+        if outcome is Outcome.ERROR:
+            self._interval = min(self._interval * 2, self.max_retry_after)
+            self._next_check = now + self._interval
+        else:
+            self._next_check = now  # it waited ``check_timeout`` already
+        return Action.NONE
+
+    # -- internals -------------------------------------------------------------------------------------------------
+    def _open(self, now: float) -> Action:
+        self.state = Health.OPEN
+        self._interval = self.retry_after
+        self._next_check = now + self._interval
+        return Action.OPENED
+
+    def _hold(self, seconds: float) -> None:
+        """A check answered after ``seconds`` while calls were timing out: the store is that slow now. One sample
+        of a window would sit above the percentile, so it is held as a lower bound for the next ``window``
+        replies instead (TCP keeps its backed-off timeout until new samples come in, the same way)."""
+        self._held, self._held_for = seconds, self.window
+
+    def _estimate(self) -> None:
+        self._since_estimate, self._estimated = 0, True
+        ordered = sorted(self._samples)
+        high = ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))]
+        if self._held_for > 0:
+            high = max(high, self._held)
+        self.timeout = min(self.ceiling, max(self.floor, self.multiple * high))
 
 
 # -- waiting for another worker's computation ------------------------------------------------------------------

@@ -34,6 +34,7 @@ from hyperion_lock import (
 )
 from hyperion_lock._cache_codec import JsonCodec, PickleCodec
 from hyperion_lock._cache_keys import CacheKeys
+from hyperion_lock._cache_policy import Health
 from hyperion_lock._cache_store import MemoryStore, Message, Read, RedisStore, cache_report, close_quietly
 from hyperion_lock._cli import main
 from hyperion_lock.testing import RedisServer
@@ -570,6 +571,10 @@ def failing_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == LOGGER and "is failing" in r.getMessage()]
 
 
+def timeouts(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == LOGGER and "failed (TimeoutError" in r.getMessage()]
+
+
 def resumed(caplog: pytest.LogCaptureFixture) -> bool:
     return any("caching resumed" in r.getMessage() for r in caplog.records if r.name == LOGGER)
 
@@ -594,6 +599,11 @@ async def test_paused_redis_fails_open_logs_once_and_caching_resumes(server: Red
                 statuses = [(await cache.lookup(spec, "k", (), compute)).status for _ in range(3)]
                 statuses += [r.status for r in await asyncio.gather(*[cache.lookup(spec, f"k{i}", (), compute)
                                                                      for i in range(20)])]
+                # A timeout alone is not an outage: the liveness check sent after the first one is not answered
+                # either, and only then does the breaker open.
+                await until(lambda: len(failing_lines(caplog)) == 2, "the liveness check failed")
+                assert "liveness check got no answer" in failing_lines(caplog)[-1]
+                statuses += [(await cache.lookup(spec, "k", (), compute)).status for _ in range(3)]
                 assert set(statuses) == {CacheStatus.BYPASS}
                 assert len(failing_lines(caplog)) == 2, failing_lines(caplog)  # once per worker, not per request
                 assert len(spy.reads) == reads_before  # no read ever completed; after the breaker opened, none tried
@@ -601,8 +611,57 @@ async def test_paused_redis_fails_open_logs_once_and_caching_resumes(server: Red
                 server.resume()
             await until(lambda: resumed(caplog), "caching resumed", timeout=15)
             assert (await cache.lookup(spec, "k", (), compute)).status is CacheStatus.HIT  # the entry survived
-        assert cache.stats()["q"]["bypass"] == 23
+        assert cache.stats()["q"]["bypass"] == 26
     finally:
+        await close(cache)
+
+
+#: Keeps Redis busy (it answers nothing else) for ARGV[1] ms of its own clock, like a Redis starved of CPU.
+STALL = """
+local t = redis.call('TIME')
+local until_us = (tonumber(t[1]) * 1000000 + tonumber(t[2])) + tonumber(ARGV[1]) * 1000
+repeat t = redis.call('TIME') until tonumber(t[1]) * 1000000 + tonumber(t[2]) >= until_us
+return 1
+"""
+
+
+async def test_a_busy_redis_is_not_taken_for_a_dead_one(server: RedisServer, prefix: str,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """Redis answers nothing for 600 ms (a long script: what a CPU-starved Redis looks like from a worker), far
+    beyond the 50 ms timeout. The calls in that window time out, but the liveness check they send is answered
+    once Redis is back: the breaker never opens, and the worker keeps caching instead of computing every request
+    itself. (With a fixed timeout and 2 failures in a row, the second timed-out request opened it.)"""
+    caplog.set_level(logging.DEBUG, LOGGER)
+    cache = make(server.url, prefix, op_timeout=0.05, op_timeout_max=5.0)  # the check may wait 2.5 s
+    compute = Counter()
+    spec = cache.spec("q", ttl=60, codec=JsonCodec(Quote))
+    admin = redis.Redis(port=server.port)
+    try:
+        async with asyncio.timeout(30):
+            assert await cache.connect()
+            assert (await cache.lookup(spec, "k", (), compute)).status is CacheStatus.MISS
+            for _ in range(20):  # fast replies: the timeout comes down to the floor
+                assert (await cache.lookup(spec, "k", (), compute)).status is CacheStatus.HIT
+            ctx = next(iter(cache._loops.values()))
+            assert ctx.guard.timeout == 0.05
+            during: list[CacheStatus] = []
+            for _ in range(5):  # until a call timed out during a stall (the stall may begin after a lookup)
+                stall = asyncio.ensure_future(asyncio.to_thread(admin.eval, STALL, 0, 600))
+                while not stall.done():
+                    during.append((await cache.lookup(spec, f"x{len(during)}", (), compute)).status)
+                await stall
+                if timeouts(caplog):
+                    break
+            assert timeouts(caplog)
+            await until(lambda: ctx.guard.state is Health.CLOSED, "the liveness check answered")
+            assert not failing_lines(caplog), failing_lines(caplog)
+            assert set(during) <= {CacheStatus.BYPASS, CacheStatus.MISS}
+            # Caching goes on: a new entry is stored and then served.
+            assert (await cache.lookup(spec, "after", (), compute)).status is CacheStatus.MISS
+            assert (await cache.lookup(spec, "after", (), compute)).status is CacheStatus.HIT
+            assert not failing_lines(caplog) and ctx.guard.timeout > 0.05  # the slow check raised the timeout
+    finally:
+        admin.close()
         await close(cache)
 
 

@@ -19,10 +19,12 @@ from hyperion_lock._cache import CacheSettings, key_identity
 from hyperion_lock._cache_codec import JsonCodec, PickleCodec, etag_of
 from hyperion_lock._cache_keys import CacheKeys, canonical, identity
 from hyperion_lock._cache_policy import (
-    Breaker,
-    BreakerChange,
+    Action,
     EntryAge,
     Freshness,
+    Health,
+    Outcome,
+    StoreGuard,
     client_wants_fresh,
     etag_matches,
     freshness,
@@ -52,27 +54,127 @@ def test_max_age_and_age_are_the_fresh_time_left_and_spent() -> None:
     assert (stale.max_age, stale.age) == (0, 35)
 
 
-# -- breaker ------------------------------------------------------------------------------------------------------
-def test_breaker_opens_after_failures_in_a_row_and_backs_off() -> None:
-    b = Breaker(threshold=2, retry_after=0.5, max_retry_after=2.0)
-    assert b.allow() and b.check_in(0.0) == math.inf
-    assert b.on_failure(now=10.0) is None and b.allow()  # one failure is not an outage
-    assert b.on_success() is None and b.failures == 0  # a success in between resets the count
-    assert b.on_failure(now=11.0) is None
-    assert b.on_failure(now=11.1) is BreakerChange.OPENED  # logged once
-    assert not b.allow()
-    assert b.check_in(11.1) == pytest.approx(0.5) and b.check_in(12.0) == 0.0
-    # Failed recovery checks double the interval up to the cap; none is reported as a new opening.
-    assert b.on_failure(now=12.0) is BreakerChange.REOPENED and b.check_in(12.0) == pytest.approx(1.0)
-    assert b.on_failure(now=13.0) is BreakerChange.REOPENED and b.check_in(13.0) == pytest.approx(2.0)
-    assert b.on_failure(now=15.0) is BreakerChange.REOPENED and b.check_in(15.0) == pytest.approx(2.0)
-    assert b.on_success() is BreakerChange.CLOSED and b.allow()
-    # After closing, it takes `threshold` new failures to open again, with the first interval again.
-    assert b.on_failure(now=20.0) is None
-    assert b.on_failure(now=20.0) is BreakerChange.OPENED and b.check_in(20.0) == pytest.approx(0.5)
-    # A failed warm-up opens it at once, once.
-    fresh = Breaker(threshold=2, retry_after=0.5)
-    assert fresh.trip(now=1.0) is BreakerChange.OPENED and not fresh.allow() and fresh.trip(now=1.1) is None
+# -- store guard ----------------------------------------------------------------------------------------------
+def guard(**options: float) -> StoreGuard:
+    return StoreGuard(**{"floor": 0.05, "ceiling": 1.0, "multiple": 4.0, "quantile": 0.95, "window": 64,
+                         "threshold": 2, "retry_after": 0.5, "max_retry_after": 2.0, "check_timeout": 2.0,
+                         **options})  # type: ignore[arg-type]
+
+
+def test_the_timeout_is_the_ceiling_until_the_first_reply_then_follows_the_replies() -> None:
+    g = guard()
+    assert g.timeout == 1.0 and g.allow()  # connections and scripts being set up: the whole ceiling
+    g.on_reply(0.001)
+    assert g.timeout == 0.05  # fast replies: the floor
+    for _ in range(100):
+        g.on_reply(0.002)
+    assert g.timeout == 0.05
+    g.on_reply(0.030)
+    assert g.timeout == pytest.approx(0.05)  # 1 slow reply of 64 is above the 95th percentile: no change
+    for _ in range(4):
+        g.on_reply(0.030)
+    assert g.timeout == pytest.approx(0.120)  # 5 of 64: the 95th percentile is 30 ms
+    g.on_reply(0.400)
+    assert g.timeout == 0.120  # a single outlier does not move the percentile...
+    for _ in range(10):
+        g.on_reply(0.400)
+    assert g.timeout == 1.0  # ...a slow period does, up to the ceiling (4 x 0.4 s > 1 s)
+    for _ in range(63):
+        g.on_reply(0.002)
+    assert g.timeout == 1.0  # the slow replies are still in the window (updated every 16 replies)
+    for _ in range(16):
+        g.on_reply(0.002)
+    assert g.timeout == 0.05  # pushed out of the window: back to the floor
+    assert g.state is Health.CLOSED and g.errors == 0
+
+
+def test_a_timeout_is_a_failure_only_when_the_liveness_check_also_fails() -> None:
+    g = guard()
+    g.on_reply(0.002)
+    assert g.on_timeout() is Action.PROBE  # one check...
+    assert g.state is Health.SUSPECT
+    assert g.on_timeout() is Action.NONE and g.on_timeout() is Action.NONE  # ...however many calls time out
+    assert g.allow()  # calls still go to the store meanwhile
+    assert g.probe_timeout == pytest.approx(0.5)  # longer than a call's bound
+    # Busy, not down: the check is answered (late). Closed again, nothing counted, and the timeout now covers it.
+    assert g.on_probe(10.0, Outcome.OK, 0.2) is Action.NONE
+    assert g.state.value == "closed" and g.errors == 0 and g.allow()
+    assert g.timeout == pytest.approx(0.8)  # 4 x the 0.2 s reply, from now on...
+    for _ in range(63):
+        g.on_reply(0.002)
+    assert g.timeout == pytest.approx(0.8)  # ...held while fast replies refill the window...
+    g.on_reply(0.002)
+    assert g.timeout == 0.05  # ...and only until then
+    # Another call's reply also proves it alive while the check is still out; the check's later verdict is moot.
+    assert g.on_timeout() is Action.PROBE
+    assert g.on_reply(0.003) is Action.NONE and g.allow() and not g.is_open
+    assert g.on_timeout() is Action.PROBE  # closed again: a new timeout is checked again
+    assert g.on_probe(11.0, Outcome.OK, 0.002) is Action.NONE and g.allow()
+    assert g.on_timeout() is Action.PROBE and g.on_reply(0.002) is Action.NONE
+    assert g.on_probe(11.0, Outcome.TIMEOUT) is Action.NONE and g.allow()  # the late verdict of a closed check
+    # Down: the check is not answered either (stopped) -> open, once.
+    assert g.on_timeout() is Action.PROBE
+    assert g.on_probe(12.0, Outcome.TIMEOUT) is Action.OPENED and not g.allow()
+    assert g.on_timeout() is Action.NONE and g.on_error(12.1) is Action.NONE and g.trip(12.1) is Action.NONE
+    # A check that fails at once (refused, OOM) opens it too.
+    h = guard()
+    h.on_reply(0.002)
+    assert h.on_timeout() is Action.PROBE and h.on_probe(1.0, Outcome.ERROR) is Action.OPENED
+
+
+def test_immediate_errors_open_without_waiting_and_replies_do_not_hide_them() -> None:
+    g = guard(threshold=2)
+    assert g.on_error(1.0) is Action.NONE and g.allow()  # one refused call is not an outage
+    g.on_reply(0.001)  # an out-of-memory Redis answers reads but refuses writes: the count goes on
+    assert g.on_error(1.1) is Action.OPENED and not g.allow()
+    assert g.on_reply(0.001) is Action.NONE and not g.allow()  # a late reply does not close it
+    assert g.on_probe(1.2, Outcome.OK, 0.001) is Action.NONE and not g.allow()  # nor a check that was out
+    one = guard(threshold=1)
+    assert one.on_error(0.0) is Action.OPENED
+
+
+def test_recovery_checks_close_on_the_first_answer_and_back_off_only_when_refused() -> None:
+    g = guard(retry_after=0.5, max_retry_after=2.0)
+    assert g.check_in(0.0) == math.inf  # closed: no checks
+    assert g.trip(10.0) is Action.OPENED and g.trip(10.0) is Action.NONE  # a failed warm-up opens it, once
+    assert g.check_in(10.0) == pytest.approx(0.5) and g.check_in(11.0) == 0.0
+    # Refused at once: back off 1, 2, 2 s.
+    assert g.on_check(10.5, Outcome.ERROR) is Action.NONE and g.check_in(10.5) == pytest.approx(1.0)
+    assert g.on_check(11.5, Outcome.ERROR) is Action.NONE and g.check_in(11.5) == pytest.approx(2.0)
+    assert g.on_check(13.5, Outcome.ERROR) is Action.NONE and g.check_in(13.5) == pytest.approx(2.0)
+    # Not answered within its (long) bound: the next check goes out at once, so a resume is seen at once.
+    assert g.on_check(17.5, Outcome.TIMEOUT) is Action.NONE and g.check_in(17.5) == 0.0
+    assert not g.allow()
+    assert g.on_check(17.6, Outcome.OK, 0.3) is Action.CLOSED and g.allow() and g.state is Health.CLOSED
+    assert g.timeout == pytest.approx(1.0)  # its 0.3 s answer is the only sample: 4 x 0.3 s, capped
+    assert g.on_check(17.7, Outcome.OK) is Action.NONE  # a check that ends after closing changes nothing
+    # Closed again: the error count starts over, and the first interval is the first one again.
+    assert g.on_error(20.0) is Action.NONE
+    assert g.on_error(20.0) is Action.OPENED and g.check_in(20.0) == pytest.approx(0.5)
+
+
+def test_a_stopped_store_opens_after_one_check_and_a_starved_one_never_does() -> None:
+    """The two timelines side by side, driven through the guard's own decisions (fake clock)."""
+    stopped, starved = guard(), guard()
+    for g in (stopped, starved):
+        for _ in range(64):
+            g.on_reply(0.001)
+    now = 100.0
+    # Stopped: a request times out after the floor, the check is never answered.
+    assert stopped.timeout == 0.05 and stopped.on_timeout() is Action.PROBE
+    now += stopped.probe_timeout
+    assert stopped.on_probe(now, Outcome.TIMEOUT) is Action.OPENED and not stopped.allow()
+    # Starved: replies take 30-300 ms for a while; each late one is checked, the check answers, the timeout grows.
+    opened = []
+    for slow in (0.03, 0.06, 0.12, 0.2, 0.3, 0.3, 0.3, 0.1, 0.3):
+        if slow > starved.timeout:
+            assert starved.on_timeout() is Action.PROBE
+            opened.append(starved.on_probe(now, Outcome.OK, slow))
+        else:
+            starved.on_reply(slow)
+    assert set(opened) == {Action.NONE} and starved.allow() and starved.timeout == 1.0
+    with pytest.raises(ValueError, match="floor"):
+        StoreGuard(floor=2.0, ceiling=1.0)
 
 
 def test_wait_ends_when_the_holders_lease_would_expire_or_at_the_deadline() -> None:
@@ -184,9 +286,11 @@ def test_pickle_needs_a_signing_key_and_refuses_foreign_payloads() -> None:
 
 def test_cache_settings_from_env_and_their_checks() -> None:
     s = CacheSettings.from_env({"HYPERION_LOCK_CACHE_OP_TIMEOUT": "0.02", "HYPERION_LOCK_CACHE_MAX_SIZE": "2048"})
-    assert s.op_timeout == 0.02 and s.max_size == 2048 and s.lease_ttl == 3.0
+    assert s.op_timeout == 0.02 and s.max_size == 2048 and s.lease_ttl == 3.0 and s.op_timeout_max == 1.0
     with pytest.raises(ConfigurationError, match="op_timeout"):
         CacheSettings(op_timeout=0)
+    with pytest.raises(ConfigurationError, match="must not exceed op_timeout_max"):
+        CacheSettings(op_timeout=2.0)
     with pytest.raises(ConfigurationError, match="unknown cache setting"):
         CacheSettings.from_env({}, lease=1)
 
