@@ -3,6 +3,8 @@
     python -m benchmarks.cache_bench                    # all implementations (~6 min on 2 cores)
     python -m benchmarks.cache_bench --impl hyperion,none --seconds 3
     python -m benchmarks.cache_bench --results benchmarks/RESULTS.md   # also replace its caching section
+    python -m benchmarks.cache_bench --only saturated --baseline /tmp/base  # A/B against an exported tree
+    python -m benchmarks.cache_bench --guard            # CI: hit req/s against cashews' (< 1 min)
 
 For each implementation: a private loopback ``redis-server`` and a fresh ``gunicorn -w 4`` of
 ``benchmarks/cache_app.py`` (same endpoint, same simulated upstream), then four rounds, one run each:
@@ -15,6 +17,15 @@ For each implementation: a private loopback ``redis-server`` and a fresh ``gunic
 4. Redis stopped (SIGSTOP) under 16 closed-loop clients on a hot key for ``--seconds``, upstream 50 ms: p99 and
    errors (non-200 or no answer within 5 s), against the same load on the no-cache app. Reported twice: measured
    from the SIGSTOP on (the transition included), and from 1 s after it.
+
+5. saturated (``--saturated-rounds``, interleaved like the hit rounds): 64 keep-alive clients on one key with
+   TTL 2 s for 7 s, starting cold, upstream 0.3 s; every upstream call counted (target: one for the cold start
+   and one per expiry, 4 in all), with the hit req/s and p50/p99 of the same round.
+
+``--baseline TREE`` adds ``hyperion-base``: the same app with ``hyperion_lock`` imported from TREE (e.g. ``git
+archive main | tar -x -C /tmp/base``), measured in the same interleaved rounds, for before/after comparisons on a
+noisy machine. ``--guard`` is the short check .ci/run calls: hyperion and cashews deployed side by side, a few
+alternating hot-key rounds, failing when hyperion's median hit req/s falls below ``--guard-ratio`` (0.5) x cashews'.
 
 Upstream calls are counted by the app in a file (one line per call, every worker), not through Redis. The load
 generator runs in this process (asyncio + httpx) on the same 2 cores as the workers and Redis: figures are for
@@ -46,6 +57,7 @@ from hyperion_lock.testing import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 IMPLS = ("hyperion", "hyperion-15ms", "fastapi-cache2", "cashews", "aiocache", "none")
+SAT_CLIENTS, SAT_TTL, SAT_SECONDS = 64, 2.0, 7.0
 PEERS = {"fastapi-cache2": "fastapi-cache2", "cashews": "cashews", "aiocache": "aiocache"}
 MARK_BEGIN = "<!-- cache-bench:begin -->"
 MARK_END = "<!-- cache-bench:end -->"
@@ -95,8 +107,11 @@ class App:
         self.calls_file = workdir / f"calls-{impl}-{self.port}"
         self.log = workdir / f"gunicorn-{impl}-{self.port}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HYPERION_", "BENCH_"))}
+        path = str(ROOT)
+        if impl == "hyperion-base":  # --baseline: that tree's hyperion_lock first on the path
+            impl, path = "hyperion", f"{os.environ['BENCH_BASELINE']}:{ROOT}"
         env.update(BENCH_CACHE_IMPL=impl, BENCH_REDIS_URL=redis_url, BENCH_TTL=str(ttl), BENCH_DELAY=str(delay),
-                   BENCH_CALLS_FILE=str(self.calls_file), PYTHONPATH=str(ROOT),
+                   BENCH_CALLS_FILE=str(self.calls_file), PYTHONPATH=path,
                    BENCH_LOG_LEVEL=os.environ.get("BENCH_LOG_LEVEL", ""))
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
@@ -228,6 +243,78 @@ async def interleaved_hits(impls: list[str], rounds: int, seconds: float, workdi
     return found
 
 
+@dataclass
+class Saturated:
+    calls: int
+    load: Load
+
+
+async def saturated(impls: list[str], rounds: int, workdir: Path) -> dict[str, list[Saturated]]:
+    """The saturated round of every implementation in turn, ``rounds`` times: a fresh Redis and app each, then
+    64 keep-alive clients on one cold key with TTL 2 s for 7 s; every upstream call counted."""
+    path = "/quotes/AAPL?range=1d&interval=5m"
+    found: dict[str, list[Saturated]] = {impl: [] for impl in impls}
+    for _ in range(rounds):
+        for impl in impls:
+            with RedisServer() as server, deployed(impl, server.url, ttl=SAT_TTL, delay=0.3, workdir=workdir) as app:
+                await app.ready()
+                load, _ = await closed_loop(app.base, path, SAT_CLIENTS, SAT_SECONDS)
+                result = Saturated(app.calls(), load)
+                found[impl].append(result)
+                print(f"  saturated round {len(found[impl])} {impl:<15} {result.calls} upstream calls, "
+                      f"{load.rps:.0f} req/s, p50 {ms(pct(load.ok, 50))} p99 {ms(pct(load.ok, 99))} ms, "
+                      f"{load.errors} errors", flush=True)
+    return found
+
+
+def saturated_target() -> int:
+    """One upstream call for the cold start and one per expiry within the round."""
+    return 1 + int(SAT_SECONDS // SAT_TTL)
+
+
+def saturated_section(found: dict[str, list[Saturated]]) -> list[str]:
+    target = saturated_target()
+    lines = ["", f"Saturated: {SAT_CLIENTS} keep-alive clients on one cold key, TTL {SAT_TTL:g} s, {SAT_SECONDS:g} s, "
+             f"upstream 0.3 s, Redis and the load generator on the same cores (target: {target} upstream calls, "
+             "one for the cold start and one per expiry). Each round's figures, in run order:", "",
+             "| implementation | upstream calls per round | req/s per round (median) | p50 ms (median) | "
+             "p99 ms (median) | errors |", "|---|---|---|---|---|---|"]
+    for impl, results in found.items():
+        rps = [r.load.rps for r in results]
+        lines.append(f"| {impl} | {', '.join(str(r.calls) for r in results)} | "
+                     f"{', '.join(f'{x:.0f}' for x in rps)} ({statistics.median(rps):.0f}) | "
+                     f"{ms(median_of([r.load for r in results], 50))} | {ms(median_of([r.load for r in results], 99))}"
+                     f" | {sum(r.load.errors for r in results)} |")
+    return lines
+
+
+async def guard(rounds: int, seconds: float, ratio: float, workdir: Path) -> int:
+    """hyperion's hit req/s against cashews', both deployed at once, in alternating rounds on the same key."""
+    path = "/quotes/AAPL?range=1d&interval=5m"
+    rps: dict[str, list[float]] = {"hyperion": [], "cashews": []}
+    p99: dict[str, list[float]] = {"hyperion": [], "cashews": []}
+    with RedisServer() as server, deployed("hyperion", server.url, 300, 0.3, workdir) as ours, \
+            deployed("cashews", server.url, 300, 0.3, workdir) as theirs:
+        apps = {"hyperion": ours, "cashews": theirs}
+        await asyncio.gather(ours.ready(), theirs.ready())
+        for app in apps.values():
+            await burst(app.base, path, 1)
+            await closed_loop(app.base, path, 8, 0.5)
+        for _ in range(rounds):
+            for impl, app in apps.items():
+                load, _ = await closed_loop(app.base, path, 32, seconds)
+                rps[impl].append(load.rps)
+                p99[impl].append(pct(load.ok, 99))
+    ours_rps, theirs_rps = statistics.median(rps["hyperion"]), statistics.median(rps["cashews"])
+    measured = ours_rps / theirs_rps if theirs_rps else math.nan
+    ok = measured >= ratio
+    print(f"cache hit guard: hyperion {ours_rps:.0f} req/s (p99 {ms(statistics.median(p99['hyperion']))} ms), "
+          f"cashews {theirs_rps:.0f} req/s (p99 {ms(statistics.median(p99['cashews']))} ms): ratio {measured:.2f} "
+          f"(rounds: {', '.join(f'{a:.0f}/{b:.0f}' for a, b in zip(rps['hyperion'], rps['cashews'], strict=True))}); "
+          f"{'PASS' if ok else 'FAIL'} >= {ratio:g}", flush=True)
+    return 0 if ok else 1
+
+
 def median_of(loads: list[Load], q: float) -> float:
     values = [pct(load.ok, q) for load in loads if load.ok]
     return statistics.median(values) if values else math.nan
@@ -256,7 +343,8 @@ def versions() -> str:
     return ", ".join(found)
 
 
-def report(rows: list[Row], seconds: float, hits: dict[str, list[Load]]) -> list[str]:
+def report(rows: list[Row], seconds: float, hits: dict[str, list[Load]],
+           sat: dict[str, list[Saturated]]) -> list[str]:
     none = next((r for r in rows if r.impl == "none"), None)
     peers = [impl for impl in hits if not impl.startswith("hyperion")]
     best_p50 = min((median_of(hits[impl], 50) for impl in peers if hits[impl]), default=math.nan)
@@ -272,11 +360,14 @@ def report(rows: list[Row], seconds: float, hits: dict[str, list[Load]]) -> list
         "loopback Redis 7. Upstream 0.3 s (50 ms in the Redis-stopped round). Added p99 = p99 with Redis stopped "
         "minus p99 of the no-cache app under the same load; errors = non-200 or no answer within 5 s.",
         "",
-        "| implementation | upstream calls, burst of 256 to a cold key | upstream calls, one expiry under load "
-        f"(32 clients) | one hit round: p50 / p99 ms (32 clients, {seconds:g} s; 200s) | req/s (200s) | errors | "
-        "Redis stopped: p99 ms / added p99 ms / errors (from SIGSTOP) | same, from 1 s after SIGSTOP |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    if rows:
+        lines += [
+            "| implementation | upstream calls, burst of 256 to a cold key | upstream calls, one expiry under load "
+            f"(32 clients) | one hit round: p50 / p99 ms (32 clients, {seconds:g} s; 200s) | req/s (200s) | errors | "
+            "Redis stopped: p99 ms / added p99 ms / errors (from SIGSTOP) | same, from 1 s after SIGSTOP |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
     for r in rows:
         base99 = pct(none.stopped.latencies, 99) if none else math.nan
         base99_steady = pct(none.stopped_steady.latencies, 99) if none else math.nan
@@ -289,6 +380,7 @@ def report(rows: list[Row], seconds: float, hits: dict[str, list[Load]]) -> list
         lines.append(f"| {r.impl} | {burst_text} | {r.expiry_calls} | {ms(pct(r.hit.ok, 50))} / "
                      f"{ms(pct(r.hit.ok, 99))} | {r.hit.rps:.0f} | {r.hit.errors} | {stop} | {steady} |")
     lines += hit_section(hits, seconds) if hits else []
+    lines += saturated_section(sat) if sat else []
     lines += ["", " ".join([
         "Notes: `hyperion-15ms` is hyperion_lock with `op_timeout=0.015` instead of 0.05: it fails over sooner, but",
         "on a loaded machine it is more likely to take slow replies for failures and compute directly.",
@@ -299,23 +391,37 @@ def report(rows: list[Row], seconds: float, hits: dict[str, list[Load]]) -> list
         "(`lock=True`) does serialise the computation. With Redis stopped, the peers' requests wait on it for",
         "seconds (no answer within the client's 5 s is counted as an error).",
     ])]
+    lines += ["", "Targets (hyperion_lock):"]
     ours = next((r for r in rows if r.impl == "hyperion"), None)
     if ours is not None:
-        lines += ["", "Targets (hyperion_lock):"]
         lines.append(f"- {'PASS' if ours.burst_calls == 1 else 'MISS'} 1 upstream call per burst: {ours.burst_calls}")
         lines.append(f"- {'PASS' if ours.expiry_calls == 1 else 'MISS'} 1 upstream call per expiry: "
                      f"{ours.expiry_calls}")
-        p50 = median_of(hits.get("hyperion", []), 50)
+    if hits.get("hyperion") and hits.get("cashews"):
+        ours_rps = statistics.median([load.rps for load in hits["hyperion"]])
+        theirs_rps = statistics.median([load.rps for load in hits["cashews"]])
+        p99_ours, p99_theirs = median_of(hits["hyperion"], 99), median_of(hits["cashews"], 99)
+        lines.append(f"- {'PASS' if ours_rps >= theirs_rps else 'MISS'} hit req/s {ours_rps:.0f} >= cashews' "
+                     f"{theirs_rps:.0f} (ratio {ours_rps / theirs_rps:.2f}; medians of the interleaved rounds)")
+        lines.append(f"- {'PASS' if p99_ours <= p99_theirs else 'MISS'} hit p99 {ms(p99_ours)} ms <= cashews' "
+                     f"{ms(p99_theirs)} ms")
+    if hits.get("hyperion") and peers:
+        p50 = median_of(hits["hyperion"], 50)
         ok = not math.isnan(best_p50) and p50 <= 1.2 * best_p50
         lines.append(f"- {'PASS' if ok else 'MISS'} hit p50 {ms(p50)} ms <= 1.2 x fastest peer ({fastest}) "
                      f"{ms(best_p50)} ms (medians of the interleaved rounds; ratio {p50 / best_p50:.2f})")
-        if none is not None:
-            for label, load, base in (("from SIGSTOP", ours.stopped, none.stopped),
-                                      ("from 1 s after SIGSTOP", ours.stopped_steady, none.stopped_steady)):
-                added = pct(load.latencies, 99) - pct(base.latencies, 99)
-                ok = added < 0.020 and load.errors == 0
-                lines.append(f"- {'PASS' if ok else 'MISS'} Redis stopped ({label}): added p99 {ms(added)} ms < 20 ms"
-                             f" and {load.errors} errors")
+    if sat.get("hyperion"):
+        calls = [r.calls for r in sat["hyperion"]]
+        lines.append(f"- {'PASS' if max(calls) <= saturated_target() else 'MISS'} saturated: upstream calls "
+                     f"{', '.join(map(str, calls))} <= {saturated_target()} per round")
+    if ours is not None and none is not None:
+        for label, load, base in (("from SIGSTOP", ours.stopped, none.stopped),
+                                  ("from 1 s after SIGSTOP", ours.stopped_steady, none.stopped_steady)):
+            added = pct(load.latencies, 99) - pct(base.latencies, 99)
+            added50 = pct(load.latencies, 50) - pct(base.latencies, 50)
+            ok = added50 < 0.020 and load.errors == 0
+            lines.append(f"- {'PASS' if ok else 'MISS'} Redis stopped ({label}): added p50 {ms(added50)} ms < 20 ms "
+                         f"and {load.errors} errors (added p99 {ms(added)} ms)")
     return lines
 
 
@@ -337,9 +443,13 @@ async def main_async(args: argparse.Namespace) -> int:
     if unknown:
         print(f"unknown implementation(s): {', '.join(sorted(unknown))}; choose from {', '.join(IMPLS)}")
         return 64
-    rows = []
+    if args.baseline:
+        impls.insert(impls.index("hyperion") + 1 if "hyperion" in impls else 0, "hyperion-base")
     with tempfile.TemporaryDirectory(prefix="cache-bench-") as tmp:
-        for impl in impls:
+        if args.guard:
+            return await guard(args.guard_rounds, args.guard_seconds, args.guard_ratio, Path(tmp))
+        rows = []
+        for impl in impls if args.only in ("all", "rounds") else []:
             started = time.monotonic()
             row = await measure(impl, Path(tmp), args.seconds)
             rows.append(row)
@@ -349,8 +459,13 @@ async def main_async(args: argparse.Namespace) -> int:
                   f"{ms(pct(row.stopped.latencies, 99))} ms errors "
                   f"{row.stopped.errors} ({time.monotonic() - started:.0f} s)", flush=True)
         cached = [impl for impl in impls if impl not in {"none", "hyperion-15ms"}]
-        hits = await interleaved_hits(cached, args.hit_rounds, args.seconds, Path(tmp)) if args.hit_rounds else {}
-    lines = report(rows, args.seconds, hits)
+        hits = {}
+        if args.hit_rounds and args.only in ("all", "hits"):
+            hits = await interleaved_hits(cached, args.hit_rounds, args.seconds, Path(tmp))
+        sat = {}
+        if args.saturated_rounds and args.only in ("all", "saturated"):
+            sat = await saturated(cached, args.saturated_rounds, Path(tmp))
+    lines = report(rows, args.seconds, hits, sat)
     print("\n".join(lines))
     if args.results:
         write_results(Path(args.results), lines)
@@ -363,7 +478,23 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of the hot-key and Redis-stopped rounds")
     parser.add_argument("--results", default=None, help="replace the caching section of this RESULTS.md")
     parser.add_argument("--hit-rounds", type=int, default=3, help="interleaved hot-key rounds per implementation")
-    return asyncio.run(main_async(parser.parse_args()))
+    parser.add_argument("--saturated-rounds", type=int, default=2,
+                        help="interleaved saturated rounds per implementation")
+    parser.add_argument("--only", choices=("all", "rounds", "hits", "saturated"), default="all",
+                        help="run only the per-implementation rounds, the hot-key rounds or the saturated rounds")
+    parser.add_argument("--baseline", default=None, help="also measure hyperion_lock imported from this tree")
+    parser.add_argument("--guard", action="store_true", help="the short hit req/s check against cashews (CI)")
+    parser.add_argument("--guard-rounds", type=int, default=3)
+    parser.add_argument("--guard-seconds", type=float, default=3.0)
+    parser.add_argument("--guard-ratio", type=float, default=0.5, help="fail below this x cashews' hit req/s")
+    args = parser.parse_args()
+    if args.baseline:
+        baseline = Path(args.baseline).resolve()
+        if not (baseline / "hyperion_lock" / "__init__.py").exists():
+            print(f"--baseline {args.baseline}: no hyperion_lock package there")
+            return 64
+        os.environ["BENCH_BASELINE"] = str(baseline)
+    return asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":
