@@ -165,8 +165,8 @@ class CacheSettings:
     """Tunables shared by every cached function of one :class:`Cache`, from ``HYPERION_LOCK_CACHE_*``.
 
     - ``op_timeout`` (0.05 s) / ``op_timeout_max`` (1 s): floor and ceiling of the store-call timeout, which is
-      4 x the 95th percentile of the last 64 reply times in between (the ceiling before the first reply); the
-      event loop's own lateness is not counted.
+      4 x the 95th percentile of the last 64 reply times in between (the ceiling before the first reply; an
+      ``op_timeout`` above ``op_timeout_max`` is a fixed timeout); the event loop's own lateness is not counted.
     - ``lease_ttl`` (3 s): a computing worker that dies is taken over after at most this long.
     - ``wait_timeout`` (30 s): a waiter computes directly after waiting this long in total.
     - ``max_size`` (1 MiB): largest encoded value; a larger one is served, not stored.
@@ -204,9 +204,6 @@ class CacheSettings:
         if self.breaker_retry > self.breaker_max_retry:
             raise ConfigurationError(f"cache setting breaker_retry ({self.breaker_retry:g} s) must be at most "
                                      f"breaker_max_retry ({self.breaker_max_retry:g} s)")
-        if self.op_timeout > self.op_timeout_max:
-            raise ConfigurationError(f"cache setting op_timeout ({self.op_timeout:g} s) must not exceed op_timeout_max "
-                                     f"({self.op_timeout_max:g} s)")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> CacheSettings:
@@ -650,8 +647,9 @@ class Cache:
             if self._source is not None:
                 store = RedisStore(client_for_cache(self._source, socket_timeout=5.0), self._where(),
                                    self.settings.key_prefix)
-            guard = StoreGuard(floor=cs.op_timeout, ceiling=cs.op_timeout_max, threshold=cs.breaker_failures,
-                               retry_after=cs.breaker_retry, max_retry_after=cs.breaker_max_retry)
+            guard = StoreGuard(floor=cs.op_timeout, ceiling=max(cs.op_timeout, cs.op_timeout_max),
+                               threshold=cs.breaker_failures, retry_after=cs.breaker_retry,
+                               max_retry_after=cs.breaker_max_retry)
             ctx = self._loops[loop] = _Loop(store, guard)
             if store.shared:
                 ctx.spawn(self._flush_loop(ctx), "hyperion-lock-cache-stats")

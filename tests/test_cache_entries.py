@@ -48,7 +48,7 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 
 def breaker_open(cache: Cache) -> bool:
-    return any(ctx.breaker.is_open for ctx in cache._loops.values())
+    return any(ctx.guard.is_open for ctx in cache._loops.values())
 
 
 def failing(caplog: pytest.LogCaptureFixture) -> list[str]:
