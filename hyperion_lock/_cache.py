@@ -54,7 +54,7 @@ import redis.asyncio as aredis
 
 from ._aio import cancel_and_wait
 from ._cache_codec import Codec, JsonCodec, PickleCodec, etag_of
-from ._cache_errors import CacheComputeError, CacheError, CacheValueTooLargeError
+from ._cache_errors import CacheComputeError, CacheError
 from ._cache_keys import CacheKeys, canonical, identity
 from ._cache_policy import (
     Action,
@@ -106,7 +106,7 @@ class CacheStatus(StrEnum):
     HIT = "HIT"  # served from the cache (also: delivered by another caller's computation)
     MISS = "MISS"  # computed by this call, and stored
     STALE = "STALE"  # past its TTL, served within the stale period while one worker refreshes it
-    BYPASS = "BYPASS"  # the store is unavailable: computed directly, not stored
+    BYPASS = "BYPASS"  # computed directly, not stored: the store is unavailable, or the value is over max_size
 
 
 MIB = 1 << 20
@@ -235,6 +235,7 @@ class Spec:
     lease_ttl: float | None = None
     refresh: Literal["background", "inline"] = "background"
     decode: bool = True  # decode hits (functions); the HTTP layer serves the stored bytes as they are
+    name: str = ""  # the endpoint or function, for messages
 
     def __post_init__(self) -> None:
         """Every duration and size checked against its documented range now (at decoration, or when
@@ -524,7 +525,7 @@ class Cache:
         chosen: Codec = PickleCodec(signing_key) if codec == "pickle" else JsonCodec(returns)
         endpoint = f"{fn.__module__}.{fn.__qualname__}"
         ns = namespace or re.sub(r"[^A-Za-z0-9_.\-/]", "-", fn.__qualname__)[:200]
-        spec = self.spec(ns, ttl=ttl, codec=chosen, **options)
+        spec = self.spec(ns, ttl=ttl, codec=chosen, name=endpoint, **options)
         only, skip = (set(key_args) if key_args is not None else None), set(exclude)
         unknown = ((only or set()) | skip) - set(sig.parameters)
         if unknown:
@@ -906,10 +907,12 @@ class Cache:
             finally:
                 if future is not None:
                     ctx.store.forget(spec.keys, ident, future)
-            if message is not None and message.outcome == "error":
+            outcome = message.outcome if message is not None else None
+            if message is not None and outcome == "error":
                 raise self._remote_error(spec, ident, message)
-            if message is not None and message.outcome == "ok":
-                force = False  # another caller just computed it: that is fresh enough
+            force = force and outcome != "ok"  # another caller just computed it: that is fresh enough
+            if outcome == "bypass":  # it was not cacheable (over max_size): compute it here, directly
+                return _Lead(None, spec, ident, tags)
             if self._clock() >= deadline:
                 self.log.warning("cache: waited %.0f s for %s %s; computing it here",
                                  self.cache_settings.wait_timeout, spec.namespace, ident)
@@ -1029,25 +1032,36 @@ class Cache:
         except CacheError as exc:
             self.log.warning("cache: refreshing %s %s failed: %s", spec.namespace, ident, exc)
 
-    def _encode(self, spec: Spec, value: Any, ident: str) -> bytes:
-        payload = spec.codec.encode(value)
+    def _too_large(self, spec: Spec, size: int) -> bool:
+        """Whether an encoded value is over ``max_size``: then it is served, not stored, with one WARNING per
+        endpoint or function (per namespace for ``get_or_compute``)."""
         limit = spec.max_size or self.cache_settings.max_size
-        if len(payload) > limit:
-            raise CacheValueTooLargeError(
-                f"the value of {spec.namespace} is {len(payload)} bytes encoded, more than max_size={limit}: raise "
-                f"max_size for it, or return less", key=f"{spec.namespace}:{ident}",
-            )
-        return payload
+        if size <= limit:
+            return False
+        what = spec.name or spec.namespace
+        self._once(f"too-large:{spec.namespace}:{spec.name}", logging.WARNING,
+                   "cache: a value of %s (%s) is %d bytes encoded, more than max_size=%d: served without caching "
+                   "(X-Cache: BYPASS); raise max_size for it, or return less", spec.namespace, what, size, limit)
+        return True
 
     async def _finish(self, lead: _Lead, value: Any, seconds: float) -> Result:
+        """Store a computed value and wake the waiters. A value over ``max_size`` is returned to this caller (and
+        this process's flight) uncached; the waiters of other workers are told to compute it directly."""
         spec = lead.spec
         await lead.stop_renewing()
         self._count(spec.namespace, compute=seconds)
         try:
-            payload = self._encode(spec, value, lead.ident)
+            payload = spec.codec.encode(value)
         except CacheError as exc:
             await self._fail(lead, exc, seconds, counted=True)
             raise
+        if self._too_large(spec, len(payload)):
+            ctx = lead.ctx
+            if ctx is not None:
+                with contextlib.suppress(_Unavailable):
+                    await self._guard(ctx, functools.partial(ctx.store.release, spec.keys, lead.ident, lead.token,
+                                                             Message(lead.ident, "bypass")))
+            return Result(payload, etag_of(payload), CacheStatus.BYPASS, int(spec.ttl), 0, value)
         etag = etag_of(payload)
         if lead.ctx is None:
             return Result(payload, etag, CacheStatus.BYPASS, int(spec.ttl), 0, value)

@@ -18,7 +18,8 @@ class CacheSerializationError(CacheError):
 
 
 class CacheValueTooLargeError(CacheError):
-    """The encoded value is larger than ``max_size``: raise the limit for this endpoint, or return less."""
+    """Kept for code that catches it: a value over ``max_size`` is now served uncached (with one WARNING per
+    endpoint or function), not raised."""
 
 
 class CacheComputeError(CacheError):

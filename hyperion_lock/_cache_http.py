@@ -206,7 +206,8 @@ def cached_endpoint(
             found = per_route.get(id(route))
             if found is None:
                 codec = _route_codec(route, sig.return_annotation)
-                spec = cache.spec(ns, ttl=ttl, codec=codec, decode=False, **options)
+                name = getattr(route, "path", None) or f"{fn.__module__}.{fn.__qualname__}"
+                spec = cache.spec(ns, ttl=ttl, codec=codec, decode=False, name=name, **options)
                 found = per_route[id(route)] = (spec, declared_query_names(route))
             return found
 

@@ -321,7 +321,8 @@ class Read:
 @dataclass(frozen=True)
 class Message:
     """What a waiter hears about an entry: ``ok`` (stored: read it), ``retry`` (nothing stored: read again,
-    maybe take over) or ``error`` (the computation raised: pass it on)."""
+    maybe take over), ``bypass`` (computed but not cacheable, over ``max_size``: compute it directly) or ``error``
+    (the computation raised: pass it on)."""
 
     ident: str
     outcome: str

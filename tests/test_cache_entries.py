@@ -311,3 +311,132 @@ async def test_unannotated_endpoints_answer_the_bytes_fastapi_would_send(redis_u
     finally:
         for w in workers:
             await w.aclose()
+
+
+# -- 6. oversized answers are served, not failed ------------------------------------------------------------------
+def too_large_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "more than max_size" in r.getMessage()]
+
+
+def entries(url: str, prefix: str, namespace: str) -> list[bytes]:
+    with redis.Redis.from_url(url) as r:
+        return list(r.scan_iter(match=CacheKeys(prefix, namespace).entry("*")))
+
+
+async def test_an_oversized_function_value_is_returned_uncached_to_every_caller(
+        redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The computing call, a caller joining it in the same worker and a caller waiting for it in another worker
+    all get the value (the waiter is told at once to compute it itself, not after the 30 s lease); nothing is
+    stored; one WARNING for the function however often it happens."""
+    caplog.set_level(logging.WARNING, LOGGER)
+    a, b = make(redis_url, prefix, max_size=200, lease_ttl=30), make(redis_url, prefix, max_size=200, lease_ttl=30)
+    gate, started, runs = asyncio.Event(), asyncio.Event(), [0]
+
+    def decorate(cache: Cache) -> Any:
+        @cache.cached("big", ttl=30)
+        async def big(n: int) -> str:
+            runs[0] += 1
+            started.set()
+            await gate.wait()
+            return "x" * n
+
+        return big
+
+    big_a, big_b = decorate(a), decorate(b)
+    try:
+        async with asyncio.timeout(10):
+            first = asyncio.create_task(big_a(1000))
+            await started.wait()
+            joiner = asyncio.create_task(big_a(1000))
+            waiter = asyncio.create_task(big_b(1000))
+            await until_waiting(b)
+            gate.set()
+            assert [await first, await joiner, await waiter] == ["x" * 1000] * 3
+            assert runs == [2]  # worker a once (shared by its joiner), worker b once, directly
+            assert await big_a(1000) == "x" * 1000 and runs == [3]  # not cached
+            assert await big_a(10) == "x" * 10 and await big_b(10) == "x" * 10 and runs == [4]  # small: cached
+        assert len(entries(redis_url, prefix, "big")) == 1
+        assert len(too_large_warnings(caplog)) == 2 and "big" in too_large_warnings(caplog)[0]  # once per worker
+        assert a.stats()["big"]["bypass"] == 3 and a.stats()["big"]["errors"] == 0
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def until_waiting(cache: Cache) -> None:
+    """Until a lookup of ``cache`` waits for another worker's lease (it listens on the namespace's channel)."""
+    from .conftest import until
+
+    await until(lambda: any(ctx.flights for ctx in cache._loops.values())
+                and any(getattr(ctx.store, "_listener", None) is not None
+                        and ctx.store._listener._waiting  # type: ignore[attr-defined]
+                        for ctx in cache._loops.values()), "a waiter in the other worker", 10)
+
+
+def test_an_oversized_sync_function_value_is_returned_uncached(redis_url: str, prefix: str,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, LOGGER)
+    cache, runs = make(redis_url, prefix, max_size=100), [0]
+
+    @cache.cached("sync", ttl=30)
+    def big(n: int) -> list[int]:
+        runs[0] += 1
+        return list(range(n))
+
+    try:
+        assert big(100) == list(range(100)) and big(100) == list(range(100)) and runs == [2]
+        assert big(3) == [0, 1, 2] and big(3) == [0, 1, 2] and runs == [3]
+        assert len(too_large_warnings(caplog)) == 1
+    finally:
+        cache.close()
+
+
+async def test_an_oversized_response_is_served_uncached_with_one_warning_per_endpoint(
+        redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A 3 MiB response (default max_size 1 MiB) answered 500. Now 200 with the body, X-Cache: BYPASS, in every
+    worker, including one whose request waited for the computation."""
+    caplog.set_level(logging.WARNING, LOGGER)
+    workers = [make(redis_url, prefix, lease_ttl=30), make(redis_url, prefix, lease_ttl=30)]
+    gate, started, runs = asyncio.Event(), asyncio.Event(), [0]
+
+    def build(cache: Cache) -> FastAPI:
+        app = FastAPI()
+
+        @app.get("/export/{kind}")
+        @cache.endpoint("export", ttl=30)
+        async def export(kind: str, mib: int = 3) -> dict[str, str]:
+            runs[0] += 1
+            started.set()
+            await gate.wait()
+            return {"kind": kind, "data": "y" * (mib << 20)}
+
+        @app.get("/other")
+        @cache.endpoint("other", ttl=30, max_size=10)
+        async def other() -> dict[str, str]:
+            return {"data": "z" * 100}
+
+        return app
+
+    try:
+        async with client(build(workers[0])) as a, client(build(workers[1])) as b:
+            async with asyncio.timeout(20):
+                first = asyncio.create_task(a.get("/export/csv"))
+                await started.wait()
+                waiting = asyncio.create_task(b.get("/export/csv"))
+                await until_waiting(workers[1])
+                gate.set()
+                answers = [await first, await waiting, await a.get("/export/json"), await a.get("/export/csv")]
+            for r in answers:
+                assert r.status_code == 200 and r.headers["x-cache"] == "BYPASS", r.text[:200]
+                assert len(r.content) > 3 << 20 and r.headers["etag"]
+            assert answers[0].content == answers[1].content == answers[3].content and runs == [4]
+            small = [await a.get("/export/csv?mib=0"), await a.get("/export/csv?mib=0")]
+            assert [r.headers["x-cache"] for r in small] == ["MISS", "HIT"]
+            assert (await a.get("/other")).status_code == 200
+        warnings = too_large_warnings(caplog)
+        assert len(warnings) == 3, warnings  # /export/{kind} in each worker, /other once
+        assert sum("/export/{kind}" in w for w in warnings) == 2 and sum("/other" in w for w in warnings) == 1
+        assert len(entries(redis_url, prefix, "export")) == 1  # only the small one
+    finally:
+        for w in workers:
+            await w.aclose()
