@@ -32,6 +32,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import hashlib
+import hmac
 import inspect
 import logging
 import math
@@ -55,7 +57,7 @@ import redis.asyncio as aredis
 from ._aio import cancel_and_wait
 from ._cache_codec import Codec, JsonCodec, PickleCodec, etag_of
 from ._cache_errors import CacheComputeError, CacheError
-from ._cache_keys import CacheKeys, canonical, identity
+from ._cache_keys import CacheKeys, identity, typed
 from ._cache_policy import (
     Action,
     EntryAge,
@@ -374,6 +376,8 @@ class Cache:
         cache_settings: CacheSettings | None = None,
         logger: logging.Logger | None = None,
         clock: Callable[[], float] = time.monotonic,
+        key_secret: bytes | str | None = None,
+        credential_headers: Iterable[str] | None = None,
         **overrides: Any,
     ) -> None:
         self.settings = settings if settings is not None else Settings.from_env()
@@ -400,6 +404,9 @@ class Cache:
         self._sync_flights: dict[tuple[str, str], concurrent.futures.Future[Result]] = {}
         self._bg: tuple[asyncio.AbstractEventLoop, threading.Thread] | None = None
         self._warned: set[str] = set()
+        self._key_secret = _key_secret(key_secret)
+        self.credential_headers = _credential_headers(credential_headers)
+        self._secrets: dict[str, tuple[bytes, float]] = {}
 
     # -- description ----------------------------------------------------------------------------------------------
     @property
@@ -490,9 +497,11 @@ class Cache:
         **options: Any,
     ) -> Callable[[F], F]:
         """Cache an async or sync function. Its key is its module and name plus its arguments by name (defaults
-        applied); arguments whose values cannot identify a call (a session, a request, a client) are left out,
-        and so are those in ``exclude``; ``key_args`` names the only ones to use. ``tags``: fixed tags or a
-        function of the arguments (by name) returning them. Hits are decoded through the return annotation."""
+        applied), each with its type (``f(1)`` and ``f("1")`` are two entries); arguments whose values cannot
+        identify a call (a session, a request, a client) are left out, and so are those in ``exclude``;
+        ``key_args`` names the only ones to use. ``tags``: fixed tags or a function of the arguments (by name)
+        returning them. Hits are decoded through the return annotation. ``fn.invalidate(*args, **kwargs)``
+        drops the entry of exactly that call (awaitable for an async function, blocking for a sync one)."""
 
         def decorate(fn: F) -> F:
             spec, ident_of, tags_of = self._function_spec(fn, namespace, ttl, tags, key_args, exclude, codec,
@@ -503,13 +512,21 @@ class Cache:
                     bound = ident_of(args, kwargs)
                     result = await self.lookup(spec, bound[0], tags_of(bound[1]), lambda: fn(*args, **kwargs))
                     return self.value_of(spec, result)
+
+                async def invalidate(*args: Any, **kwargs: Any) -> int:
+                    return await self._admin(lambda s: s.invalidate_key(spec.keys, ident_of(args, kwargs)[0]))
             else:
                 @functools.wraps(fn)
                 def wrapper(*args: Any, **kwargs: Any) -> Any:
                     bound = ident_of(args, kwargs)
                     result = self.lookup_sync(spec, bound[0], tags_of(bound[1]), lambda: fn(*args, **kwargs))
                     return self.value_of(spec, result)
+
+                def invalidate(*args: Any, **kwargs: Any) -> int:  # type: ignore[misc]
+                    ident = ident_of(args, kwargs)[0]
+                    return self._run_bg(self._admin(lambda s: s.invalidate_key(spec.keys, ident)))
             wrapper.cache_spec = spec  # type: ignore[attr-defined]
+            wrapper.invalidate = invalidate  # type: ignore[attr-defined]
             return typing.cast(F, wrapper)
 
         return decorate
@@ -547,8 +564,8 @@ class Cache:
         for name, value in arguments.items():
             if name in skip or (only is not None and name not in only):
                 continue
-            text = canonical(value)
-            if text is None:
+            value_part = typed(value)
+            if value_part is None:
                 if only is not None:
                     raise ConfigurationError(
                         f"argument {name!r} of {endpoint} ({type(value).__name__}) cannot be part of a cache key: "
@@ -557,7 +574,7 @@ class Cache:
                 self._once(f"skip:{endpoint}:{name}", logging.DEBUG, "cache key of %s leaves out argument %r (%s): "
                            "not part of a call's identity", endpoint, name, type(value).__name__)
                 continue
-            params.append(("a", name, text))
+            params.append(("a", name, value_part))
         return identity(endpoint, params)
 
     def endpoint(self, namespace: str | None = None, *, ttl: float, **options: Any) -> Callable[[F], F]:
@@ -568,8 +585,9 @@ class Cache:
 
     # -- invalidation -----------------------------------------------------------------------------------------------
     async def invalidate(self, namespace: str, key: str | Mapping[str, Any]) -> int:
-        """Drop one entry (an identity string, as in the store, or the mapping given to ``get_or_compute``)."""
-        ident = key if isinstance(key, str) and "?" in key else key_identity(key)
+        """Drop one entry: ``key`` exactly as given to ``get_or_compute`` (a string or a mapping), whatever
+        characters it holds. A decorated function's entry: ``fn.invalidate(*args, **kwargs)``."""
+        ident = key_identity(key)
         return await self._admin(lambda s: s.invalidate_key(self.keys(namespace), ident))
 
     async def invalidate_tag(self, namespace: str, tag: str) -> int:
@@ -773,6 +791,40 @@ class Cache:
                 self._act(ctx, guard.on_check(self._clock(), Outcome.OK, time.monotonic() - started), None)
         finally:
             ctx.recovering = False
+
+    async def key_secret(self, namespace: str) -> bytes | None:
+        """The key of ``namespace``'s keyed hashes (header, cookie and credential values in key names): derived
+        from ``key_secret`` (``HYPERION_LOCK_CACHE_KEY_SECRET``) when one is configured, else a random key the
+        first worker stores in Redis (``:k``) and every worker reads (again each minute, so a Redis that lost it
+        is followed); without Redis, a random key of this process. ``None`` when the store cannot give it now:
+        the request is then computed directly (``BYPASS``)."""
+        if self._key_secret is not None:
+            return hmac.new(self._key_secret, namespace.encode(), hashlib.sha256).digest()
+        now = self._clock()
+        known = self._secrets.get(namespace)
+        if known is not None and known[1] > now:
+            return known[0]
+        ctx = self._ctx()
+        keys = self.keys(namespace)
+        try:
+            key = await self._guard(ctx, lambda: ctx.store.secret(keys))
+        except _Unavailable:
+            return known[0] if known is not None else None
+        self._secrets[namespace] = (key, now + 60.0)
+        return key
+
+    async def direct(self, spec: Spec, ident: str, compute: Callable[[], Awaitable[Any]]) -> Result:
+        """Compute without the store: neither served from nor written to it (``BYPASS``)."""
+        lead = _Lead(None, spec, ident, ())
+        started = self._clock()
+        try:
+            value = await compute()
+        except Exception as exc:
+            await self._fail(lead, exc, self._clock() - started)
+            raise
+        result = await self._finish(lead, value, self._clock() - started)
+        self._count(spec.namespace, result.status)
+        return result
 
     def _once(self, what: str, level: int, message: str, *args: Any) -> None:
         if what not in self._warned:
@@ -1223,16 +1275,45 @@ def return_type(fn: Callable[..., Any]) -> Any:
 
 
 def key_identity(key: str | Mapping[str, Any]) -> str:
-    """The identity of an explicit key: a string as it is (encoded), a mapping by its sorted items."""
+    """The identity of an explicit key: a string as it is (encoded), a mapping by its sorted items (typed)."""
     if isinstance(key, str):
         return identity(key, [])
     params = []
     for name, value in key.items():
-        text = canonical(value)
-        if text is None:
+        value_part = typed(value)
+        if value_part is None:
             raise ConfigurationError(f"key item {name!r} ({type(value).__name__}) cannot be part of a cache key")
-        params.append(("a", str(name), text))
+        params.append(("a", str(name), value_part))
     return identity("", params)
+
+
+def _key_secret(given: bytes | str | None) -> bytes | None:
+    raw = given if given is not None else os.environ.get(f"{ENV_PREFIX}CACHE_KEY_SECRET", "").strip() or None
+    if raw is None:
+        return None
+    key = raw.encode() if isinstance(raw, str) else bytes(raw)
+    if len(key) < 16:
+        raise ConfigurationError("the cache key_secret (HYPERION_LOCK_CACHE_KEY_SECRET) must be at least 16 bytes")
+    return key
+
+
+DEFAULT_CREDENTIALS = ("authorization", "proxy-authorization", "cookie")
+
+
+def _credential_headers(given: Iterable[str] | None) -> tuple[str, ...]:
+    """Request headers that identify who asks: a request carrying one is never answered from (or stored in)
+    the shared cache by an endpoint whose key does not include it. ``Authorization``, ``Proxy-Authorization``
+    and ``Cookie`` always; more from ``credential_headers`` or ``HYPERION_LOCK_CACHE_CREDENTIAL_HEADERS``
+    (comma-separated, e.g. ``X-Api-Key``)."""
+    if given is None:
+        given = os.environ.get(f"{ENV_PREFIX}CACHE_CREDENTIAL_HEADERS", "").split(",")
+    elif isinstance(given, str):
+        given = given.split(",")
+    extra = [h.strip().lower() for h in given if h.strip()]
+    for name in extra:
+        if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9a-z-]+", name):
+            raise ConfigurationError(f"invalid credential header name {name!r}")
+    return tuple(dict.fromkeys([*DEFAULT_CREDENTIALS, *extra]))
 
 
 __all__ = ["Cache", "CacheSettings", "CacheStatus", "NamespaceStats", "Result", "Spec", "key_identity"]

@@ -29,67 +29,221 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
 import typing
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from fastapi import HTTPException, Request, Response
+from fastapi.dependencies.utils import get_dependant
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
+from fastapi.security.base import SecurityBase
 from starlette.concurrency import run_in_threadpool
 
 from ._cache import Cache, CacheStatus, Result, Spec
 from ._cache_codec import JsonCodec
 from ._cache_errors import CacheComputeError, CacheSerializationError
-from ._cache_keys import identity
+from ._cache_keys import identity, secret, text
 from ._cache_policy import client_wants_fresh, etag_matches
+from ._errors import ConfigurationError
 
 F = TypeVar("F", bound=Callable[..., Any])
 _REQUEST = "hyperion_cache_request"
 
 
-def declared_query_names(route: Any) -> frozenset[str] | None:
-    """Names of the query parameters a route reads (its own and its dependencies'); ``None``: take them all (a
-    query-parameter model, or no FastAPI route)."""
-    dependant = getattr(route, "dependant", None)
-    if dependant is None:
-        return None
-    names = set()
-    for param in _query_params(dependant):
-        annotation = getattr(param.field_info, "annotation", None)
-        if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
-            return None  # Annotated[Model, Query()]: the model's fields are the parameters
-        names.add(param.alias)
-    return frozenset(names)
+@dataclass(frozen=True)
+class KeyPlan:
+    """What of a request goes into one route's key, and which credentials make it bypass the shared cache;
+    worked out once per route from its dependency tree (:func:`plan_for`), applied per request."""
+
+    query: frozenset[str] | None  # declared query names (``None``: every one)
+    secret_query: frozenset[str]  # query names whose values are credentials (APIKeyQuery): hashed
+    headers: tuple[str, ...]  # header names (lower case) in the key, declared or in ``vary``: values hashed
+    cookies: frozenset[str]  # declared cookie names in the key: values hashed
+    host: bool  # the Host header is part of the key (tenants resolved from it)
+    unkeyed: tuple[str, ...]  # credential headers the key does not include: a request with one bypasses
+    cookies_keyed: bool  # the whole Cookie header is in the key (``vary=["Cookie"]``), or ``shared``
+    private: bool  # the key holds a credential: one answer per credential, ``Cache-Control: private``
+    vary: tuple[str, ...]  # the response's ``Vary``
+
+    @property
+    def hashed(self) -> bool:
+        return bool(self.headers or self.cookies or self.secret_query)
 
 
-def _query_params(dependant: Any, depth: int = 0) -> list[Any]:
-    """The query parameter fields of a dependant and, recursively, of its sub-dependencies."""
-    found = list(getattr(dependant, "query_params", []))
+def _walk(dependant: Any, depth: int = 0) -> Iterable[Any]:
+    """A dependant and, recursively, its sub-dependencies (bounded depth)."""
+    yield dependant
     if depth < 32:
         for sub in getattr(dependant, "dependencies", []):
-            found += _query_params(sub, depth + 1)
+            yield from _walk(sub, depth + 1)
+
+
+def _names(param: Any, header: bool = False) -> set[str]:
+    """Every name FastAPI may read a parameter under (alias, name, validation aliases; headers with ``-``);
+    a parameter model (``Annotated[Model, Query()]``) stands for its fields."""
+    annotation = getattr(param.field_info, "annotation", None)
+    fields = getattr(annotation, "model_fields", None) if isinstance(annotation, type) else None
+    if isinstance(fields, dict):
+        found = set()
+        for name, info in fields.items():
+            found |= {name, getattr(info, "alias", None) or name}
+            if isinstance(getattr(info, "validation_alias", None), str):
+                found.add(info.validation_alias)
+    else:
+        found = {param.alias, param.name}
+        choices = getattr(param.field_info, "validation_alias", None)
+        if isinstance(choices, str):
+            found.add(choices)
+        found |= {c for c in getattr(choices, "choices", ()) if isinstance(c, str)}
+    if header:
+        found = {n.lower() for n in found} | {n.lower().replace("_", "-") for n in found}
     return found
 
 
-def request_identity(request: Request, vary: Iterable[str], query: Literal["declared", "all"],
-                     names: frozenset[str] | None) -> str:
-    route = request.scope.get("route")
-    endpoint = getattr(route, "path_format", None) or getattr(route, "path", None) or request.url.path
-    params = [("p", k, str(v)) for k, v in request.path_params.items()]
-    wanted = None if query == "all" else names
-    params += [("q", k, v) for k, v in request.query_params.multi_items() if wanted is None or k in wanted]
-    params += [("h", h.lower(), ",".join(request.headers.getlist(h))) for h in vary]
+def _credential_of(scheme: Any) -> tuple[str, str]:
+    """Where a ``fastapi.security`` scheme reads its credential: ("header" | "cookie" | "query", name)."""
+    model = getattr(scheme, "model", None)
+    where = getattr(getattr(model, "in_", None), "value", None)
+    if where in ("header", "cookie", "query"):
+        name = str(getattr(model, "name", ""))
+        return where, name.lower() if where == "header" else name
+    return "header", "authorization"  # HTTPBearer/Basic/Digest, OAuth2*, OpenIdConnect
+
+
+def _scheme(dependant: Any) -> Any:
+    call = getattr(dependant, "call", None)
+    while isinstance(call, functools.partial):
+        call = call.func
+    call = inspect.unwrap(call) if call is not None else None
+    return call if isinstance(call, SecurityBase) else None
+
+
+@dataclass
+class _Inputs:
+    query: set[str] | None
+    headers: set[str]
+    cookies: set[str]
+    schemes: list[tuple[Any, Any]]
+
+
+def _inputs(dependant: Any, where: str, vary: tuple[str, ...], every_query: bool) -> _Inputs:
+    found = _Inputs(None if every_query else set(), {h.lower() for h in vary}, set(), [])
+    for node in _walk(dependant):
+        body = [p.name for p in getattr(node, "body_params", [])]
+        if body:
+            raise ConfigurationError(
+                f"{where} reads a request body ({', '.join(body)}): a body is not part of a cache key, and only "
+                "GET endpoints are cached; remove @cache.endpoint, or take the input from the path or the query"
+            )
+        if found.query is not None:
+            for param in getattr(node, "query_params", []):
+                found.query |= _names(param)
+        for param in getattr(node, "header_params", []):
+            found.headers |= _names(param, header=True)
+        for param in getattr(node, "cookie_params", []):
+            found.cookies |= _names(param)
+        scheme = _scheme(node)
+        if scheme is not None:
+            found.schemes.append((node, scheme))
+    return found
+
+
+def _keyed_schemes(found: _Inputs, where: str, shared: bool) -> set[str]:
+    """Check that the key includes every security scheme's credential; returns the query names that carry one
+    (keyed, hashed). Raises ``ConfigurationError`` naming the parameter otherwise (unless ``shared``)."""
+    secret_query = set()
+    for node, scheme in found.schemes:
+        kind, name = _credential_of(scheme)
+        if kind == "query":
+            secret_query.add(name)
+            if found.query is not None:
+                found.query.add(name)
+            continue
+        keyed = name in found.headers if kind == "header" else "cookie" in found.headers or name in found.cookies
+        if not (keyed or shared):
+            opt_in = "Cookie" if kind == "cookie" else _title(name)
+            raise ConfigurationError(
+                f"{where}: parameter {getattr(node, 'name', None) or '?'!r} uses {type(scheme).__name__}, which "
+                f"reads the {kind} {name!r}, and the cache key does not include it: every user would get the "
+                f"first user's answer. Add vary=[{opt_in!r}] to @cache.endpoint (one entry per credential), or "
+                "shared=True if the answer does not depend on who asks"
+            )
+    return secret_query
+
+
+def _title(header: str) -> str:
+    return "-".join(w.capitalize() for w in header.split("-"))
+
+
+def plan_for(dependant: Any, *, where: str, vary: Iterable[str], query: Literal["declared", "all"], host: bool,
+             shared: bool, credentials: Iterable[str]) -> KeyPlan:
+    """The key plan of a route (or of an endpoint function at decoration). Raises ``ConfigurationError`` for a
+    request body (not part of a key), and for a ``fastapi.security`` scheme whose credential the key does not
+    include without ``shared=True``."""
+    vary = tuple(vary)
+    found = _inputs(dependant, where, vary, query == "all")
+    secret_query = _keyed_schemes(found, where, shared)
+    creds = tuple(c.lower() for c in credentials)
+    keyed = tuple(sorted(found.headers))
+    cookies_keyed = shared or "cookie" in found.headers
+    unkeyed = () if shared else tuple(c for c in creds if c != "cookie" and c not in found.headers)
+    shown = list(vary)
+    for name in [*keyed, *(["cookie"] if found.cookies and not cookies_keyed else [])]:
+        if name not in {v.lower() for v in shown}:
+            shown.append(_title(name))
+    private = not shared and bool(set(keyed) & set(creds) or found.cookies or secret_query)
+    return KeyPlan(None if found.query is None else frozenset(found.query), frozenset(secret_query), keyed,
+                   frozenset(found.cookies), host, unkeyed, cookies_keyed, private, tuple(shown))
+
+
+def unkeyed_credential(request: Request, plan: KeyPlan) -> str | None:
+    """The first credential the request carries that the key does not include (it must bypass), or ``None``."""
+    headers = request.headers
+    for name in plan.unkeyed:
+        if name in headers:
+            return name
+    if not plan.cookies_keyed and "cookie" in headers and any(n not in plan.cookies for n in request.cookies):
+        return "cookie"
+    return None
+
+
+def request_identity(request: Request, plan: KeyPlan, secret_key: bytes = b"") -> str:
+    """The entry of a request: method, host, the full path template (mount point included), the path, declared
+    query, header and cookie parameters, and the ``vary`` headers. Header and cookie values, and credentials
+    given in the query, appear only as keyed hashes (``secret_key``)."""
+    scope = request.scope
+    route = scope.get("route")
+    template = getattr(route, "path_format", None) or getattr(route, "path", None)
+    endpoint = scope.get("root_path", "") + template if template else request.url.path
+    method = "GET" if request.method == "HEAD" else request.method
+    params = [("r", "method", text(method))]
+    if plan.host:
+        params.append(("r", "host", text(request.headers.get("host", "").lower())))
+    params += [("p", k, text(str(v))) for k, v in request.path_params.items()]
+    wanted = plan.query
+    for k, v in request.query_params.multi_items():
+        if wanted is None or k in wanted:
+            params.append(("q", k, secret(v, secret_key) if k in plan.secret_query else text(v)))
+    headers = request.headers
+    for h in plan.headers:
+        params += [("h", h, secret(v, secret_key)) for v in headers.getlist(h)]
+    if plan.cookies:
+        jar = request.cookies
+        params += [("c", c, secret(jar[c], secret_key)) for c in plan.cookies if c in jar]
     return identity(str(endpoint), params)
 
 
-def response_for(result: Result, request: Request, *, cache_control: str, vary: tuple[str, ...]) -> Response:
+def response_for(result: Result, request: Request, *, cache_control: str, vary: Iterable[str]) -> Response:
     headers = {
         "ETag": result.etag,
         "Cache-Control": cache_control.format(max_age=result.max_age),
         "Age": str(result.age),
         "X-Cache": result.status.value,
     }
+    vary = tuple(vary)
     if vary:
         headers["Vary"] = ", ".join(vary)
     if etag_matches(request.headers.get("if-none-match"), result.etag):
@@ -179,13 +333,23 @@ def cached_endpoint(
     tags: Iterable[str] | Callable[..., Iterable[str]] = (),
     vary: Iterable[str] = (),
     query: Literal["declared", "all"] = "declared",
-    cache_control: str = "max-age={max_age}",
+    host: bool = True,
+    shared: bool = False,
+    cache_control: str | None = None,
     allow_client_refresh: bool = False,
     **options: Any,
 ) -> Callable[[F], F]:
     """Cache a FastAPI path operation; put it *under* ``@app.get(...)``. ``tags``: fixed, or a function of the
     endpoint's arguments (by name) returning them. ``options``: ``stale``, ``refresh_ahead``, ``refresh``,
     ``cache_errors``, ``error_ttl``, ``max_size``, ``lease_ttl`` (see :class:`~hyperion_lock.Cache`).
+
+    The key holds every input the route declares (see :func:`request_identity`); ``host=False`` leaves the
+    Host header out (single-tenant apps). A request carrying a credential (``Authorization``, ``Cookie``, the
+    cache's ``credential_headers``) that the key does not include is computed directly (``BYPASS``), with one
+    WARNING per endpoint: ``vary=["Authorization"]`` caches one answer per credential (``Cache-Control:
+    private``), ``shared=True`` says the answer does not depend on who asks. A ``fastapi.security`` scheme
+    whose credential is not keyed, or a request body, is refused with ``ConfigurationError`` at decoration
+    (or, for dependencies given to the route or router, at the first request).
 
     ``refresh="background"`` (default) recomputes a stale entry after the response is sent, with the same
     arguments: use ``refresh="inline"`` when the endpoint takes request-scoped dependencies (a database session
@@ -195,49 +359,113 @@ def cached_endpoint(
     vary = tuple(vary)
     if query not in ("declared", "all"):
         raise ValueError(f"query must be 'declared' or 'all', got {query!r}")
+    if shared and vary:
+        raise ConfigurationError("shared=True says the answer does not depend on who asks; vary says it does")
 
     def decorate(fn: F) -> F:
         sig, own_request = _signature(fn)
         ns = namespace or fn.__name__
         cache.spec(ns, ttl=ttl, decode=False, **options)  # every duration and size checked now, not per request
-        per_route: dict[int, tuple[Spec, frozenset[str] | None]] = {}
-
-        def spec_for(route: Any) -> tuple[Spec, frozenset[str] | None]:
-            found = per_route.get(id(route))
-            if found is None:
-                codec = _route_codec(route, sig.return_annotation)
-                name = getattr(route, "path", None) or f"{fn.__module__}.{fn.__qualname__}"
-                spec = cache.spec(ns, ttl=ttl, codec=codec, decode=False, name=name, **options)
-                found = per_route[id(route)] = (spec, declared_query_names(route))
-            return found
+        cached = _CachedEndpoint(
+            cache, fn, ns, sig.return_annotation, tags, allow_client_refresh, cache_control, {"ttl": ttl, **options},
+            functools.partial(plan_for, vary=vary, query=query, host=host, shared=shared,
+                              credentials=cache.credential_headers),
+        )
 
         @functools.wraps(fn)
         async def endpoint(*args: Any, **kwargs: Any) -> Response:
             request: Request = kwargs[own_request] if own_request else kwargs.pop(_REQUEST)
-            spec, names = spec_for(request.scope.get("route"))
-            ident = request_identity(request, vary, query, names)
-            tag_list = tuple(tags(**kwargs) if callable(tags) else tags)
-            force = allow_client_refresh and client_wants_fresh(request.headers.get("cache-control"),
-                                                                request.headers.get("pragma"))
-
-            async def compute() -> Any:
-                if inspect.iscoroutinefunction(fn):
-                    return await fn(*args, **kwargs)
-                return await run_in_threadpool(fn, *args, **kwargs)
-
-            try:
-                result = await cache.lookup(spec, ident, tag_list, compute, force=force)
-            except CacheComputeError as exc:
-                if exc.status_code is not None:
-                    raise HTTPException(exc.status_code, exc.detail) from exc
-                raise
-            return response_for(result, request, cache_control=cache_control, vary=vary)
+            return await cached.respond(request, args, kwargs)
 
         endpoint.__signature__ = sig  # type: ignore[attr-defined]
         endpoint.cache_namespace = ns  # type: ignore[attr-defined]
+        _check_at_decoration(endpoint, cached.plan, cached.name)
         return typing.cast(F, endpoint)
 
     return decorate
 
 
-__all__ = ["CacheStatus", "cached_endpoint", "declared_query_names", "request_identity", "response_for"]
+class _CachedEndpoint:
+    """One decorated endpoint: its spec and key plan per route (worked out at the route's first request), and
+    the steps of one request."""
+
+    def __init__(self, cache: Cache, fn: Callable[..., Any], namespace: str, annotation: Any,
+                 tags: Iterable[str] | Callable[..., Iterable[str]], allow_client_refresh: bool,
+                 cache_control: str | None, options: dict[str, Any], plan: Callable[..., KeyPlan]) -> None:
+        self.cache, self.fn, self.namespace, self.annotation = cache, fn, namespace, annotation
+        self.tags, self.allow_client_refresh, self.cache_control, self.options = (tags, allow_client_refresh,
+                                                                                  cache_control, options)
+        self._plan = plan
+        self.name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', namespace)}"
+        self.per_route: dict[int, tuple[Spec, KeyPlan, str]] = {}
+
+    def plan(self, dependant: Any, where: str) -> KeyPlan:
+        return self._plan(dependant, where=where)
+
+    def spec_for(self, route: Any, request: Request) -> tuple[Spec, KeyPlan, str]:
+        found = self.per_route.get(id(route))
+        if found is None:
+            declared = set(getattr(route, "methods", None) or {"GET"})
+            where = f"{'/'.join(sorted(declared))} {getattr(route, 'path', request.url.path)} ({self.name})"
+            if declared - {"GET", "HEAD"}:
+                raise ConfigurationError(f"{where}: only GET endpoints are cached (other methods change state or "
+                                         "read a body, which is not part of the key)")
+            codec = _route_codec(route, self.annotation)
+            spec = self.cache.spec(self.namespace, ttl=self.options["ttl"], codec=codec, decode=False,
+                                   name=getattr(route, "path", None) or self.name,
+                                   **{k: v for k, v in self.options.items() if k != "ttl"})
+            found = self.per_route[id(route)] = (spec, self.plan(getattr(route, "dependant", None), where), where)
+        return found
+
+    async def respond(self, request: Request, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Response:
+        spec, plan, where = self.spec_for(request.scope.get("route"), request)
+        fn = self.fn
+
+        async def compute() -> Any:
+            if inspect.iscoroutinefunction(fn):
+                return await fn(*args, **kwargs)
+            return await run_in_threadpool(fn, *args, **kwargs)
+
+        credential = unkeyed_credential(request, plan)
+        secret_key = await self.cache.key_secret(self.namespace) if plan.hashed and credential is None else b""
+        try:
+            if credential is not None or secret_key is None:
+                if credential is not None:
+                    _warn_bypass(self.cache, where, credential)
+                result = await self.cache.direct(spec, "", compute)
+                return response_for(result, request, cache_control="private, no-store", vary=plan.vary)
+            ident = request_identity(request, plan, secret_key)
+            tag_list = tuple(self.tags(**kwargs) if callable(self.tags) else self.tags)
+            force = self.allow_client_refresh and client_wants_fresh(request.headers.get("cache-control"),
+                                                                     request.headers.get("pragma"))
+            result = await self.cache.lookup(spec, ident, tag_list, compute, force=force)
+        except CacheComputeError as exc:
+            if exc.status_code is not None:
+                raise HTTPException(exc.status_code, exc.detail) from exc
+            raise
+        control = self.cache_control or ("private, max-age={max_age}" if plan.private else "max-age={max_age}")
+        return response_for(result, request, cache_control=control, vary=plan.vary)
+
+
+def _check_at_decoration(endpoint: Callable[..., Any], plan: Callable[[Any, str], KeyPlan], name: str) -> None:
+    """Refuse, when the function is decorated, what its own signature already shows: a body, or a security
+    scheme the key does not include. Dependencies given to the route or its router are checked at the first
+    request."""
+    try:
+        dependant = get_dependant(path="", call=endpoint)
+    except Exception:  # FastAPI itself reports an unusable signature when the route is added
+        return
+    plan(dependant, name)
+
+
+def _warn_bypass(cache: Cache, where: str, credential: str) -> None:
+    shown = _title(credential)
+    cache._once(f"credential:{where}:{credential}", logging.WARNING,
+                "cache: %s received a %s header, which its cache key does not include: answered directly, neither "
+                "served from nor stored in the shared cache (X-Cache: BYPASS). If the answer depends on who asks, "
+                "add vary=[%r] to @cache.endpoint (one entry per credential%s); if it does not, shared=True",
+                where, shown, shown, ", or declare the cookies it reads with Cookie()" if shown == "Cookie" else "")
+
+
+__all__ = ["CacheStatus", "KeyPlan", "cached_endpoint", "plan_for", "request_identity", "response_for",
+           "unkeyed_credential"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -235,7 +236,18 @@ return n
 """
 
 
-SCRIPTS = (READ, TAKE, RENEW, PUT, RELEASE, INVALIDATE_KEY, INVALIDATE_TAG, INVALIDATE_NAMESPACE)
+# The namespace's key for keyed hashes in key names: the first caller's random one, kept (no TTL).
+# KEYS[1] secret   ARGV[1] a new random key, used only if there is none   returns the key
+SECRET = """
+local k = redis.call('GET', KEYS[1])
+if not k then
+  redis.call('SET', KEYS[1], ARGV[1])
+  k = ARGV[1]
+end
+return k
+"""
+
+SCRIPTS = (READ, TAKE, RENEW, PUT, RELEASE, INVALIDATE_KEY, INVALIDATE_TAG, INVALIDATE_NAMESPACE, SECRET)
 
 
 # -- typed replies -----------------------------------------------------------------------------------------------
@@ -383,6 +395,8 @@ class Store(Protocol):
 
     async def check(self) -> None: ...
 
+    async def secret(self, keys: CacheKeys) -> bytes: ...
+
     async def add_stats(self, keys: CacheKeys, counts: dict[str, float]) -> None: ...
 
     async def close(self) -> None: ...
@@ -428,6 +442,7 @@ class MemoryStore:
         self._lock = threading.Lock()
         self._spaces: dict[str, _MemNamespace] = {}
         self._waiting: dict[tuple[str, str], set[asyncio.Future[Message]]] = {}
+        self._secrets: dict[str, bytes] = {}
 
     def describe(self) -> str:
         return "process memory"
@@ -580,6 +595,10 @@ class MemoryStore:
 
     async def check(self) -> None:
         return None
+
+    async def secret(self, keys: CacheKeys) -> bytes:
+        with self._lock:
+            return self._secrets.setdefault(keys.namespace, os.urandom(32))
 
     async def add_stats(self, keys: CacheKeys, counts: dict[str, float]) -> None:
         return None
@@ -880,6 +899,10 @@ class RedisStore:
 
     async def invalidate_namespace(self, keys: CacheKeys) -> int:
         return int(await self._run(INVALIDATE_NAMESPACE, [keys.version, keys.index], []))
+
+    async def secret(self, keys: CacheKeys) -> bytes:
+        value = await self._run(SECRET, [keys.secret], [os.urandom(32)])
+        return value if isinstance(value, bytes) else str(value).encode("latin-1")
 
     async def check(self) -> None:
         """The circuit breaker's recovery check: a small write (an OOM or read-only server refuses it)."""

@@ -17,7 +17,7 @@ from redis.crc import key_slot
 from hyperion_lock import CacheSerializationError, ConfigurationError
 from hyperion_lock._cache import CacheSettings, key_identity
 from hyperion_lock._cache_codec import JsonCodec, PickleCodec, etag_of
-from hyperion_lock._cache_keys import CacheKeys, canonical, identity
+from hyperion_lock._cache_keys import CacheKeys, identity, text, typed
 from hyperion_lock._cache_policy import (
     Action,
     EntryAge,
@@ -203,7 +203,7 @@ def test_identity_sorts_names_keeps_repeated_values_in_order_and_stays_readable(
     first = identity("/x", [("q", "tag", "a"), ("q", "tag", "b")])
     assert first != identity("/x", [("q", "tag", "b"), ("q", "tag", "a")])  # order of repeated values matters
     # Separators inside values cannot forge other parameters.
-    assert identity("/x", [("q", "a", "1&q.b=2")]) != identity("/x", [("q", "a", "1"), ("q", "b", "2")])
+    assert identity("/x", [("q", "a", text("1&q.b=2"))]) != identity("/x", [("q", "a", "1"), ("q", "b", "2")])
     # Only long parts are hashed; the endpoint and the short parts stay readable.
     long = identity("/search", [("q", "text", "x" * 500), ("q", "page", "2")])
     assert long.startswith("/search?q.page=2&q.text=~") and len(long) < 120
@@ -217,13 +217,13 @@ def test_canonical_values_are_stable_and_objects_are_left_out() -> None:
         q: str
         n: int
 
-    assert canonical(Color.RED) == "red" and canonical(True) == "true" and canonical(None) == "null"
-    assert canonical(dt.date(2026, 1, 2)) == "2026-01-02" and canonical(Decimal("1.50")) == "1.50"
-    assert canonical(uuid.UUID(int=1)) == "00000000-0000-0000-0000-000000000001"
-    assert canonical({"b": 1, "a": 2}) == canonical({"a": 2, "b": 1})
-    assert canonical({1, 2}) == canonical({2, 1}) and canonical([1, 2]) != canonical([2, 1])
-    assert canonical(Query(q="x", n=1)) == '{"q":"x","n":1}'
-    assert canonical(object()) is None and canonical([1, object()]) is None  # a session, a client, a request
+    assert typed(Color.RED) == "!enum.Color(red)" and typed(True) == "!true" and typed(None) == "!null"
+    assert typed(dt.date(2026, 1, 2)) == "!date.2026-01-02" and typed(Decimal("1.50")) == "!dec.1.50"
+    assert typed(uuid.UUID(int=1)) == "!uuid.00000000-0000-0000-0000-000000000001"
+    assert typed({"b": 1, "a": 2}) == typed({"a": 2, "b": 1})
+    assert typed({1, 2}) == typed({2, 1}) and typed([1, 2]) != typed([2, 1])
+    assert typed(Query(q="x", n=1)) == "!model.Query(%7B%22q%22:%22x%22%2C%22n%22:1%7D)"
+    assert typed(object()) is None and typed([1, object()]) is None  # a session, a client, a request
     assert key_identity({"b": 1, "a": "x"}) == key_identity({"a": "x", "b": 1})
     with pytest.raises(ConfigurationError, match="cannot be part of a cache key"):
         key_identity({"session": object()})
@@ -232,9 +232,9 @@ def test_canonical_values_are_stable_and_objects_are_left_out() -> None:
 def test_every_key_of_a_namespace_is_in_one_cluster_slot() -> None:
     keys = CacheKeys("app", "quotes")
     names = [keys.entry("/q?p.s=A"), keys.lease("/q?p.s=A"), keys.version, keys.index, keys.tag_index("symbol:A"),
-             keys.stats, keys.channel, keys.entry("/other/{x}?p.x=%7B%7D")]
+             keys.stats, keys.channel, keys.entry("/other/{x}?p.x=%7B%7D"), keys.secret]
     assert len({key_slot(n.encode()) for n in names}) == 1
-    assert keys.entry("/q?p.s=A") == "app:cache:{quotes}:e:/q?p.s=A"
+    assert keys.entry("/q?p.s=A") == "app:cache:{quotes}:e2:/q?p.s=A"  # key format 2
     assert key_slot(CacheKeys("app", "other").version.encode()) != key_slot(keys.version.encode())
     with pytest.raises(ConfigurationError, match="namespace"):
         CacheKeys("app", "quo{tes}")
