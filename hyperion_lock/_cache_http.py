@@ -26,6 +26,7 @@ This module imports FastAPI; ``hyperion_lock`` imports it only when ``Cache.endp
 
 from __future__ import annotations
 
+import enum
 import functools
 import inspect
 import json
@@ -59,6 +60,7 @@ class KeyPlan:
     worked out once per route from its dependency tree (:func:`plan_for`), applied per request."""
 
     query: frozenset[str] | None  # declared query names (``None``: every one)
+    query_defaults: tuple[tuple[str, str], ...]  # (name, encoded default): an omitted value is its default
     secret_query: frozenset[str]  # query names whose values are credentials (APIKeyQuery): hashed
     headers: tuple[str, ...]  # header names (lower case) in the key, declared or in ``vary``: values hashed
     cookies: frozenset[str]  # declared cookie names in the key: values hashed
@@ -98,9 +100,22 @@ def _names(param: Any, header: bool = False) -> set[str]:
         if isinstance(choices, str):
             found.add(choices)
         found |= {c for c in getattr(choices, "choices", ()) if isinstance(c, str)}
-    if header:
-        found = {n.lower() for n in found} | {n.lower().replace("_", "-") for n in found}
-    return found
+    if header and getattr(param.field_info, "convert_underscores", True):
+        found = {n.replace("_", "-") for n in found}
+    return {n.lower() for n in found} if header else found
+
+
+def _default_text(param: Any) -> str | None:
+    """A query parameter's default as the text a client would send for it (``?range=1d`` and no ``range`` are
+    one entry when the default is ``"1d"``); ``None`` for no default, or one without a single text form."""
+    default = getattr(param.field_info, "default", None)
+    if isinstance(default, enum.Enum):
+        default = default.value
+    if isinstance(default, bool):
+        return text("true" if default else "false")
+    if isinstance(default, str | int | float):
+        return text(str(default))
+    return None
 
 
 def _credential_of(scheme: Any) -> tuple[str, str]:
@@ -124,13 +139,14 @@ def _scheme(dependant: Any) -> Any:
 @dataclass
 class _Inputs:
     query: set[str] | None
+    defaults: dict[str, str]
     headers: set[str]
     cookies: set[str]
     schemes: list[tuple[Any, Any]]
 
 
 def _inputs(dependant: Any, where: str, vary: tuple[str, ...], every_query: bool) -> _Inputs:
-    found = _Inputs(None if every_query else set(), {h.lower() for h in vary}, set(), [])
+    found = _Inputs(None if every_query else set(), {}, {h.lower() for h in vary}, set(), [])
     for node in _walk(dependant):
         body = [p.name for p in getattr(node, "body_params", [])]
         if body:
@@ -138,9 +154,12 @@ def _inputs(dependant: Any, where: str, vary: tuple[str, ...], every_query: bool
                 f"{where} reads a request body ({', '.join(body)}): a body is not part of a cache key, and only "
                 "GET endpoints are cached; remove @cache.endpoint, or take the input from the path or the query"
             )
-        if found.query is not None:
-            for param in getattr(node, "query_params", []):
+        for param in getattr(node, "query_params", []):
+            if found.query is not None:
                 found.query |= _names(param)
+            default = _default_text(param)
+            if default is not None:
+                found.defaults.setdefault(param.alias, default)
         for param in getattr(node, "header_params", []):
             found.headers |= _names(param, header=True)
         for param in getattr(node, "cookie_params", []):
@@ -195,7 +214,8 @@ def plan_for(dependant: Any, *, where: str, vary: Iterable[str], query: Literal[
         if name not in {v.lower() for v in shown}:
             shown.append(_title(name))
     private = not shared and bool(set(keyed) & set(creds) or found.cookies or secret_query)
-    return KeyPlan(None if found.query is None else frozenset(found.query), frozenset(secret_query), keyed,
+    return KeyPlan(None if found.query is None else frozenset(found.query),
+                   tuple(sorted(found.defaults.items())), frozenset(secret_query), keyed,
                    frozenset(found.cookies), host, unkeyed, cookies_keyed, private, tuple(shown))
 
 
@@ -223,10 +243,11 @@ def request_identity(request: Request, plan: KeyPlan, secret_key: bytes = b"") -
     if plan.host:
         params.append(("r", "host", text(request.headers.get("host", "").lower())))
     params += [("p", k, text(str(v))) for k, v in request.path_params.items()]
-    wanted = plan.query
-    for k, v in request.query_params.multi_items():
+    wanted, given = plan.query, request.query_params
+    for k, v in given.multi_items():
         if wanted is None or k in wanted:
             params.append(("q", k, secret(v, secret_key) if k in plan.secret_query else text(v)))
+    params += [("q", k, v) for k, v in plan.query_defaults if k not in given]
     headers = request.headers
     for h in plan.headers:
         params += [("h", h, secret(v, secret_key)) for v in headers.getlist(h)]
