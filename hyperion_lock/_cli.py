@@ -12,10 +12,12 @@ Exit codes (usable by a health check):
 
 ``status``  0 every job done · 1 a job failed (its latest outcome failed and nothing runs it now) · 2 a job is
             running, or a job named with ``--key`` has no outcome (for ``--generation``) yet · 3 Redis unreachable
-            or refusing us (credentials, ACL, TLS, DB index) · 64 bad usage. Jobs found without any outcome
+            or refusing us (credentials, ACL, TLS, DB index), or the lock directory unreadable or refused (not
+            private to this user) · 64 bad usage. Jobs found without any outcome
             (reset, or outcomes expired after the result TTL) show as ``idle`` and count as fine unless named with
             ``--key``: a health check should name its jobs, e.g. ``status --key migrate --key seed --generation "$G"``.
-``reset``   0 cleared (or nothing to clear) · 1 refused: a live lease exists (``--force`` drops it) · 3 · 64
+``reset``   0 cleared (or nothing to clear) · 1 refused: a live lease exists (``--force`` drops it) · 3 (as
+            for ``status``) · 64
 ``run``     where the command ran: its exit code (128+N when killed by signal N; SIGTERM/SIGINT are passed on
             to the command's process group, whose exit is recorded as the outcome); elsewhere: 0 once it
             succeeded somewhere, its exit code when it failed there · 1 this run lost its lease to another
@@ -54,6 +56,7 @@ from ._cluster import is_cluster_client, sharded_script
 from ._connect import as_text, sync_client_from_url
 from ._core import Coordinator
 from ._errors import (
+    ConfigurationError,
     HyperionLockError,
     JobFailedError,
     LeaseLostError,
@@ -65,13 +68,14 @@ from ._errors import (
     WaitInterruptedError,
     WaitTimeoutError,
 )
-from ._file_backend import FileLayout
+from ._file_backend import FileLayout, held_lock_fd, read_private, verify_lock_dir
 from ._keys import JobKeys
 from ._model import Holder, Outcome, Status
 from ._settings import Settings, validate_name
 
 logger = logging.getLogger(__name__)
 
+_GUARD = str(Path(__file__).with_name("_command_guard.py"))  # run by path: it must not import the package
 EXIT_OK, EXIT_FAILED, EXIT_RUNNING, EXIT_UNREACHABLE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3, 64, 130
 _STATUS_RE = re.compile(r"command exited with status (-?\d+)")
 
@@ -172,10 +176,12 @@ def redis_reset(client: redis.Redis, prefix: str, key: str, generation: str | No
 
 
 # -- file locks (no Redis) -----------------------------------------------------------------------------------
+# The lock directory is verified (private to this user) before anything in it is read or removed; every error
+# reading it is raised, never taken for "no jobs".
 def _lock_held(path: Path) -> bool:
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -186,19 +192,34 @@ def _lock_held(path: Path) -> bool:
     return False
 
 
+def _file_outcomes(files: FileLayout, generation: str | None) -> list[Outcome]:
+    found = []
+    for path in sorted(files.dir.glob(files.outcome_glob(generation))):
+        try:
+            found.append(Outcome.from_json(read_private(path)[0]))
+        except FileNotFoundError:  # reset meanwhile
+            continue
+        except (ValueError, KeyError, TypeError) as exc:
+            logger.warning("ignoring %s: not a readable outcome (%s)", path, exc)
+    return found
+
+
 def file_jobs(lock_dir: Path, prefix: str, generation: str | None) -> list[JobState]:
+    if not verify_lock_dir(lock_dir, create=False):
+        return []  # nothing ever ran here
     jobs = []
     for key in FileLayout.job_keys(lock_dir, prefix):
         files = FileLayout(lock_dir, prefix, key)
         holder = None
         if _lock_held(files.lock):
             holder = files.read_holder() or Holder(host="?", pid=0, generation="?", fencing_token=0, since=0.0)
-        found = (FileLayout.read_outcome(path) for path in sorted(lock_dir.glob(files.outcome_glob(None))))
-        jobs.append(judge(key, holder, None, [o for o in found if o is not None], generation))
+        jobs.append(judge(key, holder, None, _file_outcomes(files, None), generation))
     return jobs
 
 
 def file_reset(lock_dir: Path, prefix: str, key: str, generation: str | None, force: bool) -> tuple[bool, str]:
+    if not verify_lock_dir(lock_dir, create=False):
+        return False, f"{key}: nothing to clear"
     files = FileLayout(lock_dir, prefix, key)
     if _lock_held(files.lock) and not force:
         return True, f"refused: {key} is running on this host (its lock file is held); wait, or use --force"
@@ -207,6 +228,17 @@ def file_reset(lock_dir: Path, prefix: str, key: str, generation: str | None, fo
         path.unlink(missing_ok=True)
         removed += 1
     return False, f"{key}: removed {removed} outcome file(s)" if removed else f"{key}: nothing to clear"
+
+
+def _file_unusable(settings: Settings, exc: OSError | ConfigurationError) -> int:
+    """The lock directory could not be read or changed (or was refused): say which file and why; exit 3."""
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        message = f"cannot use the file locks in {settings.lock_dir}: {where}{exc.strerror or exc}"
+    else:
+        message = str(exc)
+    print(f"hyperion-lock: {message}", file=sys.stderr)
+    return EXIT_UNREACHABLE
 
 
 # -- commands ------------------------------------------------------------------------------------------------
@@ -251,7 +283,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             finally:
                 client.close()
         else:
-            jobs = file_jobs(Path(settings.lock_dir), settings.key_prefix, generation)
+            try:
+                jobs = file_jobs(Path(settings.lock_dir), settings.key_prefix, generation)
+            except (OSError, ConfigurationError) as exc:
+                return _file_unusable(settings, exc)
     except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
         return _unreachable(settings, exc)
     if args.key:
@@ -291,7 +326,11 @@ def cmd_reset(args: argparse.Namespace) -> int:
             finally:
                 client.close()
         else:
-            refused, message = file_reset(Path(settings.lock_dir), settings.key_prefix, key, generation, args.force)
+            try:
+                refused, message = file_reset(Path(settings.lock_dir), settings.key_prefix, key, generation,
+                                              args.force)
+            except (OSError, ConfigurationError) as exc:
+                return _file_unusable(settings, exc)
     except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
         return _unreachable(settings, exc)
     print(message, file=sys.stderr if refused else sys.stdout)
@@ -304,20 +343,39 @@ class CommandJob:
     SIGTERM/SIGINT while the command runs here are passed on (:meth:`forward`) and the lease is kept until the
     command exits, so it never runs twice; its exit status is then recorded as the outcome. While waiting, the
     coordinator ends the wait itself (exit 130).
+
+    If this process dies without a chance to react (SIGKILL, OOM killer, a crash), the command dies with it: on
+    Linux it runs under ``hyperion_lock/_command_guard.py``, which SIGKILLs the command's process group when this
+    process is gone (see there). With file locks the command also inherits the locked descriptor, so the lock is
+    held for exactly as long as any process of the command lives: a waiter cannot start a second copy meanwhile.
     """
 
-    def __init__(self, command: list[str], key: str, generation: str) -> None:
+    def __init__(self, command: list[str], key: str, generation: str, lock: Path | None = None) -> None:
         self.command = command
         self.key = key
         self.generation = generation
+        self.lock = lock  # the lock file with file locks: its held descriptor is passed to the command
         self.children: list[subprocess.Popen[bytes]] = []
         self.status: int | None = None  # exit status when it ran here
 
-    def __call__(self) -> None:
+    def _popen(self) -> subprocess.Popen[bytes]:
         # One argument: a shell command line; several: an argv run without a shell.
         cmd = self.command
-        child = (subprocess.Popen(cmd[0], shell=True, start_new_session=True) if len(cmd) == 1
-                 else subprocess.Popen(cmd, start_new_session=True))
+        fd = held_lock_fd(self.lock) if self.lock is not None else None
+        fds = () if fd is None else (fd,)
+        if sys.platform.startswith("linux") and sys.executable:
+            # Started from (and waited for by) this thread, which so outlives the guard: its death signal fires
+            # only when this process dies.
+            guard = [sys.executable, "-I", "-S", _GUARD, str(os.getpid()),
+                     str(-1 if fd is None else fd), "shell" if len(cmd) == 1 else "exec", *cmd]
+            return subprocess.Popen(guard, start_new_session=True, pass_fds=fds)
+        if len(cmd) == 1:
+            return subprocess.Popen(cmd[0], shell=True, start_new_session=True, pass_fds=fds)
+        return subprocess.Popen(cmd, start_new_session=True, pass_fds=fds)
+
+    def __call__(self) -> None:
+        cmd = self.command
+        child = self._popen()
         self.children.append(child)
         rc = child.wait()
         self.status = 128 - rc if rc < 0 else rc  # killed by signal N: 128 + N, like a shell
@@ -400,7 +458,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return request
     command, generation = request
     settings = _settings(args).with_(generation=generation)
-    job = CommandJob(command, args.key, generation)
+    lock = None if settings.redis_url else FileLayout(Path(settings.lock_dir), settings.key_prefix, args.key).lock
+    job = CommandJob(command, args.key, generation, lock)
     previous = {sig: signal.signal(sig, job.forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         outcome = Coordinator(None, settings=settings).run_once_sync(args.key, job)

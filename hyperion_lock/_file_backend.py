@@ -3,17 +3,28 @@
 The kernel drops the lock when the holder's process dies, so a crashed leader needs no expiry: the next waiter
 gets the lock at once. Waiters block on the same lock in a daemon thread (no polling). Works across processes
 of one host only; several hosts need Redis.
+
+The directory is trusted only once verified (:func:`verify_lock_dir`): a directory another local user can write
+to would let them hold the lock (every worker waits forever), plant a "done" outcome (the job is skipped) or a
+symbolic link (a root worker writes elsewhere). Files in it are opened with ``O_NOFOLLOW``; outcome and holder
+files are written to a temporary file and renamed into place, so a reader sees the old or the new one, whole.
+
+File names: ``<prefix>+<key>+lock``, ``+holder.json``, ``+fence`` and ``+outcome+<generation>.json``, each name
+part percent-encoded (``/`` and ``:`` become ``%2F``/``%3A``). ``+`` never appears in an encoded part, so two
+different (prefix, key) pairs never share a file (``shop.staging`` + ``migrate`` vs ``shop`` + ``staging.migrate``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import json
 import math
 import os
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -26,6 +37,83 @@ from ._keys import JobKeys
 from ._model import Event, FinishResult, Holder, Lease, Outcome, Probe, RenewResult, Status
 from ._settings import Settings
 
+SEP = "+"  # between the parts of a file name; quote(..., safe="") always encodes it inside a part
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _part(name: str) -> str:
+    return quote(name, safe="")
+
+
+def _mode(st: os.stat_result) -> str:
+    return f"owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}"
+
+
+def _refuse(path: Path, st: os.stat_result, why: str) -> ConfigurationError:
+    return ConfigurationError(
+        f"refusing the lock directory {path}: {why} ({_mode(st)}; this process runs as uid {os.geteuid()}); another "
+        "local user could hold its locks or plant outcomes in it. Remove it, or set HYPERION_LOCK_LOCK_DIR to a "
+        "directory of this user with mode 0700 (e.g. under $XDG_RUNTIME_DIR)"
+    )
+
+
+def _check_ancestors(path: Path) -> None:
+    """Every directory above ``path``, as spelled and as resolved, must be this user's or root's and not writable
+    by others unless sticky (``/tmp``): otherwise its owner could rename ``path`` away and put their own in its
+    place after we checked it."""
+    spelled = list(path.parents)
+    resolved = Path(os.path.realpath(path.parent))
+    for parent in [*spelled, resolved, *resolved.parents]:
+        st = os.lstat(parent)
+        if st.st_uid not in (0, os.geteuid()):
+            raise _refuse(path, st, f"{parent} above it belongs to another user")
+        if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise _refuse(path, st, f"{parent} above it is writable by other users and not sticky")
+
+
+def _check_private(path: Path) -> None:
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise _refuse(path, st, "it is a symbolic link")
+    if not stat.S_ISDIR(st.st_mode):
+        raise _refuse(path, st, "it is not a directory")
+    if st.st_uid != os.geteuid():
+        raise _refuse(path, st, "it belongs to another user")
+    if st.st_mode & 0o077:
+        raise _refuse(path, st, "other users have access to it (chmod 700 it if that is not wanted)")
+
+
+def verify_lock_dir(path: Path, *, create: bool) -> bool:
+    """Check that ``path`` is a directory private to this effective uid that nobody else can replace; with
+    ``create``, make the missing levels first (mode 0700). False when it does not exist (and not ``create``).
+
+    Raises :class:`ConfigurationError` naming the path, its owner and mode when it is a symbolic link, another
+    user's, open to others, or sits in a directory another user can write to; an ``OSError`` when it cannot be
+    made or read at all.
+    """
+    path = Path(os.path.abspath(path))
+    missing = []
+    top = path
+    while not os.path.lexists(top) and top != top.parent:
+        missing.append(top)
+        top = top.parent
+    if missing and not create:
+        return False
+    _check_ancestors(missing[-1] if missing else path)
+    for level in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made meanwhile by another worker: checked right below
+            os.mkdir(level, 0o700)
+        _check_private(level)
+    _check_private(path)
+    return True
+
+
+def read_private(path: Path) -> tuple[str, float]:
+    """The text of a file in a verified directory and its mtime, never following a symbolic link."""
+    fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+    with os.fdopen(fd) as fh:
+        return fh.read(), os.fstat(fd).st_mtime
+
 
 @dataclass(frozen=True)
 class FileLayout:
@@ -36,7 +124,7 @@ class FileLayout:
     key: str
 
     def path(self, suffix: str) -> Path:
-        return self.dir / f"{quote(self.prefix, safe='')}.{quote(self.key, safe='')}.{suffix}"
+        return self.dir / SEP.join((_part(self.prefix), _part(self.key), suffix))
 
     @property
     def lock(self) -> Path:
@@ -51,7 +139,7 @@ class FileLayout:
         return self.path("fence")
 
     def outcome(self, generation: str) -> Path:
-        return self.path(f"outcome.{quote(generation, safe='')}.json")
+        return self.path(f"outcome{SEP}{_part(generation)}.json")
 
     def outcome_glob(self, generation: str | None) -> str:
         """Glob (relative to ``dir``) of this job's outcome files, of one generation or all."""
@@ -59,29 +147,48 @@ class FileLayout:
 
     def read_holder(self) -> Holder | None:
         try:
-            return Holder.from_mapping(json.loads(self.holder.read_text()))
+            return Holder.from_mapping(json.loads(read_private(self.holder)[0]))
         except (OSError, ValueError, TypeError):
             return None
 
     @staticmethod
     def read_outcome(path: Path) -> Outcome | None:
+        return FileLayout.read_outcome_at(path)[0]
+
+    @staticmethod
+    def read_outcome_at(path: Path) -> tuple[Outcome | None, float | None]:
+        """The outcome in ``path`` and its file's mtime; (None, None) when missing or unreadable."""
         try:
-            return Outcome.from_json(path.read_text())
+            text, mtime = read_private(path)
+            return Outcome.from_json(text), mtime
         except (OSError, ValueError, KeyError, TypeError):
-            return None
+            return None, None
 
     @staticmethod
     def job_keys(directory: Path, prefix: str) -> list[str]:
-        """Job keys that have a lock or outcome file under ``directory`` (for the CLI's status)."""
-        head = quote(prefix, safe="") + "."
+        """Job keys that have a lock or outcome file in ``directory`` (for the CLI's status); the directory must
+        have been verified. An unreadable directory raises ``OSError``."""
+        head = _part(prefix) + SEP
         keys: set[str] = set()
-        for path in directory.glob(f"{head}*") if directory.is_dir() else []:
-            rest = path.name[len(head):]
-            if ".outcome." in rest:
-                keys.add(unquote(rest.split(".outcome.", 1)[0]))
-            elif rest.endswith(".lock"):
-                keys.add(unquote(rest[: -len(".lock")]))
+        for name in os.listdir(directory):
+            parts = name.split(SEP)
+            if not name.startswith(head) or len(parts) < 3:
+                continue
+            if parts[2] == "lock" or (parts[2] == "outcome" and len(parts) == 4):
+                keys.add(unquote(parts[1]))
         return sorted(keys)
+
+
+# Lock descriptors this process holds, by lock file: ``hyperion-lock run`` passes its job's one to the command.
+_HELD: dict[Path, int] = {}
+
+
+def held_lock_fd(lock: Path) -> int | None:
+    """The descriptor through which this process holds the flock of ``lock`` (a :attr:`FileLayout.lock`), if any.
+
+    A child that inherits it shares the lock: it stays held until the last process with the descriptor is gone.
+    """
+    return _HELD.get(lock)
 
 
 class FileBackend:
@@ -117,10 +224,26 @@ class FileBackend:
 
     async def open(self) -> None:
         if self._fd is None:
-            # Private to this user: the per-user parent too (mkdir applies ``mode`` to the last level only).
-            self.dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self.dir.mkdir(exist_ok=True, mode=0o700)
-            self._fd = os.open(self.files.lock, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                verify_lock_dir(self.dir, create=True)
+            except ConfigurationError as exc:
+                raise ConfigurationError(str(exc), key=self.key, generation=self.generation) from None
+            try:
+                self._fd = os.open(self.files.lock, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                raise ConfigurationError(
+                    f"refusing the lock file {self.files.lock}: it is a symbolic link; remove it",
+                    key=self.key, generation=self.generation,
+                ) from None
+
+    def _held_now(self, held: bool) -> None:
+        self._held = held
+        if held and self._fd is not None:
+            _HELD[self.files.lock] = self._fd
+        else:
+            _HELD.pop(self.files.lock, None)
 
     def _write_atomic(self, path: Path, text: str) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-")
@@ -131,20 +254,15 @@ class FileBackend:
         os.replace(tmp, path)
 
     def _outcome(self) -> tuple[Outcome | None, float | None]:
-        path = self.files.outcome(self.generation)
-        outcome = self.files.read_outcome(path)
-        try:
-            age = max(0.0, time.time() - path.stat().st_mtime) if outcome is not None else None
-        except OSError:
-            age = None
-        return outcome, age
+        outcome, mtime = self.files.read_outcome_at(self.files.outcome(self.generation))
+        return outcome, (max(0.0, time.time() - mtime) if mtime is not None else None)
 
     def _release(self) -> None:
         if self._held and self._fd is not None:
             with contextlib.suppress(OSError):
                 self.files.holder.unlink()  # nobody holds it now: waiters must not name a finished run
             fcntl.flock(self._fd, fcntl.LOCK_UN)
-        self._held = False
+        self._held_now(False)
 
     def _may_take(self, outcome: Outcome | None, age: float | None) -> bool:
         if outcome is None:
@@ -163,13 +281,13 @@ class FileBackend:
         if take and not self._held:
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self._held = True
+                self._held_now(True)
             except BlockingIOError:
                 pass
         if not self._held:
             return Probe(outcome, self.files.read_holder(), outcome_age=age)
         try:
-            fence = int(self.files.fence.read_text().strip() or 0) + 1
+            fence = int(read_private(self.files.fence)[0].strip() or 0) + 1
         except (OSError, ValueError):
             fence = 1
         self._write_atomic(self.files.fence, str(fence))
@@ -213,7 +331,7 @@ class FileBackend:
         except TimeoutError:
             return None
         self._waiter = None
-        self._held = True
+        self._held_now(True)
         return Event(Status.RELEASED, self.generation)
 
     async def renew(self, lease: Lease) -> RenewResult:
@@ -233,7 +351,7 @@ class FileBackend:
             self._closed = True
             pending = self._thread_running
         if pending:  # the blocked thread owns the descriptor now and closes it when it wakes
-            self._held = False
+            self._held_now(False)
             self._fd = None
             return
         self._release()

@@ -391,10 +391,13 @@ def default_generation(
 
 
 def default_lock_dir(cwd: str | None = None, tmp: str | None = None, uid: int | None = None) -> str:
-    """``$TMP/hyperion_lock-<uid>/<basename of cwd>-<8 hex of sha256(realpath cwd)>``.
+    """``$XDG_RUNTIME_DIR/hyperion_lock/<app>`` when that is set (a per-user 0700 directory), else
+    ``$TMP/hyperion_lock-<uid>/<app>``; ``<app>`` is ``<basename of cwd>-<8 hex of sha256(realpath cwd)>``.
 
     One directory per app: the workers of one master share its working directory, and the CLI run from the
-    project directory finds the same one; other apps of the same user get their own.
+    project directory finds the same one; other apps of the same user get their own. The directory is verified
+    before use (private to this user, see ``hyperion_lock._file_backend.verify_lock_dir``): the path is
+    predictable, so another local user may have made it first. An explicit ``tmp`` skips ``$XDG_RUNTIME_DIR``.
     """
     try:
         real = os.path.realpath(cwd if cwd is not None else os.getcwd())
@@ -402,6 +405,9 @@ def default_lock_dir(cwd: str | None = None, tmp: str | None = None, uid: int | 
         real = "/"
     digest = hashlib.sha256(os.fsencode(real)).hexdigest()[:8]
     base = re.sub(r"[^A-Za-z0-9_.\-]", "-", os.path.basename(real))[:60].lstrip(".") or "root"
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "") if tmp is None else ""
+    if os.path.isabs(runtime):
+        return os.path.join(runtime, "hyperion_lock", f"{base}-{digest}")
     user = os.getuid() if uid is None else uid
     return os.path.join(tmp if tmp is not None else tempfile.gettempdir(), f"hyperion_lock-{user}", f"{base}-{digest}")
 
@@ -426,8 +432,9 @@ class Settings:
     - ``reconnect_timeout``, ``wait_timeout``, ``progress_interval``: > 0, at most 1 day.
     - ``generation``: see :func:`default_generation` (parent's identity under a Python master, else this
       process's own identity).
-    - ``lock_dir``: see :func:`default_lock_dir` (``$TMP/hyperion_lock-<uid>/<cwd name>-<cwd hash>``, one per
-      app directory).
+    - ``lock_dir``: see :func:`default_lock_dir` (``$XDG_RUNTIME_DIR/hyperion_lock/<cwd name>-<cwd hash>``, else
+      ``$TMP/hyperion_lock-<uid>/…``, one per app directory). Default or set, it must be private to this user
+      (0700, owned by the effective uid, not a symbolic link): anything else is refused when it is used.
     - ``min_replicas``: 0 (default, off) to 100. With ``n`` > 0 the leader runs ``WAIT n <ms>`` after taking the
       lease and after each renewal (``ms``: :func:`replica_wait_ms`). Fewer acknowledgements are logged at WARNING,
       once per call, and the job goes on: WAIT narrows the window in which a failover loses the lease, it cannot

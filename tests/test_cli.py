@@ -133,6 +133,13 @@ def _gated_command(ran: Path, gate: Path) -> str:
             f"[ -e {gate} ]")
 
 
+def _caller_of(shell: int) -> int | None:
+    """The ``hyperion-lock run`` process whose command ``shell`` is: its parent is the command's guard (which kills
+    the command if the caller dies), whose parent is the caller."""
+    guard = parent_pid(shell)
+    return parent_pid(guard) if guard is not None else None
+
+
 def _runners(ran: Path) -> list[int]:
     """The pids of the shells that ran the command (one line each)."""
     return [int(line) for line in ran.read_text().split()] if ran.exists() else []
@@ -161,7 +168,7 @@ def test_concurrent_runs_run_the_command_exactly_once(backend: str, tmp_path: Pa
         wait_until(lambda: _runners(ran), "the command started in one caller")
 
         def others_waiting() -> bool:
-            leaders = {parent_pid(pid) for pid in _runners(ran)}
+            leaders = {_caller_of(pid) for pid in _runners(ran)}
             others = {p.pid for p in procs} - leaders
             return others <= waiting(others)
 
@@ -225,10 +232,10 @@ def test_sigterm_reaches_the_command_and_its_exit_is_recorded(secured_redis: Red
     leader = subprocess.Popen(argv, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     waiter: subprocess.Popen[str] | None = None
     try:
-        # Proof that it leads before the signal is sent: the lease names it and the command's shell is its child.
+        # Proof that it leads before the signal is sent: the lease names it and the command's shell is its own.
         assert wait_for_lease(url, "long")["pid"] == leader.pid
         shell = wait_until(lambda: _runners(ran), "the command started in the leading caller")[0]
-        assert parent_pid(shell) == leader.pid
+        assert _caller_of(shell) == leader.pid
         waiter = subprocess.Popen(argv, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         waiter_pid = waiter.pid
         wait_until(lambda: waiting_on_redis(url, [waiter_pid]), "the second caller waits for the running command")

@@ -1,0 +1,156 @@
+"""``hyperion-lock run``: the command never outlives its runner, so a waiter that takes over never runs a second
+copy beside a first one (real runners, SIGKILLed while their command runs, with Redis and with file locks)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import pytest
+
+from hyperion_lock.testing import RedisServer
+
+from ._deploy import blocked_on_flock, clean_env, waiting_on_redis
+from .conftest import wait_until
+
+pytestmark = pytest.mark.integration
+
+GUARD = Path(__file__).resolve().parent.parent / "hyperion_lock" / "_command_guard.py"
+
+# One copy of the command: it notes any earlier copy whose process group still has a live process ("overlap"),
+# then logs "start <pid> <pgid> <pid of its own child>", holds until the gate file exists (at most 60 s), logs "end".
+COPY = r"""
+import os, subprocess, sys, time
+log, gate = sys.argv[1], sys.argv[2]
+
+def alive(pgid):
+    for entry in os.listdir("/proc"):
+        try:
+            fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+lines = open(log).read().splitlines() if os.path.exists(log) else []
+earlier = [int(line.split()[2]) for line in lines if line.startswith("start ")]
+child = subprocess.Popen(["sleep", "60"])
+with open(log, "a") as f:
+    for pgid in earlier:
+        if alive(pgid):
+            f.write(f"overlap {os.getpid()} {pgid}\n")
+    f.write(f"start {os.getpid()} {os.getpgid(0)} {child.pid}\n")
+deadline = time.monotonic() + 60
+while not os.path.exists(gate) and time.monotonic() < deadline:
+    time.sleep(0.05)
+child.kill()
+with open(log, "a") as f:
+    f.write(f"end {os.getpid()}\n")
+"""
+
+
+def _lines(log: Path, kind: str) -> list[list[str]]:
+    text = log.read_text() if log.exists() else ""
+    return [line.split()[1:] for line in text.splitlines() if line.startswith(kind + " ")]
+
+
+def _live(pids: Iterable[int]) -> list[int]:
+    """The processes among ``pids`` that still exist and are not zombies."""
+    found = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state not in ("Z", "X"):
+            found.append(pid)
+    return found
+
+
+def _group(pgid: int) -> list[int]:
+    """Live processes of process group ``pgid``."""
+    members = []
+    for entry in os.listdir("/proc"):
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            members.append(int(entry))
+    return members
+
+
+@pytest.mark.parametrize("backend", ["redis", "file-locks"])
+def test_sigkilled_runner_takes_its_command_along(backend: str, tmp_path: Path,
+                                                  request: pytest.FixtureRequest) -> None:
+    """SIGKILL the caller whose command runs while another caller waits: the command (and the process it started)
+    dies with its caller, and the waiter's copy starts only once it is gone: never two copies at once. Before, the
+    command lived on in its own session, and the waiter started a second copy beside it (at once with file locks,
+    after one lease TTL with Redis)."""
+    log, gate = tmp_path / "log", tmp_path / "gate"
+    if backend == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        where, env = ["--url", server.url], clean_env(HYPERION_LOCK_LEASE_TTL="2")
+        waiting: Callable[[Iterable[int]], set[int]] = functools.partial(waiting_on_redis, server.url)
+    else:
+        where, env = [], clean_env(HYPERION_LOCK_LOCK_DIR=str(tmp_path / "locks"))
+        waiting = blocked_on_flock
+    argv = [sys.executable, "-m", "hyperion_lock._cli", "run", *where, "--key", "copy", "--generation", "g1", "--",
+            sys.executable, "-c", COPY, str(log), str(gate)]
+    first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second: subprocess.Popen[str] | None = None
+    try:
+        [(_, pgid, grandchild)] = wait_until(lambda: _lines(log, "start"), "the first caller's command started")
+        first_copy = _group(int(pgid))
+        assert int(grandchild) in first_copy
+        second = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        second_pid = second.pid
+        wait_until(lambda: waiting([second_pid]), "the second caller waits for the running command")
+        first.kill()
+        first.wait(30)
+        wait_until(lambda: len(_lines(log, "start")) == 2, "the waiting caller ran the command after the takeover")
+        gate.touch()
+        out, _ = second.communicate(timeout=60)
+    finally:
+        gate.touch()  # lets any copy still running end
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert not _lines(log, "overlap"), f"two copies ran at once: {log.read_text()}"
+    assert second.returncode == 0, out
+    assert not _live(first_copy), "the killed caller's command outlived it"
+    ends = _lines(log, "end")
+    assert [e[0] for e in ends] == [_lines(log, "start")[1][0]], log.read_text()  # only the second copy ended
+
+
+def test_guard_does_not_start_the_command_when_its_runner_is_already_gone(tmp_path: Path) -> None:
+    """The runner died between starting the guard and the guard setting its death signal: the guard's parent is no
+    longer the runner it was given, and the command must not start (nobody would stop it)."""
+    marker = tmp_path / "ran"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    result = subprocess.run([sys.executable, "-I", "-S", str(GUARD), str(gone.pid), "-1", "shell", f"touch {marker}"],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 128 + 9, result
+    assert not marker.exists()
+
+
+def test_guard_returns_the_command_status_and_passes_the_lock_descriptor(tmp_path: Path) -> None:
+    """Started by its runner (here: this process), the guard runs the command with the given descriptor open and
+    returns its status, 128 + N when a signal ended it."""
+    fd = os.open(tmp_path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        seen = tmp_path / "seen"
+        cmd = f"readlink /proc/$$/fd/{fd} > {seen}; kill -TERM $$"
+        result = subprocess.run([sys.executable, "-I", "-S", str(GUARD), str(os.getpid()), str(fd), "shell", cmd],
+                                pass_fds=(fd,), timeout=60, check=False)
+    finally:
+        os.close(fd)
+    assert result.returncode == 128 + 15
+    assert seen.read_text().strip() == str(tmp_path / "lock")
