@@ -22,7 +22,8 @@ pytestmark = pytest.mark.integration
 GUARD = Path(__file__).resolve().parent.parent / "hyperion_lock" / "_command_guard.py"
 
 # One copy of the command: it notes any earlier copy whose process group still has a live process ("overlap"),
-# then logs "start <pid> <pgid> <pid of its own child>", holds until the gate file exists (at most 60 s), logs "end".
+# then logs "start <pid> <pgid> <pid of its own child> <lock files it holds open>", holds until the gate file
+# exists (at most 60 s), logs "end".
 COPY = r"""
 import os, subprocess, sys, time
 log, gate = sys.argv[1], sys.argv[2]
@@ -37,6 +38,15 @@ def alive(pgid):
             return True
     return False
 
+def lock_fds():
+    found = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found += os.readlink(f"/proc/self/fd/{fd}").endswith("+lock")
+        except OSError:
+            pass
+    return found
+
 lines = open(log).read().splitlines() if os.path.exists(log) else []
 earlier = [int(line.split()[2]) for line in lines if line.startswith("start ")]
 child = subprocess.Popen(["sleep", "60"])
@@ -44,7 +54,7 @@ with open(log, "a") as f:
     for pgid in earlier:
         if alive(pgid):
             f.write(f"overlap {os.getpid()} {pgid}\n")
-    f.write(f"start {os.getpid()} {os.getpgid(0)} {child.pid}\n")
+    f.write(f"start {os.getpid()} {os.getpgid(0)} {child.pid} {lock_fds()}\n")
 deadline = time.monotonic() + 60
 while not os.path.exists(gate) and time.monotonic() < deadline:
     time.sleep(0.05)
@@ -105,7 +115,7 @@ def test_sigkilled_runner_takes_its_command_along(backend: str, tmp_path: Path,
     first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     second: subprocess.Popen[str] | None = None
     try:
-        [(_, pgid, grandchild)] = wait_until(lambda: _lines(log, "start"), "the first caller's command started")
+        [(_, pgid, grandchild, _)] = wait_until(lambda: _lines(log, "start"), "the first caller's command started")
         first_copy = _group(int(pgid))
         assert int(grandchild) in first_copy
         second = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -125,8 +135,11 @@ def test_sigkilled_runner_takes_its_command_along(backend: str, tmp_path: Path,
     assert not _lines(log, "overlap"), f"two copies ran at once: {log.read_text()}"
     assert second.returncode == 0, out
     assert not _live(first_copy), "the killed caller's command outlived it"
-    ends = _lines(log, "end")
-    assert [e[0] for e in ends] == [_lines(log, "start")[1][0]], log.read_text()  # only the second copy ended
+    starts, ends = _lines(log, "start"), _lines(log, "end")
+    assert [e[0] for e in ends] == [starts[1][0]], log.read_text()  # only the second copy ended
+    # With file locks each copy held the lock itself (the first through its caller, the second after its caller
+    # waited for the lock); with Redis there is no lock file.
+    assert [s[3] for s in starts] == (["1", "1"] if backend == "file-locks" else ["0", "0"]), log.read_text()
 
 
 def test_guard_does_not_start_the_command_when_its_runner_is_already_gone(tmp_path: Path) -> None:
@@ -154,3 +167,16 @@ def test_guard_returns_the_command_status_and_passes_the_lock_descriptor(tmp_pat
         os.close(fd)
     assert result.returncode == 128 + 15
     assert seen.read_text().strip() == str(tmp_path / "lock")
+
+
+def test_guard_keeps_signals_its_runner_ignored(tmp_path: Path) -> None:
+    """A caller started with SIGINT ignored (a background job, ``nohup``-like): the command ignores it too, although
+    the guard itself handles SIGINT/SIGTERM."""
+    seen = tmp_path / "ignored"
+    cmd = f"grep SigIgn /proc/$$/status > {seen}"
+    guard = f"trap '' INT; exec {sys.executable} -I -S {GUARD} {os.getpid()} -1 shell '{cmd}'"
+    result = subprocess.run(["sh", "-c", guard], timeout=60, check=False)
+    assert result.returncode == 0
+    mask = int(seen.read_text().split()[1], 16)
+    assert mask & (1 << (2 - 1)), "SIGINT is no longer ignored in the command"  # bit N-1 for signal N
+    assert not mask & (1 << (15 - 1))
