@@ -11,9 +11,10 @@ Boot timeline under gunicorn >= 22 with ``uvicorn_worker.UvicornWorker``:
    before the first heartbeat, so a long migration is never killed for being slow — and a hung one is never
    reaped either (the lease's progress logs show it). gunicorn <= 21 timed out the boot and killed slow
    starters in a loop: do not use it.
-4. A lifespan that raises makes the worker exit with code 3; the master then halts: SIGTERM to every worker,
-   SIGKILL after ``graceful_timeout``, exit status 3. Waiting workers end their wait at once on the failure
-   outcome (or on that SIGTERM), so the halt takes seconds, not ``graceful_timeout``.
+4. A lifespan that raises makes the worker exit with code 3; the master then halts: SIGTERM to every worker, SIGKILL
+   after ``graceful_timeout``, a non-zero exit status (3 or 1: a race in gunicorn's halt path ends some halts with a
+   ``HaltServer`` traceback and 1, with or without ``--preload``; match non-zero, not 3). Waiting workers end their
+   wait at once on the failure outcome (or on that SIGTERM), so the halt takes seconds, not ``graceful_timeout``.
 
 Nothing here imports gunicorn: the hooks receive its objects and only read documented attributes.
 """
