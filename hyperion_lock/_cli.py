@@ -8,24 +8,8 @@
 Where the state lives: ``--url`` or ``HYPERION_LOCK_REDIS_URL``; without either, the file locks of this host in
 ``HYPERION_LOCK_LOCK_DIR``. ``--prefix`` / ``HYPERION_LOCK_KEY_PREFIX`` select the key prefix.
 
-Exit codes (usable by a health check):
-
-``status``  0 every job done · 1 a job failed (its latest outcome failed and nothing runs it now) · 2 a job is
-            running, or a job named with ``--key`` has no outcome (for ``--generation``) yet · 3 Redis unreachable
-            or refusing us (credentials, ACL, TLS, DB index), or the lock directory unreadable or refused (not
-            private to this user) · 64 bad usage. Jobs found without any outcome
-            (reset, or outcomes expired after the result TTL) show as ``idle`` and count as fine unless named with
-            ``--key``: a health check should name its jobs, e.g. ``status --key migrate --key seed --generation "$G"``.
-``reset``   0 cleared (or nothing to clear) · 1 refused: a live lease exists (``--force`` drops it) · 3 (as
-            for ``status``) · 64
-``run``     where the command ran: its exit code (128+N when killed by signal N; SIGTERM/SIGINT are passed on
-            to the command's process group, whose exit is recorded as the outcome); elsewhere: 0 once it
-            succeeded somewhere, its exit code when it failed there · 1 this run lost its lease to another
-            worker · 3 Redis unreachable or refusing us · 64 bad usage (e.g. no generation) · 130 interrupted
-            while waiting
-``wait``    0 the job is done for the generation · 1 it failed (now, or within the failure hold) · 2 timed out
-            (``--timeout``) · 3 Redis unreachable or refusing us · 64 bad usage · 130 interrupted. It never runs
-            the job, and does not replace a runner that died: pair it with ``run`` (a Kubernetes Job)
+Exit codes (usable by a health check) and what ``status`` judges: :data:`EXIT_CODES_HELP`, printed at the end of
+``hyperion-lock --help``.
 """
 
 from __future__ import annotations
@@ -77,6 +61,30 @@ logger = logging.getLogger(__name__)
 
 _GUARD = str(Path(__file__).with_name("_command_guard.py"))  # run by path: it must not import the package
 EXIT_OK, EXIT_FAILED, EXIT_RUNNING, EXIT_UNREACHABLE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3, 64, 130
+#: The epilog of ``--help``: exit codes per command, and which generation ``status`` judges.
+EXIT_CODES_HELP = """\
+exit codes (usable by a health check):
+
+status  0 every job done · 1 a job failed (its outcome failed and nothing runs it now) · 2 a job is
+        running, or a job named with --key has no outcome yet · 3 Redis unreachable or refusing us
+        (credentials, ACL, TLS, DB index), or the lock directory unreadable or refused (not private to this
+        user) · 64 bad usage.
+        It judges one generation: --generation G, else the current one, the generation of the newest lease
+        or outcome among all jobs of the prefix (a failure of an older deployment no longer counts). Jobs
+        with no outcome in it (not run yet, reset, expired after the result TTL, or only run by older
+        generations) show as idle and count as fine unless named with --key: a health check should name
+        its jobs, e.g. status --key migrate --key seed --generation "$G".
+reset   0 cleared (or nothing to clear) · 1 refused: a live lease exists (--force drops it) · 3 (as for
+        status) · 64
+run     where the command ran: its exit code (128+N when killed by signal N; SIGTERM/SIGINT are passed on to
+        the command's process group, whose exit is recorded as the outcome); elsewhere: 0 once it succeeded
+        somewhere, its exit code when it failed there · 1 this run lost its lease to another worker · 3 Redis
+        unreachable or refusing us · 64 bad usage (e.g. no generation), or a lock directory refused · 130
+        interrupted while waiting
+wait    0 the job is done for the generation · 1 it failed (now, or within the failure hold) · 2 timed out
+        (--timeout) · 3 Redis unreachable or refusing us · 64 bad usage · 130 interrupted. It never runs the
+        job, and does not replace a runner that died: pair it with run (a Kubernetes Job)
+"""
 _STATUS_RE = re.compile(r"command exited with status (-?\d+)")
 
 
@@ -90,6 +98,7 @@ class JobState:
     generation: str | None = None
     fencing_token: int | None = None
     lease_left_s: float | None = None
+    lease_since: float | None = None  # epoch seconds the lease was taken (running only)
     last_error: str | None = None
     outcomes: list[dict[str, Any]] = field(default_factory=list)
 
@@ -110,12 +119,21 @@ def judge(key: str, holder: Holder | None, lease_left: float | None, outcomes: l
     job = JobState(key=key, state="idle", last_error=last_error, outcomes=[_outcome_row(o) for o in outcomes])
     if holder is not None:
         job.state, job.holder, job.generation = "running", holder.runner, holder.generation
-        job.fencing_token, job.lease_left_s = holder.fencing_token, lease_left
+        job.fencing_token, job.lease_left_s, job.lease_since = holder.fencing_token, lease_left, holder.since
     elif relevant:
         last = relevant[-1]
         job.state = "done" if last.status is Status.DONE else "failed"
         job.holder, job.generation, job.fencing_token = last.runner, last.generation, last.fencing_token
     return job
+
+
+def newest_generation(jobs: Sequence[JobState]) -> str | None:
+    """The current generation, judged by ``status`` without ``--generation``: the generation of the most recent
+    activity among all jobs of the prefix -- the newest live lease (by when it was taken) or recorded outcome (by
+    when it finished). None when nothing is recorded. A failure of an older generation then no longer counts."""
+    seen = [(j.lease_since, j.generation) for j in jobs if j.state == "running" and j.lease_since and j.generation]
+    seen += [(float(o["finished_at"]), str(o["generation"])) for j in jobs for o in j.outcomes if o["generation"]]
+    return max(seen, key=lambda found: found[0])[1] if seen else None
 
 
 def exit_code(jobs: Sequence[JobState]) -> int:
@@ -261,34 +279,75 @@ def _unreachable(settings: Settings, exc: Exception) -> int:
     return EXIT_UNREACHABLE
 
 
-def _cache_section(client: redis.Redis, prefix: str) -> list[dict[str, Any]]:
-    """The cache part of ``status``; a user not allowed to read it (ACL) still gets the jobs' status."""
+def _cache_section(client: redis.Redis, prefix: str) -> tuple[list[dict[str, Any]] | None, str | None]:
+    """The cache part of ``status`` and, when it could not be read, why; a user not allowed to read it (ACL) still
+    gets the jobs' status, and is told the cache could not be listed instead of seeing "no namespaces"."""
     try:
-        return cache_report(client, prefix)
+        return cache_report(client, prefix), None
     except (redis.ResponseError, redis.exceptions.RedisClusterException) as exc:
-        print(f"hyperion-lock: cache section not readable: {exc}", file=sys.stderr)
-        return []
+        denied = "NOPERM" in str(exc) or isinstance(exc, redis.exceptions.NoPermissionError)
+        why = (f"not readable as this Redis user ({exc}); grant the cache's commands listed in docs/caching.md "
+               "(ACL)" if denied else f"not readable ({type(exc).__name__}: {exc})")
+        return None, why
+
+
+def _read_jobs(settings: Settings, generation: str | None, cache: bool
+               ) -> tuple[list[JobState], list[dict[str, Any]] | None, str | None]:
+    """The jobs judged for ``generation`` (None: each job's latest outcome) and, with ``cache``, the cache section
+    (None without Redis) and why it could not be read."""
+    if not settings.redis_url:
+        return file_jobs(Path(settings.lock_dir), settings.key_prefix, generation), None, None
+    client = _client(settings)
+    try:
+        jobs = redis_jobs(client, settings.key_prefix, generation)
+        rows, error = _cache_section(client, settings.key_prefix) if cache else (None, None)
+        return jobs, rows, error
+    finally:
+        client.close()
+
+
+def _status_failed(settings: Settings, exc: Exception) -> int:
+    """The exit code of ``status`` when the state could not be read; a bad Redis URL goes on to ``main``."""
+    if not settings.redis_url and isinstance(exc, OSError | ConfigurationError):
+        return _file_unusable(settings, exc)
+    if isinstance(exc, ConfigurationError):
+        raise exc
+    return _unreachable(settings, exc)
+
+
+def _print_status(settings: Settings, generation: str | None, chosen: str, jobs: list[JobState],
+                  cache: list[dict[str, Any]] | None, cache_error: str | None) -> None:
+    print(f"{_where(settings)}, prefix {settings.key_prefix!r}" + (
+        f", generation {generation}" + (" (the newest seen; --generation to choose)" if chosen == "newest" else "")
+        if generation else ""))
+    if not jobs:
+        print("no run-once jobs found")
+    for j in jobs:
+        left = f"{j.lease_left_s:.1f}s" if j.lease_left_s is not None else "-"
+        print(f"{j.key:<20} {j.state:<8} holder={j.holder or '-'} generation={j.generation or '-'} "
+              f"token={j.fencing_token if j.fencing_token is not None else '-'} lease_left={left}"
+              + (f" last_error={j.last_error}" if j.last_error else ""))
+    if cache_error:
+        print(f"cache: {cache_error}")
+    else:
+        print("cache:" if cache is not None else "cache: each worker's own memory (no Redis): no shared view")
+    if cache is not None:
+        print("\n".join(describe_report(cache)))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings(args)
     generation = args.generation and validate_name(args.generation, "generation")
-    cache: list[dict[str, Any]] | None = None  # None: no shared cache (each worker caches in its own memory)
+    chosen = "given" if generation else "newest"
     try:
-        if settings.redis_url:
-            client = _client(settings)
-            try:
-                jobs = redis_jobs(client, settings.key_prefix, generation)
-                cache = _cache_section(client, settings.key_prefix)
-            finally:
-                client.close()
-        else:
-            try:
-                jobs = file_jobs(Path(settings.lock_dir), settings.key_prefix, generation)
-            except (OSError, ConfigurationError) as exc:
-                return _file_unusable(settings, exc)
-    except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
-        return _unreachable(settings, exc)
+        # cache None: no shared cache (each worker caches in its own memory), or not readable (cache_error says)
+        jobs, cache, cache_error = _read_jobs(settings, generation, cache=True)
+        if not generation:  # judge the current generation: the newest one seen (see newest_generation)
+            generation = newest_generation(jobs)
+            if generation:
+                jobs = _read_jobs(settings, generation, cache=False)[0]
+    except (redis.RedisError, redis.exceptions.RedisClusterException, OSError, ConfigurationError) as exc:
+        return _status_failed(settings, exc)
     if args.key:
         names = {j.key for j in jobs}
         jobs += [JobState(key=k, state="idle") for k in args.key if k not in names]
@@ -298,19 +357,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     code = exit_code(jobs)
     if args.json:
         print(json.dumps({"where": _where(settings), "prefix": settings.key_prefix, "generation": generation,
-                          "exit_code": code, "jobs": [asdict(j) for j in jobs], "cache": cache}, indent=2))
-        return code
-    print(f"{_where(settings)}, prefix {settings.key_prefix!r}" + (f", generation {generation}" if generation else ""))
-    if not jobs:
-        print("no run-once jobs found")
-    for j in jobs:
-        left = f"{j.lease_left_s:.1f}s" if j.lease_left_s is not None else "-"
-        print(f"{j.key:<20} {j.state:<8} holder={j.holder or '-'} generation={j.generation or '-'} "
-              f"token={j.fencing_token if j.fencing_token is not None else '-'} lease_left={left}"
-              + (f" last_error={j.last_error}" if j.last_error else ""))
-    print("cache:" if cache is not None else "cache: each worker's own memory (no Redis): no shared view")
-    if cache is not None:
-        print("\n".join(describe_report(cache)))
+                          "generation_chosen": chosen, "exit_code": code, "jobs": [asdict(j) for j in jobs],
+                          "cache": cache, "cache_error": cache_error}, indent=2))
+    else:
+        _print_status(settings, generation, chosen, jobs, cache, cache_error)
     return code
 
 
@@ -480,26 +530,29 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--prefix", default=None,
                         help="key prefix (default: $HYPERION_LOCK_KEY_PREFIX or hyperion_lock)")
     common.add_argument("-v", "--verbose", action="store_true", help="log the coordinator's steps to stderr")
-    parser = argparse.ArgumentParser(prog="hyperion-lock", description=__doc__.split("\n\n")[0],
-                                     epilog="exit codes: see `python -m pydoc hyperion_lock._cli`")
+    parser = argparse.ArgumentParser(prog="hyperion-lock", description=(__doc__ or "").split("\n\n")[0],
+                                     epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command_name", required=True)
-    status = sub.add_parser("status", parents=[common], help="state of every run-once job (exit 0/1/2/3)")
+    tail: dict[str, Any] = {"epilog": EXIT_CODES_HELP, "formatter_class": argparse.RawDescriptionHelpFormatter}
+    status = sub.add_parser("status", parents=[common], help="state of every run-once job (exit 0/1/2/3)", **tail)
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.add_argument("--generation", default=None, help="judge the outcomes of this generation only")
+    status.add_argument("--generation", default=None,
+                        help="judge this generation (default: the newest lease or outcome's, see below)")
     status.add_argument("--key", action="append", help="only these jobs; a missing one counts as pending")
     status.set_defaults(func=cmd_status)
-    reset = sub.add_parser("reset", parents=[common], help="clear a job's recorded outcome(s)")
+    reset = sub.add_parser("reset", parents=[common], help="clear a job's recorded outcome(s)", **tail)
     reset.add_argument("job_key", metavar="KEY")
     reset.add_argument("--generation", default=None, help="only this generation's outcome (default: all)")
     reset.add_argument("--force", action="store_true", help="also drop a live lease (its holder must be gone)")
     reset.set_defaults(func=cmd_reset)
-    run = sub.add_parser("run", parents=[common], help="run a command once across all workers and hosts")
+    run = sub.add_parser("run", parents=[common], help="run a command once across all workers and hosts",
+                         **tail)
     run.add_argument("--key", required=True, help="job key shared by every caller (e.g. migrate)")
     run.add_argument("--generation", default=None, help="default: $HYPERION_LOCK_GENERATION (required)")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARG ...]")
     run.set_defaults(func=cmd_run)
     wait = sub.add_parser("wait", parents=[common],
-                          help="wait until a job is done elsewhere, never running it (init containers)")
+                          help="wait until a job is done elsewhere, never running it (init containers)", **tail)
     wait.add_argument("--key", required=True, help="job key (e.g. migrate)")
     wait.add_argument("--generation", default=None, help="default: $HYPERION_LOCK_GENERATION (required)")
     wait.add_argument("--timeout", type=float, default=None, help="give up after this many seconds (exit 2)")

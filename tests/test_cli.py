@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from hyperion_lock import JobKeys
+from hyperion_lock._connect import _ACL_COMMANDS
 from hyperion_lock.testing import RedisServer, free_port
 
 from ._deploy import blocked_on_flock, clean_env, parent_pid, waiting_on_redis
@@ -258,3 +259,80 @@ def test_sigterm_reaches_the_command_and_its_exit_is_recorded(secured_redis: Red
         assert client.get(JobKeys("hyperion_lock", "long").lease) is None  # handed back once the command exited
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("backend", ["redis", "file-locks"])
+def test_status_judges_the_newest_generation_by_default(backend: str, tmp_path: Path,
+                                                        request: pytest.FixtureRequest) -> None:
+    """A failure of an older deployment (here a one-off job the new one does not run) no longer makes ``status``
+    exit 1 for the whole result TTL: without ``--generation`` it judges the generation of the newest lease or
+    outcome, and says which; ``--generation`` still judges any other."""
+    if backend == "redis":
+        server: RedisServer = request.getfixturevalue("secured_redis")
+        where, env = ["--url", server.url], clean_env()
+    else:
+        where, env = [], clean_env(HYPERION_LOCK_LOCK_DIR=str(tmp_path / "locks"))
+    assert cli("run", *where, "--key", "oneoff", "--generation", "g1", "--", "exit 7", env=env).returncode == 7
+    assert cli("status", *where, env=env).returncode == 1  # g1 is the newest: its failure counts
+    assert cli("run", *where, "--key", "migrate", "--generation", "g2", "--", "true", env=env).returncode == 0
+
+    status = cli("status", "--json", *where, env=env)
+    report = json.loads(status.stdout)
+    assert status.returncode == 0, status
+    assert (report["generation"], report["generation_chosen"], report["exit_code"]) == ("g2", "newest", 0)
+    jobs = {j["key"]: j for j in report["jobs"]}
+    assert jobs["migrate"]["state"] == "done"
+    assert jobs["oneoff"]["state"] == "idle" and [o["generation"] for o in jobs["oneoff"]["outcomes"]] == ["g1"]
+    text = cli("status", *where, env=env)
+    assert text.returncode == 0 and "generation g2 (the newest seen; --generation to choose)" in text.stdout
+    assert cli("status", *where, "--generation", "g1", env=env).returncode == 1  # still judged when asked for
+    assert cli("status", *where, "--key", "oneoff", env=env).returncode == 2  # named, and not run for g2
+
+    # A lease taken after the newest outcome makes its generation the current one: migrate has not run in it yet.
+    ran, gate = tmp_path / "ran.txt", tmp_path / "gate"
+    slow = subprocess.Popen([sys.executable, "-m", "hyperion_lock._cli", "run", *where, "--key", "seed",
+                             "--generation", "g3", "--", _gated_command(ran, gate)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _runners(ran), "the g3 job to start")
+        report = json.loads(cli("status", "--json", *where, env=env).stdout)
+        jobs = {j["key"]: j for j in report["jobs"]}
+        assert report["generation"] == "g3" and report["exit_code"] == 2
+        assert (jobs["seed"]["state"], jobs["migrate"]["state"]) == ("running", "idle")
+    finally:
+        gate.touch()
+        slow.communicate(timeout=60)
+
+
+def test_status_says_when_the_cache_cannot_be_listed(secured_redis: RedisServer) -> None:
+    """With the run-once core's minimal ACL (and SCAN) status still reports the jobs, and says it could not list
+    the cache instead of claiming there is none."""
+    user = f"status{time.time_ns()}"
+    admin = redis.Redis.from_url(secured_redis.url)
+    try:
+        admin.sadd("hyperion_lock:cache:namespaces", "quotes")
+        admin.execute_command("ACL", "SETUSER", user, "on", ">user-pw", "resetchannels",  # type: ignore[no-untyped-call]
+                              "~hyperion_lock:*", "&hyperion_lock:*", *_ACL_COMMANDS.split(), "+scan")
+        url = f"redis://{user}:user-pw@127.0.0.1:{secured_redis.port}/0"
+        text = cli("status", "--url", url)
+        assert text.returncode == 0, text
+        assert "no cache namespaces yet" not in text.stdout
+        assert "cache: not readable as this Redis user" in text.stdout and "docs/caching.md" in text.stdout
+        assert "user-pw" not in text.stdout + text.stderr
+        report = json.loads(cli("status", "--json", "--url", url).stdout)
+        assert report["cache"] is None and "no permissions to run" in report["cache_error"]
+        # As a user allowed to read it, the namespace is listed.
+        assert "quotes" in cli("status", "--url", secured_redis.url).stdout
+    finally:
+        admin.delete("hyperion_lock:cache:namespaces")
+        admin.execute_command("ACL", "DELUSER", user)  # type: ignore[no-untyped-call]
+        admin.close()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["status", "--help"], ["wait", "--help"]])
+def test_help_lists_the_exit_codes(argv: list[str]) -> None:
+    shown = cli(*argv)
+    assert shown.returncode == 0 and "pydoc" not in shown.stdout
+    for line in ("status  0 every job done", "reset   0 cleared", "run     where the command ran",
+                 "wait    0 the job is done", "the generation of the newest lease"):
+        assert line in shown.stdout, shown.stdout
