@@ -354,3 +354,53 @@ async def test_invalidate_finds_exactly_what_was_cached_whatever_its_characters(
         assert await rate("/api/rates?base=EUR") == first + 1
     finally:
         await cache.aclose()
+
+
+async def test_workers_agree_on_the_namespace_key_of_the_hashes(redis_url: str, prefix: str) -> None:
+    """Without a configured key_secret, the first worker stores a random one in Redis and every worker uses it:
+    a per-user entry made by one worker is served by another."""
+    caches, runs = [make(redis_url, prefix), make(redis_url, prefix)], list[str]()
+    try:
+        async with client(users_app(caches[0], runs)) as c0, client(users_app(caches[1], runs)) as c1:
+            first = await c0.get("/me/watchlist", headers=ALICE)
+            second = await c1.get("/me/watchlist", headers=ALICE)
+            assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
+            assert (await c1.get("/me/watchlist", headers=BOB)).json()["user"].startswith("bob")
+        assert runs == ["watchlist", "watchlist"]
+        with redis.Redis.from_url(redis_url) as r:
+            assert len(r.get(f"{prefix}:cache:{{me}}:k") or b"") == 32
+        configured = [make(redis_url, prefix + "c", key_secret="a-configured-secret-0123456789") for _ in range(2)]
+        async with client(users_app(configured[0], runs)) as c0, client(users_app(configured[1], runs)) as c1:
+            assert (await c0.get("/me/header", headers=ALICE)).headers["x-cache"] == "MISS"
+            assert (await c1.get("/me/header", headers=ALICE)).headers["x-cache"] == "HIT"
+        with redis.Redis.from_url(redis_url) as r:
+            assert r.get(f"{prefix}c:cache:{{me}}:k") is None  # a configured secret is never stored
+        caches += configured
+        with pytest.raises(ConfigurationError, match="at least 16 bytes"):
+            make(redis_url, prefix, key_secret="short")
+    finally:
+        for cache in caches:
+            await cache.aclose()
+
+
+async def test_the_reference_apps_watchlist_is_cached_per_user(redis_url: str, prefix: str) -> None:
+    from hyperion_lock.demo import quotes
+
+    cache = make(redis_url, prefix)
+    app = FastAPI()
+    quotes.add_routes(app, cache)
+    try:
+        async with client(app) as c:
+            alice = {"Authorization": "Bearer demo-alice"}
+            a1 = await c.get("/me/watchlist", headers=alice)
+            b1 = await c.get("/me/watchlist", headers={"Authorization": "Bearer demo-bob"})
+            a2 = await c.get("/me/watchlist", headers=alice)
+            assert a1.json()["user"] == "alice" and a1.json()["symbols"] == ["AAPL", "MSFT"]
+            assert b1.json()["user"] == "bob" and b1.headers["x-cache"] == "MISS"
+            assert a2.headers["x-cache"] == "HIT" and a2.json() == a1.json()
+            assert a1.headers["cache-control"] == "private, max-age=30" and a1.headers["vary"] == "Authorization"
+            assert (await c.get("/me/watchlist")).status_code in (401, 403)
+            assert (await c.get("/me/watchlist", headers={"Authorization": "Bearer x"})).status_code == 401
+        assert not [n for n in key_names(redis_url, prefix) if "demo-" in n or "alice" in n]
+    finally:
+        await cache.aclose()

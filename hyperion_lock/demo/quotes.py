@@ -10,6 +10,14 @@ the upstream fail (502) after the delay.
 ``GET /upstream-calls`` counts the upstream calls of every worker since the database was created;
 ``POST /quotes/{symbol}/invalidate`` drops every cached quote of the symbol: ``{"invalidated": n}``.
 
+``GET /me/watchlist`` is the safe pattern for an answer that depends on who asks: the user comes from a bearer
+token (``Authorization: Bearer demo-<name>``, through FastAPI's ``HTTPBearer``), and the endpoint is cached with
+``vary=["Authorization"]``: one entry per token (its key holds a keyed hash of it, never the token), served with
+``Cache-Control: private``. Without ``vary`` the cache would refuse the endpoint at decoration, since an
+``HTTPBearer`` nobody keyed would hand the first user's watchlist to everyone. ``/quotes`` beside it is marked
+``shared=True``: its answer does not depend on who asks, so a request carrying a token or a cookie is answered
+from the same entries (without it, such a request would bypass the cache: ``X-Cache: BYPASS``).
+
 With Redis (``HYPERION_LOCK_REDIS_URL``) a burst of requests for one cold key makes one upstream call across all
 workers; without it, at most one per worker.
 
@@ -24,7 +32,8 @@ import time
 from decimal import Decimal
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from sqlalchemy import Engine, func, insert, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -92,16 +101,39 @@ def symbol_tag(symbol: str) -> str:
     return f"symbol:{symbol.upper()}"
 
 
+class Watchlist(BaseModel):
+    user: str
+    symbols: list[str]
+    computed_by: int
+
+
+WATCHLISTS = {"alice": ["AAPL", "MSFT"], "bob": ["TSLA", "NVDA"]}
+bearer = HTTPBearer(description="Bearer demo-<name>")
+
+
+def current_user(credentials: HTTPAuthorizationCredentials = Depends(bearer)) -> str:  # noqa: B008
+    """The user of a demo token ``demo-<name>`` (a real app verifies a signed token here)."""
+    name = credentials.credentials.removeprefix("demo-")
+    if not credentials.credentials.startswith("demo-") or not name.isalnum():
+        raise HTTPException(401, "unknown token: use Bearer demo-<name>")
+    return name.lower()
+
+
 def add_routes(app: FastAPI, cache: Cache) -> None:
     ttl = _seconds(QUOTE_TTL_ENV, 30.0)
     stale = _seconds(QUOTE_STALE_ENV, 10.0)
 
     @app.get("/quotes/{symbol}", response_model=Quote)
-    @cache.endpoint(NAMESPACE, ttl=ttl, stale=stale, tags=lambda symbol, **_: [symbol_tag(symbol)])
+    @cache.endpoint(NAMESPACE, ttl=ttl, stale=stale, tags=lambda symbol, **_: [symbol_tag(symbol)], shared=True)
     async def quote(
         symbol: str, request: Request, range_: str = Query("1d", alias="range"), interval: str = "5m",
     ) -> Quote:
         return await upstream_quote(request.app.state.engine, symbol, range_, interval)
+
+    @app.get("/me/watchlist", response_model=Watchlist)
+    @cache.endpoint("watchlists", ttl=ttl, vary=["Authorization"])
+    async def watchlist(user: str = Depends(current_user)) -> Watchlist:
+        return Watchlist(user=user, symbols=WATCHLISTS.get(user, ["SPY"]), computed_by=os.getpid())
 
     @app.post("/quotes/{symbol}/invalidate")
     async def invalidate_quote(symbol: str) -> dict[str, int]:
