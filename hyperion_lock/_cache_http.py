@@ -4,17 +4,24 @@
     @cache.endpoint("quotes", ttl=30, tags=lambda symbol, **_: [f"symbol:{symbol}"])
     async def quote(symbol: str, range: str = "1d", db: Session = Depends(session)) -> Quote: ...
 
-* Key: the route template (``/quotes/{symbol}``), the path parameters, the query parameters the route declares
-  (anywhere in its dependencies; ``query="all"`` takes every one) sorted by name with repeated values in their
-  order, and the ``vary`` headers. Dependencies, the body and undeclared parameters (``?_=<cache buster>``) are
-  not part of it.
+* Key (RFC 9111: the effective request URI plus what the answer varies on): the method, the Host header
+  (``host=False``: not), the mount point and route template (``/v1/quotes/{symbol}``), the path parameters, the
+  query parameters the route declares anywhere in its dependency tree (an omitted one as its default;
+  ``query="all"`` takes every one) sorted by name with repeated values in their order, the declared header and
+  cookie parameters and the ``vary`` headers (their values only as keyed hashes). Undeclared parameters
+  (``?_=<cache buster>``) are not part of it; a body is refused.
+* Credentials: a request carrying one (``Authorization``, a cookie, the cache's ``credential_headers``) that
+  the key does not include is computed directly, neither served from nor stored in the shared cache
+  (``BYPASS``); a ``fastapi.security`` scheme whose credential is not keyed is refused (``ConfigurationError``)
+  unless ``shared=True``.
 * Body: the value as FastAPI would send it (validated through the route's ``response_model`` or the return
   annotation, with its ``by_alias`` / ``exclude_*`` options), encoded once when computed. Every later response,
   in every worker, sends those stored bytes, so types and field order survive and the ETag (a hash of the
   bytes) is the same everywhere and across restarts.
 * Headers, on the first (MISS) response as on every later one: ``ETag``, ``Cache-Control`` (``max-age`` = fresh
-  seconds left; template ``cache_control``), ``Age``, ``X-Cache: HIT | MISS | STALE`` (``BYPASS`` when Redis is
-  unavailable and the response was computed directly), and ``Vary`` for the ``vary`` headers. ``If-None-Match``
+  seconds left; ``private`` when the key holds a credential; template ``cache_control``), ``Age``,
+  ``X-Cache: HIT | MISS | STALE`` (``BYPASS`` when the response was computed directly), and ``Vary`` for the
+  ``vary`` headers and declared header and cookie parameters. ``If-None-Match``
   with a matching ETag gets ``304 Not Modified``.
 * A client's ``Cache-Control: no-cache`` is ignored unless ``allow_client_refresh=True``; then it recomputes,
   still once across all workers for concurrent such requests.
