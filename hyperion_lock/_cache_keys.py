@@ -105,7 +105,7 @@ def typed(value: Any) -> str | None:
         inner = typed(value.value)
         return None if inner is None else f"!enum.{text(type(value).__name__, safe='_')}({inner})"
     if isinstance(value, str):
-        return text(value)
+        return text(value) if value else '!""'  # "" in a list must differ from nothing: [""] is not []
     atom = _atom(value)
     if atom is not None:
         return atom
