@@ -14,6 +14,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -306,11 +307,16 @@ def test_wrong_password(workers: Workers, monkeypatch: pytest.MonkeyPatch, repor
         assert secret not in output, "a password leaked into the worker's log"
 
 
-def test_second_deploy_while_first_migrates(workers: Workers, redis_server: RedisServer, report: Any) -> None:
-    workers.spawn(3, url=redis_server.url, ttl=TTL, job="sleep:3", generation="g1")
+def test_second_deploy_while_first_migrates(workers: Workers, redis_server: RedisServer, report: Any,
+                                           tmp_path: Path) -> None:
+    """g2's workers start while g1's job runs; g1's job ends only once they are seen waiting (a gate file, not a
+    sleep: on a loaded machine a 3 s job once ended before g2's workers were up, and the test proved nothing)."""
+    gate = tmp_path / "g1-may-finish"
+    workers.spawn(3, url=redis_server.url, ttl=TTL, job=f"file:{gate}", generation="g1")
     workers.wait_for("ran", 1, timeout=EVENT_TIMEOUT)
     second = workers.spawn(3, url=redis_server.url, ttl=TTL, job="sleep:1", generation="g2")
     g2_waiting = wait_waiting(redis_server.url, [p.pid for p in second])
+    gate.touch()
     codes = workers.join(timeout=60)
     assert_exit(workers, codes, {0})
     ran = workers.events("ran")
