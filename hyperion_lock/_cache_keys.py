@@ -37,6 +37,7 @@ import decimal
 import enum
 import hashlib
 import hmac
+import re
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -57,8 +58,13 @@ def digest(text: str, length: int = 24) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:length]
 
 
+_PLAIN = re.compile(r"[A-Za-z0-9" + re.escape(_SAFE) + r"]*").fullmatch  # nothing to encode (the usual case)
+
+
 def text(value: str, safe: str = _SAFE) -> str:
     """A text as a key part: percent-encoded; ``~`` too (``quote`` keeps it), so only hashes start with it."""
+    if safe is _SAFE and _PLAIN(value):
+        return value
     return quote(value, safe=safe, errors="surrogatepass").replace("~", "%7E")
 
 
