@@ -670,6 +670,11 @@ class Cache:
                                threshold=cs.breaker_failures, retry_after=cs.breaker_retry,
                                max_retry_after=cs.breaker_max_retry)
             ctx = self._loops[loop] = _Loop(store, guard)
+            # What a lookup needs is imported and set up with the loop's context (connect(), in the lifespan),
+            # never on a hit: the metrics, and the JSON codec's pydantic (it imports its schema machinery on the
+            # first TypeAdapter).
+            metrics.prepare()
+            JsonCodec()
             if store.shared:
                 ctx.spawn(self._flush_loop(ctx), "hyperion-lock-cache-stats")
         return ctx

@@ -215,6 +215,7 @@ class _Waiter:
 
     async def run(self) -> Lease | Outcome | None:
         call = self.call
+        metrics.prepare()  # imports and set-up now, before the first probe: never between a wake-up and the return
         with metrics.span("hyperion_lock.wait", call.key) as span:
             try:
                 return await self._run()
@@ -303,6 +304,7 @@ class _Waiter:
 
     async def _wait(self, until: float) -> Next:
         call, policy = self.call, self.policy
+        metrics.will_wait(call.key)  # the series the wake-up records into exists before it comes
         now = call.clock()
         if policy.progress_due(now):
             self._log_progress(now)

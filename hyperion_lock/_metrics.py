@@ -1,11 +1,20 @@
 """Optional Prometheus metrics and OpenTelemetry spans: no-ops unless ``prometheus_client`` / ``opentelemetry-api``
 can be imported (extras ``metrics`` and ``tracing``). The core install needs neither.
 
-Nothing is imported at import time: ``prometheus_client`` is imported, and the metrics are created, on the first
-event. That matters under gunicorn: ``prometheus_client`` picks its multi-process storage when it is imported, so
+Importing this module (or ``hyperion_lock``) imports neither. (redis-py 8 imports ``opentelemetry`` itself, in
+``redis.observability``, when it is installed; that is redis-py's, not ours.) :meth:`Metrics.prepare` imports
+``prometheus_client``, creates the metrics and resolves the tracer: a run-once call does it when it starts, before
+its first probe, and the cache when it sets up an event loop (:meth:`Cache.connect` in the lifespan, or its first
+use on that loop) -- in the worker, after the fork. Never after a wake-up: N workers woken by one message would
+all import at the same moment, on a few cores, on the path that decides when they start serving (32 workers
+importing ``prometheus_client``, ~30 ms each, on 2 cores: half a second of release lag). A call that is about to
+wait also creates the series its wake-up records into (:meth:`Metrics.will_wait`), so the wake-up itself only
+updates values that exist.
+
+That matters under gunicorn too: ``prometheus_client`` picks its multi-process storage when it is imported, so
 ``PROMETHEUS_MULTIPROC_DIR`` must be set before (:func:`gunicorn_metrics_dir`, called by ``gunicorn.conf.py`` in
-the master), and every worker then writes its samples to files in that directory, which :func:`render_metrics`
-adds up.
+the master, before any worker starts), and every worker then writes its samples to files in that directory, which
+:func:`render_metrics` adds up.
 
 Metrics (labels are few: a job's ``key``, a cache ``namespace``, a fixed set of outcomes; never a generation, a
 token or a cache entry):
@@ -81,10 +90,15 @@ class _Prometheus:
         self.cache = counter("cache_requests", "Cache lookups and errors, by status", ("namespace", "status"))
         self.compute = histogram("cache_compute_seconds", "Run time of the cache's computations", ("namespace",))
 
+    def all(self) -> tuple[Any, ...]:
+        return (self.runs, self.duration, self.wait, self.takeovers, self.lost, self.reconnects, self.cache,
+                self.compute)
+
 
 class Metrics:
     """Records this library's events. ``registry`` (default: ``prometheus_client.REGISTRY``) and ``tracer``
-    (default: the global OpenTelemetry tracer ``hyperion_lock``) are resolved on first use."""
+    (default: the global OpenTelemetry tracer ``hyperion_lock``) are resolved by :meth:`prepare` (or, failing
+    that, on first use)."""
 
     def __init__(self, registry: Any = None, tracer: Any = None) -> None:
         self._registry = registry
@@ -95,6 +109,33 @@ class Metrics:
         self._traced = tracer is not None
         self._lock = threading.Lock()
         self._warned = False
+        self._pid = 0  # the process prepare() last ran in
+
+    # -- set-up -----------------------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Set up, in this process, everything recording needs: import ``prometheus_client`` and create the
+        metrics (once per process), resolve the tracer, and -- after a fork -- let ``prometheus_client`` move
+        metrics the parent already recorded into this process's files (it does that on the first read or write
+        in a new pid, for every value at once). Cheap once done; never raises."""
+        self._get_tracer()
+        prom = self._get()
+        if prom is None:
+            return
+        pid = os.getpid()
+        if self._pid == pid:
+            return
+        self._pid = pid
+        try:
+            for metric in prom.all():  # reading any value makes prometheus_client re-open its files in this pid
+                metric.collect()
+        except Exception as exc:
+            self._warn(exc)
+
+    def will_wait(self, key: str) -> None:
+        """A call of ``key`` is about to wait: create the series its wake-up records into (``wait_seconds`` with
+        outcome ``done``, at 0), so the wake-up only updates values that exist. (A new series is set-up work:
+        in multi-process mode ``prometheus_client`` writes each of its buckets to this process's file.)"""
+        self._record(lambda p: p.wait.labels(key, "done"))
 
     # -- events -----------------------------------------------------------------------------------------------
     def job_finished(self, key: str, outcome: str, seconds: float) -> None:

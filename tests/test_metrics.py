@@ -327,6 +327,118 @@ def test_importing_the_package_imports_neither() -> None:
     assert json.loads(out.stdout.splitlines()[-1]) == []
 
 
+# -- nothing on the wake-up path but the wake-up -------------------------------------------------------------------
+# A waiter in a process of its own, set up as a traced app under gunicorn would be (an SDK tracer provider,
+# PROMETHEUS_MULTIPROC_DIR): it notes sys.modules when it starts waiting (its DEBUG notice "running in ...; waiting")
+# and again once run_once returned. Whatever was imported in between was imported by N woken workers at once.
+_WAKE = r"""
+import asyncio, json, logging, sys
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+url, key, generation = sys.argv[1:4]
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+from hyperion_lock import Coordinator
+
+at_wait = set()
+
+class AtWait(logging.Handler):
+    def emit(self, record):
+        if not at_wait and record.getMessage().startswith(key + ": running in "):
+            at_wait.update(sys.modules)
+            print("waiting", flush=True)
+
+log = logging.getLogger("hyperion_lock")
+log.setLevel(logging.DEBUG)
+log.addHandler(AtWait())
+
+async def main():
+    outcome = await Coordinator(url, generation=generation, lease_ttl=5).run_once(key, lambda: None)
+    new = sorted(set(sys.modules) - at_wait)
+    print(json.dumps({"ran_here": outcome.ran_here, "new": new, "spans": len(exporter.get_finished_spans()),
+                      "set_up": "prometheus_client" in at_wait}), flush=True)
+
+asyncio.run(main())
+"""
+
+_HIT = r"""
+import asyncio, json, sys
+from hyperion_lock import Cache, Settings
+
+url, namespace = sys.argv[1:3]
+
+async def main():
+    cache = Cache(url, settings=Settings(redis_url=url, key_prefix="metrics"))
+    assert await cache.connect(5.0)  # the warm-up a lifespan does, after the fork
+    before = set(sys.modules)
+    value = await cache.get_or_compute(namespace, "k", lambda: "computed here", ttl=60)
+    new = sorted(set(sys.modules) - before)
+    await cache.aclose()
+    print(json.dumps({"value": value, "stats": cache.stats().get(namespace), "new": new}), flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.integration
+async def test_nothing_is_imported_between_a_wake_up_and_the_return(redis_url: str, tmp_path: Path) -> None:
+    """prometheus_client and the tracer are set up when the call starts, not after the wake-up (issue 13)."""
+    key, generation = new_key(), f"gen-{uuid.uuid4().hex}"
+    started, go = asyncio.Event(), asyncio.Event()
+
+    async def job() -> None:
+        started.set()
+        await go.wait()
+
+    leader = asyncio.create_task(Coordinator(redis_url, generation=generation, lease_ttl=5).run_once(key, job))
+    await asyncio.wait_for(started.wait(), 30)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _WAKE, redis_url, key, generation, cwd=ROOT,
+        env={**os.environ, MULTIPROC_ENV: str(tmp_path)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        waiting = await asyncio.wait_for(proc.stdout.readline(), 60)
+        assert waiting == b"waiting\n", (waiting, await proc.stderr.read() if proc.stderr else b"")
+        go.set()
+        assert (await leader).ran_here
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        go.set()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    seen = json.loads(out.decode().splitlines()[-1])
+    assert seen["ran_here"] is False and seen["spans"] == 1, seen  # woken, and its wait span ended
+    assert seen["set_up"], "prometheus_client was not imported before the wait"
+    assert seen["new"] == [], f"imported between the wake-up and the return: {seen['new']}"
+
+
+@pytest.mark.integration
+async def test_a_cache_hit_imports_nothing(redis_url: str, tmp_path: Path) -> None:
+    """After Cache.connect() (the lifespan's warm-up), a hit counts itself in metrics already set up."""
+    namespace = new_key()
+    cache = Cache(redis_url, settings=Settings(redis_url=redis_url, key_prefix="metrics"))
+    try:
+        assert await cache.get_or_compute(namespace, "k", lambda: "v", ttl=60) == "v"
+    finally:
+        await cache.aclose()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _HIT, redis_url, namespace, cwd=ROOT, env={**os.environ, MULTIPROC_ENV: str(tmp_path)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    seen = json.loads(out.decode().splitlines()[-1])
+    assert seen["value"] == "v" and seen["stats"]["hits"] == 1, seen
+    assert seen["new"] == [], f"imported on a cache hit: {seen['new']}"
+
+
 # -- run-once against a real Redis ---------------------------------------------------------------------------------
 async def subscribers(client: aredis.Redis, key: str) -> int:
     reply = await client.pubsub_numsub(JobKeys("hyperion_lock", key).channel)
@@ -392,7 +504,8 @@ async def test_a_failed_job_counts_failed_runs_and_waits(redis_url: str, spans: 
         await aclose(watcher)
     assert sorted(type(r).__name__ for r in results) == ["JobFailedError", "JobFailedError", "RuntimeError"]
     assert key_samples("hyperion_lock_job_runs_total", key) == {"failed": 1}
-    assert key_samples("hyperion_lock_wait_seconds_count", key) == {"failed": 2}
+    # The "done" series was created, at 0, when the waiters began to wait (before any wake-up).
+    assert key_samples("hyperion_lock_wait_seconds_count", key) == {"done": 0, "failed": 2}
     assert outcomes_of(spans_of(spans, "hyperion_lock.job", key)) == {"failed": 1}
     assert outcomes_of(spans_of(spans, "hyperion_lock.wait", key)) == {"lead": 1, "failed": 2}
 
@@ -426,7 +539,8 @@ async def test_a_cancelled_leader_is_taken_over(redis_url: str, caplog: pytest.L
     assert outcome.ran_here
     assert key_samples("hyperion_lock_job_runs_total", key) == {"interrupted": 1, "done": 1}
     assert sample("hyperion_lock_takeovers_total", key=key) == 1
-    assert key_samples("hyperion_lock_wait_seconds_count", key) == {}  # both led
+    # Both led; the second one's wait series was created, at 0, when it began to wait.
+    assert key_samples("hyperion_lock_wait_seconds_count", key) == {"done": 0}
 
 
 @pytest.mark.integration
