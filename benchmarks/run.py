@@ -31,6 +31,16 @@ before / after / ratio table: lag p50/p99 over all waiters of all rounds, the pe
 run-to-run noise), and Redis commands per startup (commandstats total incl. inside-Lua, MONITOR top-level and
 inside-Lua, EVAL/EVALSHA, renewals). ``--job-seconds`` and ``--ttl`` apply (default 2 s each, as in the main run);
 the other options do not. An A/A run (``--after`` = a second export of the same commit) shows the noise floor.
+
+Guard mode, run by ``.ci/run`` (issue 13; about 20-40 s on 2 cores):
+
+    python -m benchmarks.run --guard                  # N = 16, 3 rounds, bound 3x; exit status 1 above it
+    python -m benchmarks.run --guard --after TREE     # the same for the hyperion_lock of another tree
+
+Each round is a compare-mode round of this checkout (or ``--after TREE``) with ``PROMETHEUS_MULTIPROC_DIR`` set
+as under gunicorn: a fresh set of N workers, their asyncio pub/sub floor, then one release round. The verdict is the
+median over the rounds of p50 release lag / p50 floor of the same round; every figure is printed. It refuses to run
+without the extras whose set-up once sat between the wake-up and the return (prometheus_client, OpenTelemetry).
 """
 
 from __future__ import annotations

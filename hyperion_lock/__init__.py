@@ -3,7 +3,8 @@
 Public API: the names in ``__all__`` (the ``hyperion_lock._*`` modules are private and may change; the reference
 app in ``hyperion_lock.demo`` uses nothing else). Importing this package needs only ``redis``: FastAPI is
 imported when ``OptionalRedis`` is first used (extra ``fastapi``), gunicorn never (the hooks only read the
-objects gunicorn hands them), prometheus_client and OpenTelemetry only when the first metric or span is recorded.
+objects gunicorn hands them), prometheus_client and OpenTelemetry when a run-once call starts or the cache sets up
+an event loop, in the worker (redis-py 8 imports OpenTelemetry itself, when installed).
 """
 
 from typing import TYPE_CHECKING, Any
