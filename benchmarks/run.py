@@ -20,17 +20,18 @@ startup, measured before and after a change in one run):
     # after the change (about 2 min on 2 idle cores; add --output FILE to keep the report)
     python -m benchmarks.run --compare /tmp/hyperion-before --n 32 --rounds 6
 
-``--compare TREE`` measures only hyperion_lock: each round starts a fresh set of N workers
-(``benchmarks/worker.py`` run as a script from a scratch directory with TREE first on PYTHONPATH, so it imports
-TREE/hyperion_lock ahead of the editable install), runs one asyncio pub/sub floor round and one release round
-(FLUSHALL + SCRIPT FLUSH first, so every startup meets an empty Redis and script cache). Rounds alternate
-before, after, before, after, ... so machine noise hits both sides alike. The "after" side is ``--after TREE``
-(default: this checkout, uncommitted edits included; the report says so). Every worker reports the resolved
-``hyperion_lock.__file__`` it loaded and a round aborts unless all N loaded the expected tree. The report is one
-before / after / ratio table: lag p50/p99 over all waiters of all rounds, the per-round median and range (the
-run-to-run noise), and Redis commands per startup (commandstats total incl. inside-Lua, MONITOR top-level and
-inside-Lua, EVAL/EVALSHA, renewals). ``--job-seconds`` and ``--ttl`` apply (default 2 s each, as in the main run);
-the other options do not. An A/A run (``--after`` = a second export of the same commit) shows the noise floor.
+``--compare TREE`` measures only hyperion_lock: each round starts a fresh set of N workers (``benchmarks/worker.py``
+run as a script from a scratch directory with TREE first on PYTHONPATH, so it imports TREE/hyperion_lock ahead of
+the editable install), runs one asyncio pub/sub floor round and one release round (FLUSHALL + SCRIPT FLUSH first, so
+every startup meets an empty Redis and script cache; the leader's job ends only once all N processes listen to the
+job's channel, so a worker still setting up is not counted as release lag). Rounds alternate before, after, before,
+after, ... so machine noise hits both sides alike. The "after" side is ``--after TREE`` (default: this checkout,
+uncommitted edits included; the report says so). Every worker reports the resolved ``hyperion_lock.__file__`` it
+loaded and a round aborts unless all N loaded the expected tree. The report is one before / after / ratio table: lag
+p50/p99 over all waiters of all rounds, the per-round median and range (the run-to-run noise), and Redis commands
+per startup (commandstats total incl. inside-Lua, MONITOR top-level and inside-Lua, EVAL/EVALSHA, renewals).
+``--job-seconds`` and ``--ttl`` apply (default 2 s each, as in the main run); the other options do not. An A/A run
+(``--after`` = a second export of the same commit) shows the noise floor.
 
 Guard mode, run by ``.ci/run`` (issue 13; about 20-40 s on 2 cores):
 
@@ -131,7 +132,7 @@ class Pool:
         self._offset = 0
         self._rows: list[dict[str, Any]] = []
         flags = ["--impl", impl, "--url", url, "--ttl", str(ttl), "--job-seconds", str(job), "--log", str(self.log),
-                 "--tag", tag, "--jitter", str(min(1.0, job / 2))]
+                 "--tag", tag, "--jitter", str(min(1.0, job / 2)), "--workers", str(n)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if tree is None:
             cmd, cwd = [sys.executable, "-m", "benchmarks.worker", *flags], ROOT
@@ -275,6 +276,12 @@ def release_round(pool: Pool, admin: redis.Redis, url: str, key: str, job: float
                 res.notes.append(f"outcome PUBLISHed (Redis clock, MONITOR) {ms(res.publish_seen)} ms after the job "
                                  "end")
         res.barrier_ok = max(r["t"] for r in pool.events("entered", key)) < end_t
+        for held in pool.events("barrier", key):
+            if held["subscribers"] < pool.n:
+                res.barrier_ok = False
+            if held["held"] >= 0.1 or held["subscribers"] < pool.n:
+                res.notes.append(f"job held {held['held']:.1f} s after its {job:g} s until {held['subscribers']}/"
+                                 f"{pool.n} processes listened")
     calls = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
     res.stats_total = sum(c for name, c in calls.items() if name not in ADMIN_COMMANDS)
     res.stats_eval = sum(c for name, c in calls.items() if name.startswith("eval"))

@@ -3,13 +3,15 @@
     python -m benchmarks.worker --impl hyperion --url URL --ttl 2 --job-seconds 2 --log FILE --tag T
 
 Rounds (one line each on stdin): ``floor CHANNEL`` (block on one pub/sub subscription until a message comes),
-``release KEY`` (run-once with a job of ``--job-seconds``), ``takeover KEY`` (run-once whose first leader sleeps
-until the orchestrator SIGKILLs it; a later leader runs a short job), ``exit``. Every fact is appended to ``--log``
+``release KEY`` (run-once with a job of ``--job-seconds``; with ``--workers N`` and ``--impl hyperion`` the job
+then also waits until N processes listen to the job's channel, so that every waiter really waits when it ends),
+``takeover KEY`` (run-once whose first leader sleeps until the orchestrator SIGKILLs it; a later leader runs a short
+job), ``exit``. Every fact is appended to ``--log``
 as one JSON line (``time.time()``; all processes share the host clock). With ``--impl hyperion`` the ``ready``
 line carries ``module``, the resolved ``hyperion_lock.__file__`` this process imported (also printed to stderr).
 
-Only the public API of hyperion_lock is used (``Coordinator``, ``Coordinator.run_once``, ``Outcome.ran_here``), so
-the same worker drives the library before and after a rewrite of its core.
+Only the public API of hyperion_lock is used (``Coordinator``, ``Coordinator.run_once``, ``Outcome.ran_here``,
+``JobKeys``), so the same worker drives the library before and after a rewrite of its core.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from typing import Any
 import redis
 
 IMPLS = ("hyperion", "polling", "redis-py-lock", "python-redis-lock")
+# hyperion, release rounds: the leader's job ends only once this many processes listen to the job's channel (every
+# call subscribes before its first probe), so set-up still running in a slow worker is not counted as release lag.
+BARRIER = {"subscribers": 0}
 LONG_JOB = 120.0  # the first leader of a takeover round sleeps this long; it is killed well before
 SHORT_JOB = 0.1
 
@@ -61,11 +66,13 @@ def job_seconds(log: Log, kind: str, key: str, seconds: float) -> float:
 
 # -- the run-once flavours; each returns True when the job ran in this process ---------------------------------
 def run_hyperion(log: Log, r: redis.Redis, url: str, key: str, ttl: float, secs: Callable[[], float]) -> bool:
-    from hyperion_lock import Coordinator
+    from hyperion_lock import Coordinator, JobKeys
 
     async def job() -> None:
         log.emit("lead", key=key)
         await asyncio.sleep(secs())
+        if BARRIER["subscribers"]:
+            await all_listening(log, r, JobKeys("bench", key).channel, key, BARRIER["subscribers"])
         log.emit("job-end", key=key)
 
     async def main() -> bool:
@@ -76,6 +83,19 @@ def run_hyperion(log: Log, r: redis.Redis, url: str, key: str, ttl: float, secs:
         return outcome.ran_here
 
     return asyncio.run(main())
+
+
+async def all_listening(log: Log, r: redis.Redis, channel: str, key: str, count: int) -> None:
+    """Wait (at most 120 s) until ``count`` clients subscribe to ``channel``; log how long that held the job."""
+    started = time.monotonic()
+    seen = 0
+    for _ in range(6000):
+        reply = await asyncio.to_thread(r.pubsub_numsub, channel)
+        seen = int(reply[0][1])
+        if seen >= count:
+            break
+        await asyncio.sleep(0.02)
+    log.emit("barrier", key=key, held=time.monotonic() - started, subscribers=seen)
 
 
 def run_polling(log: Log, r: redis.Redis, url: str, key: str, ttl: float, secs: Callable[[], float]) -> bool:
@@ -198,6 +218,8 @@ def main() -> int:
     parser.add_argument("--log", required=True)
     parser.add_argument("--tag", default="")
     parser.add_argument("--jitter", type=float, default=0.0, help="random start delay, 0..JITTER s, per round")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="hyperion release rounds: the job ends only once this many processes listen")
     args = parser.parse_args()
     loaded: dict[str, str] = {}
     if args.impl == "hyperion":
@@ -224,6 +246,7 @@ def main() -> int:
         if kind == "floor-async":
             floor_async_round(log, args.url, key)
             continue
+        BARRIER["subscribers"] = args.workers if kind == "release" else 0
         if args.jitter > 0:
             time.sleep(random.uniform(0, args.jitter))  # workers of a real boot do not start in lockstep
         log.emit("entered", key=key)

@@ -155,6 +155,24 @@ async def test_a_real_cache_counts_its_lookups_in_prometheus() -> None:
     assert sample("hyperion_lock_cache_compute_seconds_count", namespace=namespace) == 1
 
 
+def test_prepare_sets_everything_up_before_any_event() -> None:
+    """prepare() creates the metrics and resolves the tracer; will_wait() creates the series a wake-up records into,
+    at 0, so recording after the wake-up only updates values that exist."""
+    reg, tracer = CollectorRegistry(), FakeTracer()
+    m = Metrics(registry=reg, tracer=tracer)
+    assert not list(reg.collect())
+    m.prepare()
+    assert {fam.name for fam in reg.collect()} >= {"hyperion_lock_wait_seconds", "hyperion_lock_job_runs",
+                                                     "hyperion_lock_cache_requests"}
+    assert reg.get_sample_value("hyperion_lock_wait_seconds_count", {"key": "k", "outcome": "done"}) is None
+    m.will_wait("k")
+    assert reg.get_sample_value("hyperion_lock_wait_seconds_count", {"key": "k", "outcome": "done"}) == 0
+    m.waited("k", "done", 0.25)
+    assert sample("hyperion_lock_wait_seconds_count", reg, key="k", outcome="done") == 1
+    m.prepare()  # again: nothing changes
+    assert sample("hyperion_lock_wait_seconds_sum", reg, key="k", outcome="done") == 0.25
+
+
 def test_render_is_the_prometheus_text_format() -> None:
     reg = CollectorRegistry()
     m = Metrics(registry=reg)
