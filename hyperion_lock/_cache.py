@@ -285,11 +285,25 @@ class Result:
     max_age: int
     age: int
     value: Any = _UNSET  # the decoded (or computed) value, for the caller that got it first
+    status_code: int = 0  # HTTP status and headers the endpoint set on ``response: Response`` (stored with it)
+    headers: tuple[tuple[str, str], ...] = ()
 
     def shared(self) -> Result:
         """The same answer for a caller that joined this process's flight: served, not computed, by it."""
         status = CacheStatus.HIT if self.status is CacheStatus.MISS else self.status
         return replace(self, status=status, value=_UNSET)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A computed value with what its endpoint set on ``response: Response``: a status code and headers, stored with
+    the value and sent with every hit. ``uncacheable`` says why it must not be stored at all (a ``Set-Cookie``):
+    it is then served to the callers that waited for it and computed again for the next."""
+
+    value: Any
+    status_code: int = 0
+    headers: tuple[tuple[str, str], ...] = ()
+    uncacheable: str = ""
 
 
 @dataclass
@@ -899,7 +913,8 @@ class Cache:
             except Exception as exc:
                 self._unreadable(spec, f"{type(exc).__name__}: {exc}")
                 return None
-        return Result(entry.payload, entry.header.etag, status, age.max_age, age.age, value)
+        return Result(entry.payload, entry.header.etag, status, age.max_age, age.age, value, entry.header.status,
+                      entry.header.headers)
 
     def _unreadable(self, spec: Spec, why: str) -> None:
         """An entry that cannot be decoded, or whose stored header has the wrong shape or type, is a miss for that
@@ -1089,51 +1104,60 @@ class Cache:
         except CacheError as exc:
             self.log.warning("cache: refreshing %s %s failed: %s", spec.namespace, ident, exc)
 
-    def _too_large(self, spec: Spec, size: int) -> bool:
-        """Whether an encoded value is over ``max_size``: then it is served, not stored, with one WARNING per
-        endpoint or function (per namespace for ``get_or_compute``)."""
+    def _storable(self, spec: Spec, answer: Answer, size: int) -> bool:
+        """Whether a computed answer may be stored. One over ``max_size``, or one its endpoint marked uncacheable
+        (a ``Set-Cookie``), is served, not stored, with one WARNING per endpoint or function (per namespace for
+        ``get_or_compute``) and worker."""
         limit = spec.max_size or self.cache_settings.max_size
-        if size <= limit:
-            return False
         what = spec.name or spec.namespace
-        self._once(f"too-large:{spec.namespace}:{spec.name}", logging.WARNING,
-                   "cache: a value of %s (%s) is %d bytes encoded, more than max_size=%d: served without caching "
-                   "(X-Cache: BYPASS); raise max_size for it, or return less", spec.namespace, what, size, limit)
+        if size > limit:
+            self._once(f"too-large:{spec.namespace}:{spec.name}", logging.WARNING,
+                       "cache: a value of %s (%s) is %d bytes encoded, more than max_size=%d: served without caching "
+                       "(X-Cache: BYPASS); raise max_size for it, or return less", spec.namespace, what, size, limit)
+            return False
+        if answer.uncacheable:
+            self._once(f"uncacheable:{spec.namespace}:{spec.name}", logging.WARNING,
+                       "cache: an answer of %s (%s) is served without caching (X-Cache: BYPASS): %s", spec.namespace,
+                       what, answer.uncacheable)
+            return False
         return True
 
     async def _finish(self, lead: _Lead, value: Any, seconds: float) -> Result:
-        """Store a computed value and wake the waiters. A value over ``max_size`` is returned to this caller (and
-        this process's flight) uncached; the waiters of other workers are told to compute it directly."""
+        """Store a computed value and wake the waiters. A value that cannot be stored (over ``max_size``, or
+        marked uncacheable) is returned to this caller (and this process's flight) uncached; the waiters of other
+        workers are told to compute it directly."""
         spec = lead.spec
         await lead.stop_renewing()
         self._count(spec.namespace, compute=seconds)
+        answer = value if isinstance(value, Answer) else Answer(value)
         try:
-            payload = spec.codec.encode(value)
+            payload = spec.codec.encode(answer.value)
         except CacheError as exc:
             await self._fail(lead, exc, seconds, counted=True)
             raise
-        if self._too_large(spec, len(payload)):
-            ctx = lead.ctx
+        result = Result(payload, etag_of(payload), CacheStatus.MISS, int(spec.ttl), 0, answer.value,
+                        answer.status_code, answer.headers)
+        ctx = lead.ctx
+        if not self._storable(spec, answer, len(payload)):
             if ctx is not None:
                 with contextlib.suppress(_Unavailable):
                     await self._guard(ctx, functools.partial(ctx.store.release, spec.keys, lead.ident, lead.token,
                                                              Message(lead.ident, "bypass")))
-            return Result(payload, etag_of(payload), CacheStatus.BYPASS, int(spec.ttl), 0, value)
-        etag = etag_of(payload)
-        if lead.ctx is None:
-            return Result(payload, etag, CacheStatus.BYPASS, int(spec.ttl), 0, value)
-        ctx = lead.ctx
-        header = Header(int(spec.ttl * 1000), int(spec.stale * 1000), etag, spec.codec.name, lead.version,
-                        owner=lead.token, compute_ms=int(seconds * 1000), runner=_runner())
+            return replace(result, status=CacheStatus.BYPASS)
+        if ctx is None:
+            return replace(result, status=CacheStatus.BYPASS)
+        header = Header(int(spec.ttl * 1000), int(spec.stale * 1000), result.etag, spec.codec.name, lead.version,
+                        owner=lead.token, compute_ms=int(seconds * 1000), runner=_runner(),
+                        status=answer.status_code, headers=answer.headers)
         try:
-            stored = await self._guard(ctx, lambda: ctx.store.put(spec.keys, lead.ident, lead.tags, lead.token, header,
-                                                                  payload, lead.version))
+            stored = await self._guard(ctx, functools.partial(ctx.store.put, spec.keys, lead.ident, lead.tags,
+                                                              lead.token, header, payload, lead.version))
             if stored is not PutResult.STORED:
                 self.log.debug("cache: %s %s not stored (%s): invalidated or taken over while computing",
                                spec.namespace, lead.ident, stored.name)
         except _Unavailable:
             pass
-        return Result(payload, etag, CacheStatus.MISS, int(spec.ttl), 0, value)
+        return result
 
     async def _fail(self, lead: _Lead, exc: Exception, seconds: float, *, counted: bool = False) -> None:
         """The computation raised: pass the error to the waiters at once (or cache it, with ``cache_errors``)."""
@@ -1321,4 +1345,4 @@ def _credential_headers(given: Iterable[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*DEFAULT_CREDENTIALS, *extra]))
 
 
-__all__ = ["Cache", "CacheSettings", "CacheStatus", "NamespaceStats", "Result", "Spec", "key_identity"]
+__all__ = ["Answer", "Cache", "CacheSettings", "CacheStatus", "NamespaceStats", "Result", "Spec", "key_identity"]

@@ -48,9 +48,10 @@ from fastapi.dependencies.utils import get_dependant
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from fastapi.security.base import SecurityBase
+from fastapi.utils import is_body_allowed_for_status_code
 from starlette.concurrency import run_in_threadpool
 
-from ._cache import Cache, CacheStatus, Result, Spec
+from ._cache import Answer, Cache, CacheStatus, Result, Spec
 from ._cache_codec import JsonCodec
 from ._cache_errors import CacheComputeError, CacheSerializationError
 from ._cache_keys import identity, secret, text
@@ -59,6 +60,7 @@ from ._errors import ConfigurationError
 
 F = TypeVar("F", bound=Callable[..., Any])
 _REQUEST = "hyperion_cache_request"
+_RESPONSE = "hyperion_cache_response"
 
 
 @dataclass(frozen=True)
@@ -264,7 +266,13 @@ def request_identity(request: Request, plan: KeyPlan, secret_key: bytes = b"") -
     return identity(str(endpoint), params)
 
 
-def response_for(result: Result, request: Request, *, cache_control: str, vary: Iterable[str]) -> Response:
+def response_for(result: Result, request: Request, *, cache_control: str, vary: Iterable[str],
+                 status_code: int | None = None, sub: Response | None = None) -> Response:
+    """The response of a cached answer. Its status is the one the endpoint set on ``response: Response`` (stored
+    with the answer), else the one this request's dependencies set, else the route's ``status_code``, else 200,
+    as FastAPI chooses it. Headers: the cache's, then the answer's stored ones (replacing a cache header of the
+    same name: the endpoint's choice wins), then those this request's dependencies set (``sub``: they ran for this
+    request, hit or miss, so a per-client ``Set-Cookie`` from a dependency reaches only its client)."""
     headers = {
         "ETag": result.etag,
         "Cache-Control": cache_control.format(max_age=result.max_age),
@@ -274,9 +282,49 @@ def response_for(result: Result, request: Request, *, cache_control: str, vary: 
     vary = tuple(vary)
     if vary:
         headers["Vary"] = ", ".join(vary)
-    if etag_matches(request.headers.get("if-none-match"), result.etag):
-        return Response(status_code=304, headers=headers)
-    return Response(content=result.payload, media_type="application/json", headers=headers)
+    status = result.status_code or (sub.status_code if sub is not None else None) or status_code or 200
+    if status == 200 and etag_matches(request.headers.get("if-none-match"), result.etag):
+        response = Response(status_code=304, headers=headers)
+    else:
+        content = result.payload if is_body_allowed_for_status_code(status) else b""
+        response = Response(content=content, status_code=status, media_type="application/json", headers=headers)
+    if result.headers:
+        for name in {name.lower() for name, _ in result.headers} & {name.lower() for name in headers}:
+            del response.headers[name]
+        response.headers.raw.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in result.headers)
+    if sub is not None and sub.headers.raw:
+        response.headers.raw.extend(sub.headers.raw)
+    return response
+
+
+_NO_COOKIES = (
+    "it sets a cookie on `response: Response` (Set-Cookie), which a shared cache would hand to every client; set "
+    "per-client cookies in a dependency (it runs for every request, hits included) or leave the endpoint uncached"
+)
+
+
+async def _answer(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], sub: Response) -> Answer:
+    """Run the endpoint. What it sets on ``response: Response`` while it runs (status, headers) is part of its
+    answer: stored with the value and sent with every hit. What the request's dependencies set before belongs to
+    the request: it is put back as it was, and sent with this request's response only. An answer that sets a
+    cookie is not cached (served to the requests that waited for it, computed again for the next)."""
+    before, status = list(sub.headers.raw), sub.status_code
+    try:
+        if inspect.iscoroutinefunction(fn):
+            value = await fn(*args, **kwargs)
+        else:
+            value = await run_in_threadpool(fn, *args, **kwargs)
+        added = list(sub.headers.raw)
+        for pair in before:
+            if pair in added:
+                added.remove(pair)
+        changed = sub.status_code if sub.status_code != status else None
+    finally:
+        sub.headers.raw[:] = before
+        sub.status_code = status
+    pairs = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in added)
+    cookie = any(name.lower() == "set-cookie" for name, _ in pairs)
+    return Answer(value, changed or 0, pairs, _NO_COOKIES if cookie else "")
 
 
 class _ResponseCodec(JsonCodec):
@@ -336,9 +384,10 @@ def _route_codec(route: Any, annotation: Any) -> JsonCodec:
     return _ResponseCodec(model, check=False, **options)
 
 
-def _signature(fn: Callable[..., Any]) -> tuple[inspect.Signature, str | None]:
-    """``fn``'s signature with resolved annotations, plus a ``Request`` parameter when it has none (FastAPI then
-    passes the request in). Returns the name of ``fn``'s own ``Request`` parameter, if any."""
+def _signature(fn: Callable[..., Any]) -> tuple[inspect.Signature, str | None, str | None]:
+    """``fn``'s signature with resolved annotations, plus a ``Request`` and a ``Response`` parameter when it has
+    none (FastAPI then passes the request, and the response its dependencies write headers to, in). Returns the
+    names of ``fn``'s own ``Request`` and ``Response`` parameters, if any."""
     sig = inspect.signature(fn)
     try:
         hints = typing.get_type_hints(fn, include_extras=True)
@@ -346,11 +395,15 @@ def _signature(fn: Callable[..., Any]) -> tuple[inspect.Signature, str | None]:
         hints = {}
     params = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in sig.parameters.values()]
     own = next((p.name for p in params if p.annotation is Request), None)
+    own_response = next((p.name for p in params if isinstance(p.annotation, type)
+                         and issubclass(p.annotation, Response)), None)
+    at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+    if own_response is None:
+        params.insert(at, inspect.Parameter(_RESPONSE, inspect.Parameter.KEYWORD_ONLY, annotation=Response))
     if own is None:
-        extra = inspect.Parameter(_REQUEST, inspect.Parameter.KEYWORD_ONLY, annotation=Request)
-        at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
-        params.insert(at, extra)
-    return sig.replace(parameters=params, return_annotation=hints.get("return", sig.return_annotation)), own
+        params.insert(at, inspect.Parameter(_REQUEST, inspect.Parameter.KEYWORD_ONLY, annotation=Request))
+    return (sig.replace(parameters=params, return_annotation=hints.get("return", sig.return_annotation)), own,
+            own_response)
 
 
 def cached_endpoint(
@@ -391,7 +444,7 @@ def cached_endpoint(
         raise ConfigurationError("shared=True says the answer does not depend on who asks; vary says it does")
 
     def decorate(fn: F) -> F:
-        sig, own_request = _signature(fn)
+        sig, own_request, own_response = _signature(fn)
         ns = namespace or fn.__name__
         cache.spec(ns, ttl=ttl, decode=False, **options)  # every duration and size checked now, not per request
         cached = _CachedEndpoint(
@@ -403,7 +456,8 @@ def cached_endpoint(
         @functools.wraps(fn)
         async def endpoint(*args: Any, **kwargs: Any) -> Response:
             request: Request = kwargs[own_request] if own_request else kwargs.pop(_REQUEST)
-            return await cached.respond(request, args, kwargs)
+            sub: Response = kwargs[own_response] if own_response else kwargs.pop(_RESPONSE)
+            return await cached.respond(request, sub, args, kwargs)
 
         endpoint.__signature__ = sig  # type: ignore[attr-defined]
         endpoint.cache_namespace = ns  # type: ignore[attr-defined]
@@ -445,14 +499,15 @@ class _CachedEndpoint:
             found = self.per_route[id(route)] = (spec, self.plan(getattr(route, "dependant", None), where), where)
         return found
 
-    async def respond(self, request: Request, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Response:
-        spec, plan, where = self.spec_for(request.scope.get("route"), request)
+    async def respond(self, request: Request, sub: Response, args: tuple[Any, ...],
+                      kwargs: dict[str, Any]) -> Response:
+        route = request.scope.get("route")
+        spec, plan, where = self.spec_for(route, request)
         fn = self.fn
+        status_code = getattr(route, "status_code", None)
 
-        async def compute() -> Any:
-            if inspect.iscoroutinefunction(fn):
-                return await fn(*args, **kwargs)
-            return await run_in_threadpool(fn, *args, **kwargs)
+        async def compute() -> Answer:
+            return await _answer(fn, args, kwargs, sub)
 
         credential = unkeyed_credential(request, plan)
         secret_key = await self.cache.key_secret(self.namespace) if plan.hashed and credential is None else b""
@@ -461,7 +516,8 @@ class _CachedEndpoint:
                 if credential is not None:
                     _warn_bypass(self.cache, where, credential)
                 result = await self.cache.direct(spec, "", compute)
-                return response_for(result, request, cache_control="private, no-store", vary=plan.vary)
+                return response_for(result, request, cache_control="private, no-store", vary=plan.vary,
+                                    status_code=status_code, sub=sub)
             ident = request_identity(request, plan, secret_key)
             tag_list = tuple(self.tags(**kwargs) if callable(self.tags) else self.tags)
             force = self.allow_client_refresh and client_wants_fresh(request.headers.get("cache-control"),
@@ -472,7 +528,8 @@ class _CachedEndpoint:
                 raise HTTPException(exc.status_code, exc.detail) from exc
             raise
         control = self.cache_control or ("private, max-age={max_age}" if plan.private else "max-age={max_age}")
-        return response_for(result, request, cache_control=control, vary=plan.vary)
+        return response_for(result, request, cache_control=control, vary=plan.vary, status_code=status_code,
+                            sub=sub)
 
 
 def _check_at_decoration(endpoint: Callable[..., Any], plan: Callable[[Any, str], KeyPlan], name: str) -> None:

@@ -282,10 +282,18 @@ class Header:
     error: bool = False  # a cached error (``cache_errors``): the payload is the error message
     compute_ms: int = 0
     runner: str = ""
+    status: int = 0  # an HTTP status the endpoint set on ``response: Response`` (0: none)
+    headers: tuple[tuple[str, str], ...] = ()  # HTTP headers the endpoint set on ``response: Response``
 
     def to_json(self) -> str:
-        return json.dumps({"t": self.ttl_ms, "s": self.stale_ms, "e": self.etag, "c": self.codec, "n": self.version,
-                           "o": self.owner, "x": int(self.error), "d": self.compute_ms, "r": self.runner})
+        data: dict[str, Any] = {"t": self.ttl_ms, "s": self.stale_ms, "e": self.etag, "c": self.codec,
+                                "n": self.version, "o": self.owner, "x": int(self.error), "d": self.compute_ms,
+                                "r": self.runner}
+        if self.status:
+            data["hs"] = self.status
+        if self.headers:
+            data["hx"] = [list(pair) for pair in self.headers]
+        return json.dumps(data)
 
     @classmethod
     def from_json(cls, text: str) -> Header:
@@ -297,7 +305,14 @@ class Header:
         return cls(ttl_ms=_field(d, "t", int, 0), stale_ms=_field(d, "s", int, 0), etag=_field(d, "e", str),
                    codec=_field(d, "c", str), version=_field(d, "n", int, 0), owner=_field(d, "o", str, default=""),
                    error=bool(_field(d, "x", int, 0, default=0)), compute_ms=_field(d, "d", int, 0, default=0),
-                   runner=_field(d, "r", str, default=""))
+                   runner=_field(d, "r", str, default=""), status=_field(d, "hs", int, 0, default=0),
+                   headers=_pairs(_field(d, "hx", list, default=[])))
+
+
+def _pairs(items: list[Any]) -> tuple[tuple[str, str], ...]:
+    if not all(isinstance(i, list) and len(i) == 2 and all(isinstance(x, str) for x in i) for i in items):
+        raise ValueError("the header's 'hx' is not a list of [name, value] strings")
+    return tuple((name, value) for name, value in items)
 
 
 _MISSING: Any = object()

@@ -14,12 +14,12 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import httpx
 import pytest
 import redis
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Request, Response
 from pydantic import BaseModel
 
 from hyperion_lock import Cache, ConfigurationError, Settings
@@ -440,3 +440,106 @@ async def test_an_oversized_response_is_served_uncached_with_one_warning_per_end
     finally:
         for w in workers:
             await w.aclose()
+
+
+# -- 6. what an endpoint sets on `response: Response` is never silently dropped -----------------------------------
+def visitor(request: Request, response: Response) -> str:
+    """A dependency that sets a per-client cookie and header on every request (hits included)."""
+    who = request.headers.get("x-visitor", "nobody")
+    response.set_cookie("visitor", who)
+    response.headers["X-Visitor"] = who
+    return who
+
+
+def header_app(cache: Cache | None, runs: dict[str, int]) -> FastAPI:
+    """The same endpoints cached (``cache``) or not."""
+    app = FastAPI()
+
+    def cached(namespace: str) -> Callable[[F], F]:
+        return (lambda fn: fn) if cache is None else cache.endpoint(namespace, ttl=60)
+
+    def count(name: str) -> int:
+        runs[name] = runs.get(name, 0) + 1
+        return runs[name]
+
+    @app.get("/created/{name}")
+    @cached("created")
+    async def created(name: str, response: Response) -> dict[str, Any]:
+        response.status_code = 201
+        response.headers["X-Source"] = "upstream"
+        response.headers.append("X-Multi", "1")
+        response.headers.append("X-Multi", "2")
+        response.headers["Cache-Control"] = "public, max-age=5"
+        return {"name": name, "run": count("created")}
+
+    @app.get("/login/{name}")
+    @cached("login")
+    def login(name: str, response: Response) -> dict[str, Any]:
+        response.set_cookie("session", f"s-{name}-{count('login')}")
+        return {"name": name}
+
+    @app.get("/greet", status_code=202)
+    @cached("greet")
+    async def greet(who: Annotated[str, Depends(visitor)]) -> dict[str, Any]:
+        return {"hello": "world", "run": count("greet")}
+
+    return app
+
+
+async def test_status_and_headers_set_on_the_response_are_cached_with_the_answer(redis_url: str,
+                                                                                   prefix: str) -> None:
+    """They used to be dropped from every cached answer (MISS included): 200 and no header."""
+    workers, runs = [make(redis_url, prefix), make(redis_url, prefix)], dict[str, int]()
+    try:
+        async with client(header_app(None, {})) as plain, client(header_app(workers[0], runs)) as a, \
+                client(header_app(workers[1], runs)) as b:
+            expected = await plain.get("/created/x")
+            answers = [await a.get("/created/x"), await a.get("/created/x"), await b.get("/created/x")]
+            assert [r.headers["x-cache"] for r in answers] == ["MISS", "HIT", "HIT"] and runs == {"created": 1}
+            for r in answers:
+                assert r.status_code == expected.status_code == 201
+                assert r.headers["x-source"] == "upstream" and r.headers.get_list("x-multi") == ["1", "2"]
+                assert r.headers["cache-control"] == "public, max-age=5"  # the endpoint's choice wins
+                assert r.content == b'{"name":"x","run":1}'
+    finally:
+        for w in workers:
+            await w.aclose()
+
+
+async def test_an_answer_that_sets_a_cookie_is_served_with_it_and_never_cached(
+        redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A Set-Cookie from the endpoint used to be dropped silently; caching it would hand one client's cookie to
+    all. It is served with its cookie, computed for every request, and one WARNING says why."""
+    caplog.set_level(logging.WARNING, LOGGER)
+    cache, runs = make(redis_url, prefix), dict[str, int]()
+    try:
+        async with client(header_app(cache, runs)) as c:
+            answers = [await c.get("/login/ann"), await c.get("/login/ann")]
+            assert [r.cookies.get("session") for r in answers] == ["s-ann-1", "s-ann-2"]
+            assert [r.headers["x-cache"] for r in answers] == ["BYPASS", "BYPASS"]
+            assert [r.json() for r in answers] == [{"name": "ann"}] * 2
+        warnings = [r.getMessage() for r in caplog.records if "Set-Cookie" in r.getMessage()]
+        assert len(warnings) == 1 and "/login/{name}" in warnings[0]
+        assert not entries(redis_url, prefix, "login")
+    finally:
+        await cache.aclose()
+
+
+async def test_what_dependencies_set_on_the_response_reaches_only_their_request(redis_url: str,
+                                                                                prefix: str) -> None:
+    """A dependency runs for every request, hits included: its cookie and header are this request's (Bob never
+    gets Alice's), and the route's status_code is kept (it used to be 200, and the cookie dropped)."""
+    cache, runs = make(redis_url, prefix), dict[str, int]()
+    try:
+        async with client(header_app(None, {})) as plain, client(header_app(cache, runs)) as c:
+            expected = await plain.get("/greet", headers={"X-Visitor": "alice"})
+            alice = await c.get("/greet", headers={"X-Visitor": "alice"})
+            bob = await c.get("/greet", headers={"X-Visitor": "bob"})
+            assert (alice.headers["x-cache"], bob.headers["x-cache"], runs) == ("MISS", "HIT", {"greet": 1})
+            assert alice.status_code == bob.status_code == expected.status_code == 202
+            assert (alice.cookies.get("visitor"), alice.headers["x-visitor"]) == ("alice", "alice")
+            assert (bob.cookies.get("visitor"), bob.headers["x-visitor"]) == ("bob", "bob")
+            assert alice.content == bob.content == b'{"hello":"world","run":1}'
+            assert expected.cookies.get("visitor") == "alice"
+    finally:
+        await cache.aclose()
