@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar, cast
 
 import redis as _redis
 import redis.asyncio as aredis
@@ -302,31 +302,40 @@ class Header:
         d = json.loads(text)
         if not isinstance(d, dict):
             raise ValueError(f"the header is a JSON {type(d).__name__}, not an object")
-        return cls(ttl_ms=_field(d, "t", int, 0), stale_ms=_field(d, "s", int, 0), etag=_field(d, "e", str),
-                   codec=_field(d, "c", str), version=_field(d, "n", int, 0), owner=_field(d, "o", str, default=""),
-                   error=bool(_field(d, "x", int, 0, default=0)), compute_ms=_field(d, "d", int, 0, default=0),
-                   runner=_field(d, "r", str, default=""), status=_field(d, "hs", int, 0, default=0),
-                   headers=_pairs(_field(d, "hx", list, default=[])))
-
-
-def _pairs(items: list[Any]) -> tuple[tuple[str, str], ...]:
-    if not all(isinstance(i, list) and len(i) == 2 and all(isinstance(x, str) for x in i) for i in items):
-        raise ValueError("the header's 'hx' is not a list of [name, value] strings")
-    return tuple((name, value) for name, value in items)
+        get: Callable[..., Any] = d.get
+        t, s, e, c, n = get("t"), get("s"), get("e"), get("c"), get("n")
+        o, x, ms, r, hs, hx = get("o", ""), get("x", 0), get("d", 0), get("r", ""), get("hs", 0), get("hx")
+        # one pass on the hit path; ``type(..) is int`` leaves bools out
+        if not (type(t) is int and type(s) is int and type(n) is int and type(x) is int and type(ms) is int
+                and type(hs) is int and t >= 0 and s >= 0 and n >= 0 and ms >= 0 and hs >= 0
+                and type(e) is str and type(c) is str and type(o) is str and type(r) is str):
+            _explain(d)
+        return cls(ttl_ms=t, stale_ms=s, etag=e, codec=c, version=n, owner=o, error=bool(x), compute_ms=ms,
+                   runner=r, status=hs, headers=_pairs(hx) if hx is not None else ())
 
 
 _MISSING: Any = object()
 
 
-def _field(d: dict[str, Any], name: str, kind: type[T], low: int | None = None, *, default: Any = _MISSING) -> T:
-    """One header field of exactly the type written (``bool`` is not an ``int`` here), at least ``low``."""
-    value = d.get(name, default)
-    if value is _MISSING:
-        raise ValueError(f"the header has no {name!r}")
-    if isinstance(value, bool) or not isinstance(value, kind) or (low is not None and value < low):  # type: ignore[operator]
-        raise ValueError(f"the header's {name!r} is {value!r}, not a {kind.__name__}"
-                         + (f" >= {low}" if low is not None else ""))
-    return value
+def _explain(d: dict[str, Any]) -> NoReturn:
+    """Raise ``ValueError`` naming the first header field that is missing or of the wrong type."""
+    for name, kind, low, default in (("t", int, 0, _MISSING), ("s", int, 0, _MISSING), ("e", str, None, _MISSING),
+                                     ("c", str, None, _MISSING), ("n", int, 0, _MISSING), ("o", str, None, ""),
+                                     ("x", int, 0, 0), ("d", int, 0, 0), ("r", str, None, ""), ("hs", int, 0, 0)):
+        value: Any = d.get(name, default)
+        if value is _MISSING:
+            raise ValueError(f"the header has no {name!r}")
+        if isinstance(value, bool) or not isinstance(value, kind) or (low is not None and cast(int, value) < low):
+            raise ValueError(f"the header's {name!r} is {value!r}, not a {kind.__name__}"
+                             + (f" >= {low}" if low is not None else ""))
+    raise ValueError("the header is of the wrong shape")
+
+
+def _pairs(items: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(items, list) or not all(
+            isinstance(i, list) and len(i) == 2 and all(isinstance(x, str) for x in i) for i in items):
+        raise ValueError("the header's 'hx' is not a list of [name, value] strings")
+    return tuple((name, value) for name, value in items)
 
 
 @dataclass(frozen=True)
