@@ -15,9 +15,14 @@
   (``BYPASS``); a ``fastapi.security`` scheme whose credential is not keyed is refused (``ConfigurationError``)
   unless ``shared=True``.
 * Body: the value as FastAPI would send it (validated through the route's ``response_model`` or the return
-  annotation, with its ``by_alias`` / ``exclude_*`` options), encoded once when computed. Every later response,
-  in every worker, sends those stored bytes, so types and field order survive and the ETag (a hash of the
-  bytes) is the same everywhere and across restarts.
+  annotation, with its ``by_alias`` / ``exclude_*`` options; without either, ``jsonable_encoder`` rendered by
+  the route's JSON response class), encoded once when computed. Every later response, in every worker, sends
+  those stored bytes, so types and field order survive and the ETag (a hash of the bytes) is the same
+  everywhere and across restarts. A body over ``max_size`` is served, not stored (``BYPASS``).
+* What the endpoint sets on ``response: Response`` (status code, headers) is stored with the answer and sent
+  with every hit; an answer that sets a cookie is served but never stored. What dependencies set there belongs
+  to each request and is sent with its own response only. Returning a ``Response`` is refused at decoration
+  when the return annotation says so (the cache builds the response itself).
 * Headers, on the first (MISS) response as on every later one: ``ETag``, ``Cache-Control`` (``max-age`` = fresh
   seconds left; ``private`` when the key holds a credential; template ``cache_control``), ``Age``,
   ``X-Cache: HIT | MISS | STALE`` (``BYPASS`` when the response was computed directly), and ``Vary`` for the
@@ -445,6 +450,13 @@ def cached_endpoint(
 
     def decorate(fn: F) -> F:
         sig, own_request, own_response = _signature(fn)
+        returned = sig.return_annotation
+        if isinstance(returned, type) and issubclass(returned, Response):
+            raise ConfigurationError(
+                f"{fn.__module__}.{fn.__qualname__} returns a {returned.__name__}: a cached endpoint returns data (a "
+                "model, dict, list...) and the cache builds the response; set a status or headers on a "
+                "`response: Response` parameter instead (they are cached with the answer)"
+            )
         ns = namespace or fn.__name__
         cache.spec(ns, ttl=ttl, decode=False, **options)  # every duration and size checked now, not per request
         cached = _CachedEndpoint(

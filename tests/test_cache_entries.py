@@ -20,6 +20,7 @@ import httpx
 import pytest
 import redis
 from fastapi import Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from hyperion_lock import Cache, ConfigurationError, Settings
@@ -547,3 +548,13 @@ async def test_what_dependencies_set_on_the_response_reaches_only_their_request(
             assert expected.cookies.get("visitor") == "alice"
     finally:
         await cache.aclose()
+
+
+def test_an_endpoint_annotated_to_return_a_response_is_refused_at_decoration(redis_url: str, prefix: str) -> None:
+    """It used to be accepted and answer 500 on every request (the cache cannot store a Response object)."""
+    cache, app = make(redis_url, prefix), FastAPI()
+    with pytest.raises(ConfigurationError, match=r"returns a JSONResponse.*response: Response"):
+        @app.get("/raw")
+        @cache.endpoint("raw", ttl=30)
+        async def raw() -> JSONResponse:
+            return JSONResponse({"a": 1})
