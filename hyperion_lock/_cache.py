@@ -380,6 +380,12 @@ class Cache:
     ``redis`` is a URL, a ``redis.asyncio.Redis`` or ``redis.Redis`` (its connection settings are used for
     private per-event-loop clients), or ``None``: then ``settings.redis_url`` (``HYPERION_LOCK_REDIS_URL``), and
     without one this process's memory. Keyword ``overrides`` replace :class:`CacheSettings` fields.
+
+    ``key_secret`` (``HYPERION_LOCK_CACHE_KEY_SECRET``, >= 16 bytes) keys the hashes that stand for header, cookie
+    and credential values in key names (default: a random key per namespace, kept in Redis).
+    ``credential_headers`` (``HYPERION_LOCK_CACHE_CREDENTIAL_HEADERS``) names headers that identify who asks,
+    besides ``Authorization``, ``Proxy-Authorization`` and ``Cookie``: a request carrying one is never answered
+    from the shared cache by an endpoint whose key does not include it.
     """
 
     def __init__(

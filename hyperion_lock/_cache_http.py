@@ -557,7 +557,7 @@ def _check_at_decoration(endpoint: Callable[..., Any], plan: Callable[[Any, str]
 
 def _warn_bypass(cache: Cache, where: str, credential: str) -> None:
     shown = _title(credential)
-    cache._once(f"credential:{where}:{credential}", logging.WARNING,
+    cache._once(f"credential:{where}", logging.WARNING,
                 "cache: %s received a %s header, which its cache key does not include: answered directly, neither "
                 "served from nor stored in the shared cache (X-Cache: BYPASS). If the answer depends on who asks, "
                 "add vary=[%r] to @cache.endpoint (one entry per credential%s); if it does not, shared=True",

@@ -161,6 +161,7 @@ async def test_a_credential_the_key_does_not_include_bypasses_the_shared_cache(
         assert runs.count("dependency") == 4  # alice, bob, anonymous once, alice again
         warnings = [r.getMessage() for r in caplog.records if "BYPASS" in r.getMessage()]
         assert len([w for w in warnings if "/me/dependency" in w]) == 1, warnings  # once per endpoint
+        assert len([w for w in warnings if "GET /plain" in w]) == 1, warnings  # X-Api-Key, then a cookie
         assert "vary=['Authorization']" in warnings[0] and "shared=True" in warnings[0]
         assert all("alice" not in w and "bob" not in w for w in warnings)
         assert not [n for n in key_names(redis_url, prefix) if "dependency" in n and "alice" in n]
