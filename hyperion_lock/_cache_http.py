@@ -291,7 +291,7 @@ def response_for(result: Result, request: Request, *, cache_control: str, vary: 
     if status == 200 and etag_matches(request.headers.get("if-none-match"), result.etag):
         response = Response(status_code=304, headers=headers)
     else:
-        content = result.payload if is_body_allowed_for_status_code(status) else b""
+        content = result.payload if status == 200 or is_body_allowed_for_status_code(status) else b""
         response = Response(content=content, status_code=status, media_type="application/json", headers=headers)
     if result.headers:
         for name in {name.lower() for name, _ in result.headers} & {name.lower() for name in headers}:
