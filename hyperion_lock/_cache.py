@@ -58,6 +58,7 @@ from ._aio import cancel_and_wait
 from ._cache_codec import Codec, JsonCodec, PickleCodec, etag_of
 from ._cache_errors import CacheComputeError, CacheError
 from ._cache_keys import CacheKeys, identity, typed
+from ._cache_near import NearCache, NearEntry
 from ._cache_policy import (
     Action,
     EntryAge,
@@ -128,6 +129,8 @@ CACHE_SETTING_BOUNDS: dict[str, tuple[float, float]] = {
     "breaker_max_retry": (0.0, DAY),
     "stats_interval": (0.0, DAY),
     "memory_max_entries": (1, 100_000_000),
+    "near_max_entries": (0, 10_000_000),
+    "near_max_bytes": (1, MAX_VALUE_SIZE),
 }
 
 
@@ -177,6 +180,9 @@ class CacheSettings:
       (10 s); a check that is not answered waits up to 2 s, so a resumed Redis is seen at once.
     - ``stats_interval`` (5 s): how often this process adds its counts to the shared ones in Redis.
     - ``memory_max_entries`` (10000): per namespace, without Redis.
+    - ``near_max_entries`` (1000, 0: none) / ``near_max_bytes`` (16 MiB): the per-worker near cache of fresh
+      entries read from Redis, served with no Redis call until the namespace's channel says they changed
+      (:mod:`._cache_near`).
 
     Every value must lie in its range (:data:`CACHE_SETTING_BOUNDS`), else :class:`ConfigurationError` here, when
     the :class:`Cache` is made: a value that is refused later (by Redis, or a timer) would fail every request.
@@ -192,6 +198,8 @@ class CacheSettings:
     breaker_max_retry: float = 10.0
     stats_interval: float = 5.0
     memory_max_entries: int = 10_000
+    near_max_entries: int = 1000
+    near_max_bytes: int = 16 * MIB
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -331,9 +339,12 @@ def _runner() -> str:
 class _Loop:
     """What one event loop uses: its store (Redis clients are bound to a loop), guard and flights."""
 
-    def __init__(self, store: Store, guard: StoreGuard) -> None:
+    def __init__(self, store: Store, guard: StoreGuard, near: NearCache | None = None) -> None:
         self.store = store
         self.guard = guard
+        self.near = near  # Redis only: fresh entries served from this process, dropped by the channel's messages
+        if near is not None:
+            store.watch(near)
         self.flights: dict[tuple[str, str], asyncio.Future[Result]] = {}
         self.refreshing: set[tuple[str, str]] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -534,7 +545,8 @@ class Cache:
                     return self.value_of(spec, result)
 
                 async def invalidate(*args: Any, **kwargs: Any) -> int:
-                    return await self._admin(lambda s: s.invalidate_key(spec.keys, ident_of(args, kwargs)[0]))
+                    ident = ident_of(args, kwargs)[0]
+                    return await self._admin(lambda s: s.invalidate_key(spec.keys, ident), spec.namespace, ident)
             else:
                 @functools.wraps(fn)
                 def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -544,7 +556,8 @@ class Cache:
 
                 def invalidate(*args: Any, **kwargs: Any) -> int:  # type: ignore[misc]
                     ident = ident_of(args, kwargs)[0]
-                    return self._run_bg(self._admin(lambda s: s.invalidate_key(spec.keys, ident)))
+                    return self._run_bg(self._admin(lambda s: s.invalidate_key(spec.keys, ident), spec.namespace,
+                                                    ident))
             wrapper.cache_spec = spec  # type: ignore[attr-defined]
             wrapper.invalidate = invalidate  # type: ignore[attr-defined]
             return typing.cast(F, wrapper)
@@ -608,15 +621,15 @@ class Cache:
         """Drop one entry: ``key`` exactly as given to ``get_or_compute`` (a string or a mapping), whatever
         characters it holds. A decorated function's entry: ``fn.invalidate(*args, **kwargs)``."""
         ident = key_identity(key)
-        return await self._admin(lambda s: s.invalidate_key(self.keys(namespace), ident))
+        return await self._admin(lambda s: s.invalidate_key(self.keys(namespace), ident), namespace, ident)
 
     async def invalidate_tag(self, namespace: str, tag: str) -> int:
         """Drop every entry of ``namespace`` carrying ``tag``; returns how many were dropped."""
-        return await self._admin(lambda s: s.invalidate_tag(self.keys(namespace), tag))
+        return await self._admin(lambda s: s.invalidate_tag(self.keys(namespace), tag), namespace)
 
     async def invalidate_namespace(self, namespace: str) -> int:
         """Drop every entry of ``namespace`` in O(1); returns how many live entries it had."""
-        return await self._admin(lambda s: s.invalidate_namespace(self.keys(namespace)))
+        return await self._admin(lambda s: s.invalidate_namespace(self.keys(namespace)), namespace)
 
     def invalidate_tag_sync(self, namespace: str, tag: str) -> int:
         return self._run_bg(self.invalidate_tag(namespace, tag))
@@ -624,10 +637,16 @@ class Cache:
     def invalidate_namespace_sync(self, namespace: str) -> int:
         return self._run_bg(self.invalidate_namespace(namespace))
 
-    async def _admin(self, action: Callable[[Store], Awaitable[int]]) -> int:
-        """Invalidations are not failed open: a caller must know when one did not happen."""
+    async def _admin(self, action: Callable[[Store], Awaitable[int]], namespace: str, ident: str = "") -> int:
+        """Invalidations are not failed open: a caller must know when one did not happen. This event loop's near
+        cache drops what was invalidated (``ident``, else the whole namespace) as soon as it returns; the other
+        workers' near caches when the channel's message reaches them."""
         ctx = self._ctx()
-        return await within(action(ctx.store), max(self.cache_settings.op_timeout, 1.0))
+        try:
+            return await within(action(ctx.store), max(self.cache_settings.op_timeout, 1.0))
+        finally:
+            if ctx.near is not None:
+                ctx.near.message(self.keys(namespace).channel, ident)
 
     # -- statistics ------------------------------------------------------------------------------------------------
     def stats(self) -> dict[str, dict[str, float]]:
@@ -689,7 +708,8 @@ class Cache:
             guard = StoreGuard(floor=cs.op_timeout, ceiling=max(cs.op_timeout, cs.op_timeout_max),
                                threshold=cs.breaker_failures, retry_after=cs.breaker_retry,
                                max_retry_after=cs.breaker_max_retry)
-            ctx = self._loops[loop] = _Loop(store, guard)
+            near = NearCache(cs.near_max_entries, cs.near_max_bytes) if store.shared and cs.near_max_entries else None
+            ctx = self._loops[loop] = _Loop(store, guard, near)
             # What a lookup needs is imported and set up with the loop's context (connect(), in the lifespan),
             # never on a hit: the metrics, and the JSON codec's pydantic (it imports its schema machinery on the
             # first TypeAdapter).
@@ -782,6 +802,8 @@ class Cache:
         self._act(ctx, ctx.guard.on_probe(self._clock(), Outcome.OK, time.monotonic() - started), None)
 
     def _opened(self, ctx: _Loop, exc: BaseException | None) -> None:
+        if ctx.near is not None:
+            ctx.near.lost()  # this worker may be cut off from Redis: its channel's messages may not reach it
         specific = redis_error(exc, where=self._where(), key=None, generation=None,
                                prefix=self.settings.key_prefix) if isinstance(exc, Exception) else None
         detail = str(specific) if specific is not None else f"{type(exc).__name__}: {exc}"
@@ -884,8 +906,18 @@ class Cache:
         return result
 
     async def _fresh_hit(self, ctx: _Loop, spec: Spec, ident: str, tags: tuple[str, ...]) -> Result | None:
-        """The fast path: one read in the caller's own task, serving an entry that is simply fresh. Anything else
-        (missing, soon stale, stale, an error entry, the store failing) goes through the flight."""
+        """The fast path: an entry that is simply fresh, from the near cache (no Redis call) or from one read in
+        the caller's own task (then kept in the near cache). Anything else (missing, soon stale, stale, an error
+        entry, the store failing) goes through the flight."""
+        near, epoch, sent = ctx.near, None, 0.0
+        if near is not None and ctx.guard.allow():
+            sent = time.monotonic()
+            kept = near.get(spec.keys.channel, ident, sent)
+            if kept is not None:
+                return self._near_result(spec, kept, sent)
+            epoch = near.epoch(spec.keys.channel)
+            if epoch is None and near.wants(spec.keys.channel):
+                ctx.spawn(self._listen_near(ctx, near, spec.keys), "hyperion-lock-cache-listen")
         try:
             read = await self._read(ctx, spec, ident, tags, "", TakeMode.NEVER)
         except _Unavailable:
@@ -896,7 +928,27 @@ class Cache:
         age = EntryAge(entry.header.ttl_ms, entry.header.stale_ms, entry.left_ms)
         if freshness(age, spec.refresh_ahead_ms) is not Freshness.FRESH:
             return None
-        return self._result(spec, entry, age, CacheStatus.HIT)
+        result = self._result(spec, entry, age, CacheStatus.HIT)
+        if result is not None and epoch is not None and near is not None:
+            kept = NearEntry.of(entry.payload, entry.header.etag, entry.header.ttl_ms, age.fresh_left_ms,
+                                spec.refresh_ahead_ms, sent)
+            near.offer(spec.keys.channel, ident, kept, epoch, time.monotonic())
+        return result
+
+    def _near_result(self, spec: Spec, kept: NearEntry, now: float) -> Result | None:
+        age = EntryAge(kept.ttl_ms, 0, int((kept.fresh_end - now) * 1000))
+        if not spec.decode:
+            return Result(kept.payload, kept.etag, CacheStatus.HIT, age.max_age, age.age)
+        try:
+            value = spec.codec.decode(kept.payload)  # a new object per call: callers may change theirs
+        except Exception:
+            return None  # it decoded when kept; the flight reads it again and says what is wrong
+        return Result(kept.payload, kept.etag, CacheStatus.HIT, age.max_age, age.age, value)
+
+    async def _listen_near(self, ctx: _Loop, near: NearCache, keys: CacheKeys) -> None:
+        """Subscribe to a namespace's channel for the near cache (the listener confirms it to the near cache)."""
+        if not await self._listen(ctx, keys):
+            near.failed(keys.channel)
 
     async def _read(self, ctx: _Loop, spec: Spec, ident: str, tags: tuple[str, ...], token: str,
                     take: TakeMode) -> Read:

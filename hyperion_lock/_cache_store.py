@@ -186,22 +186,26 @@ redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 """
 
-# Drop one entry, and fence a computation of it that is in flight (its lease is deleted).
+# Drop one entry, and fence a computation of it that is in flight (its lease is deleted). The message goes out
+# whether or not there was anything: waiters of a fenced computation read again, and every worker drops the
+# entry from its near cache.
 # KEYS[1] entry
 # KEYS[2] compute lease
 # KEYS[3] namespace index
 # ARGV[1] channel
-# ARGV[2] message "read again" (for the waiters of a fenced computation)
+# ARGV[2] message "read again"
 # ARGV[3] the entry's id
 # returns 1 an entry was dropped, 0 there was none
 INVALIDATE_KEY = """
 local n = redis.call('DEL', KEYS[1])
-if redis.call('DEL', KEYS[2]) == 1 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
+redis.call('DEL', KEYS[2])
+redis.call('PUBLISH', ARGV[1], ARGV[2])
 redis.call('ZREM', KEYS[3], ARGV[3])
 return n
 """
 
-# Drop every entry carrying a tag, and fence the computations of such entries in flight. O(entries of the tag).
+# Drop every entry carrying a tag, and fence the computations of such entries in flight. O(entries of the tag);
+# one message per entry (waiters read again, near caches drop it).
 # KEYS[1] tag index
 # KEYS[2] namespace index
 # ARGV[1] entry name prefix of the namespace
@@ -212,9 +216,8 @@ INVALIDATE_TAG = """
 local n = 0
 for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   n = n + redis.call('DEL', ARGV[1] .. id)
-  if redis.call('DEL', ARGV[2] .. id) == 1 then
-    redis.call('PUBLISH', ARGV[3], cjson.encode({k = id, o = 'retry'}))
-  end
+  redis.call('DEL', ARGV[2] .. id)
+  redis.call('PUBLISH', ARGV[3], cjson.encode({k = id, o = 'retry'}))
   redis.call('ZREM', KEYS[2], id)
 end
 redis.call('DEL', KEYS[1])
@@ -225,6 +228,8 @@ return n
 # computations in flight are fenced by PUT's version check.
 # KEYS[1] namespace version
 # KEYS[2] namespace index
+# ARGV[1] channel
+# ARGV[2] message about the whole namespace (entry id ""): every near cache drops the namespace's entries
 # returns the number of live entries dropped
 INVALIDATE_NAMESPACE = """
 local t = redis.call('TIME')
@@ -232,6 +237,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf')
 redis.call('INCR', KEYS[1])
 redis.call('DEL', KEYS[2])
+redis.call('PUBLISH', ARGV[1], ARGV[2])
 return n
 """
 
@@ -384,8 +390,20 @@ class Message:
             return None
 
 
+class Observer(Protocol):
+    """What hears about a channel besides the waiters (the near cache, :mod:`._cache_near`)."""
+
+    def subscribed(self, channel: str) -> None: ...
+
+    def message(self, channel: str, ident: str) -> None: ...
+
+    def lost(self) -> None: ...
+
+
 class Store(Protocol):
     shared: bool  # True: every worker and host sees it (Redis)
+
+    def watch(self, observer: Observer) -> None: ...
 
     def describe(self) -> str: ...
 
@@ -470,6 +488,9 @@ class MemoryStore:
 
     def describe(self) -> str:
         return "process memory"
+
+    def watch(self, observer: Observer) -> None:
+        return None  # this process's memory needs no near cache
 
     def _space(self, keys: CacheKeys) -> _MemNamespace:
         return self._spaces.setdefault(keys.namespace, _MemNamespace())
@@ -711,6 +732,7 @@ class _Listener:
         self._task: asyncio.Task[None] | None = None
         self._confirmed: dict[str, asyncio.Future[None]] = {}
         self._waiting: dict[tuple[str, str], set[asyncio.Future[Message]]] = {}
+        self.observer: Observer | None = None  # told of every confirmation, message and loss (the near cache)
 
     def expect(self, channel: str, ident: str) -> asyncio.Future[Message]:
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
@@ -740,6 +762,9 @@ class _Listener:
             except BaseException:
                 self._reset()
                 raise
+            connection = getattr(self._pubsub, "connection", None)  # a Cluster's sharded pub/sub has one per node
+            if connection is not None and hasattr(connection, "register_connect_callback"):
+                connection.register_connect_callback(self._reconnected)
             if self._task is None or self._task.done():
                 self._task = asyncio.create_task(self._read(self._pubsub), name="hyperion-lock-cache-listener")
         await asyncio.shield(confirmed)
@@ -762,16 +787,31 @@ class _Listener:
             confirmed = self._confirmed.get(channel)
             if confirmed is not None and not confirmed.done():
                 confirmed.set_result(None)
+            if confirmed is not None and self.observer is not None:  # also after redis-py resubscribed by itself
+                self.observer.subscribed(channel)
             return
         if message.get("type") != "message":
             return
         parsed = Message.parse(as_text(message.get("data")) or "")
         if parsed is not None:
+            if self.observer is not None:
+                self.observer.message(channel, parsed.ident)
             for future in list(self._waiting.get((channel, parsed.ident), ())):
                 _resolve(future, parsed)
 
+    def _reconnected(self, connection: Any) -> None:
+        """redis-py reconnected the pub/sub connection by itself (its retry) and subscribes again: messages sent
+        in between are lost. Waiters read again; the near cache drops everything until confirmed again."""
+        if self.observer is not None:
+            self.observer.lost()
+        for (_channel, ident), futures in list(self._waiting.items()):
+            for future in list(futures):
+                _resolve(future, Message(ident, "retry"))
+
     def _reset(self, exc: BaseException | None = None) -> None:
         """Forget the connection; waiters read again (and find Redis down, or the value)."""
+        if self.observer is not None:
+            self.observer.lost()
         pubsub, self._pubsub = self._pubsub, None
         for confirmed in self._confirmed.values():
             if not confirmed.done():
@@ -809,6 +849,9 @@ class RedisStore:
 
     def describe(self) -> str:
         return f"Redis at {self.where}"
+
+    def watch(self, observer: Observer) -> None:
+        self._listener.observer = observer
 
     def replied_since(self, when: float) -> bool:
         """Whether Redis answered anything since ``when`` (loop time): it is alive, even if a reply is late. Also
@@ -922,7 +965,8 @@ class RedisStore:
                                    [keys.entry_prefix, keys.lease_prefix, keys.channel]))
 
     async def invalidate_namespace(self, keys: CacheKeys) -> int:
-        return int(await self._run(INVALIDATE_NAMESPACE, [keys.version, keys.index], []))
+        return int(await self._run(INVALIDATE_NAMESPACE, [keys.version, keys.index],
+                                   [keys.channel, Message("", "retry").to_json()]))
 
     async def secret(self, keys: CacheKeys) -> bytes:
         value = await self._run(SECRET, [keys.secret], [os.urandom(32)])

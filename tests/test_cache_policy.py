@@ -18,6 +18,7 @@ from hyperion_lock import CacheSerializationError, ConfigurationError
 from hyperion_lock._cache import CacheSettings, key_identity
 from hyperion_lock._cache_codec import JsonCodec, PickleCodec, etag_of
 from hyperion_lock._cache_keys import CacheKeys, identity, text, typed
+from hyperion_lock._cache_near import NearCache, NearEntry
 from hyperion_lock._cache_policy import (
     Action,
     EntryAge,
@@ -342,3 +343,82 @@ async def test_a_store_call_that_loses_the_timeouts_cancel_is_cancelled_again() 
     with pytest.raises(asyncio.CancelledError):
         async with asyncio.timeout(5):
             await caller
+
+
+# -- near cache -------------------------------------------------------------------------------------------------
+def near_entry(payload: bytes = b"v", fresh_left_ms: int = 10_000, ahead_ms: int = 1_000,
+               sent_at: float = 100.0) -> NearEntry:
+    return NearEntry.of(payload, '"e"', 30_000, fresh_left_ms, ahead_ms, sent_at)
+
+
+def test_the_near_cache_keeps_entries_only_while_its_channel_is_confirmed() -> None:
+    near = NearCache(max_entries=10, max_bytes=1000)
+    assert near.epoch("ch") is None  # not subscribed: nothing may be kept
+    assert not near.offer("ch", "k", near_entry(), None, 100.0) and near.get("ch", "k", 100.0) is None
+    assert near.wants("ch") and not near.wants("ch")  # one subscription asked for
+    near.failed("ch")
+    assert near.wants("ch")  # failed: asked again by a later read
+    near.subscribed("ch")
+    assert not near.wants("ch")
+    epoch = near.epoch("ch")
+    assert near.offer("ch", "k", near_entry(), epoch, 100.0)
+    assert near.get("ch", "k", 100.0) is not None and near.get("other", "k", 100.0) is None
+    # The connection breaks: everything is dropped, and nothing is kept until confirmed again.
+    near.lost()
+    assert len(near) == 0 and near.epoch("ch") is None and near.wants("ch")
+    assert not near.offer("ch", "k", near_entry(), epoch, 100.0)
+    near.subscribed("ch")
+    assert not near.offer("ch", "k", near_entry(), epoch, 100.0)  # an epoch from before the loss is refused
+    assert near.offer("ch", "k", near_entry(), near.epoch("ch"), 100.0)
+
+
+def test_a_message_heard_between_a_read_and_its_offer_refuses_the_offer() -> None:
+    near = NearCache()
+    near.subscribed("ch")
+    before = near.epoch("ch")  # taken when the read is sent
+    near.message("ch", "other")  # an invalidation handled before the read's reply (any entry of the channel)
+    assert not near.offer("ch", "k", near_entry(), before, 100.0) and near.get("ch", "k", 100.0) is None
+    near.message("elsewhere", "k")  # another namespace's message does not matter
+    assert near.offer("ch", "k", near_entry(), near.epoch("ch"), 100.0)
+
+
+def test_messages_drop_their_entry_or_their_whole_namespace() -> None:
+    near = NearCache()
+    for channel in ("a", "b"):
+        near.subscribed(channel)
+        for ident in ("k1", "k2"):
+            assert near.offer(channel, ident, near_entry(), near.epoch(channel), 100.0)
+    near.message("a", "k1")  # a new value, a key or tag invalidation, a released lease
+    assert near.get("a", "k1", 100.0) is None and near.get("a", "k2", 100.0) is not None
+    near.message("a", "")  # a namespace invalidation
+    assert near.get("a", "k2", 100.0) is None
+    assert near.get("b", "k1", 100.0) is not None and near.get("b", "k2", 100.0) is not None and len(near) == 2
+
+
+def test_a_near_entry_is_served_until_it_stops_being_simply_fresh_counted_from_the_read() -> None:
+    near = NearCache()
+    near.subscribed("ch")
+    kept = near_entry(fresh_left_ms=10_000, ahead_ms=1_000, sent_at=100.0)  # fresh until 110, early refresh at 109
+    assert (kept.fresh_end, kept.keep_until) == (110.0, 109.0)
+    assert near.offer("ch", "k", kept, near.epoch("ch"), 101.0)
+    assert near.get("ch", "k", 108.999) is kept
+    assert near.get("ch", "k", 109.0) is None and len(near) == 0  # from here the store decides (refresh, stale)
+    assert not near.offer("ch", "k", kept, near.epoch("ch"), 109.5)  # a reply that arrives too late is not kept
+
+
+def test_the_near_cache_is_bounded_in_entries_and_bytes() -> None:
+    near = NearCache(max_entries=3, max_bytes=800)
+    near.subscribed("ch")
+    for i in range(5):
+        assert near.offer("ch", f"k{i}", near_entry(b"x" * 10), near.epoch("ch"), 100.0)
+    assert len(near) == 3 and near.get("ch", "k0", 100.0) is None and near.get("ch", "k4", 100.0) is not None
+    near.get("ch", "k2", 100.0)  # used: the least recently used is k3 now
+    assert near.offer("ch", "big", near_entry(b"y" * 100), near.epoch("ch"), 100.0)
+    assert near.get("ch", "k3", 100.0) is None and near.get("ch", "k2", 100.0) is not None
+    assert not near.offer("ch", "huge", near_entry(b"z" * 101), near.epoch("ch"), 100.0)  # > 1/8 of the bytes
+    for i in range(8):
+        near.offer("ch", f"b{i}", near_entry(b"w" * 100), near.epoch("ch"), 100.0)
+    assert sum(len(e.payload) for e in near._entries.values()) <= 800
+    off = NearCache(max_entries=0)
+    off.subscribed("ch")
+    assert not off.wants("x") and not off.offer("ch", "k", near_entry(), off.epoch("ch"), 100.0)
