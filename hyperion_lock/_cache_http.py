@@ -157,10 +157,11 @@ class _Inputs:
     headers: set[str]
     cookies: set[str]
     schemes: list[tuple[Any, Any]]
+    guarded: list[Any]  # Security(...) with scopes, or a SecurityScopes reader: it decides who may ask
 
 
 def _inputs(dependant: Any, where: str, vary: tuple[str, ...], every_query: bool) -> _Inputs:
-    found = _Inputs(None if every_query else set(), {}, {h.lower() for h in vary}, set(), [])
+    found = _Inputs(None if every_query else set(), {}, {h.lower() for h in vary}, set(), [], [])
     for node in _walk(dependant):
         body = [p.name for p in getattr(node, "body_params", [])]
         if body:
@@ -181,6 +182,10 @@ def _inputs(dependant: Any, where: str, vary: tuple[str, ...], every_query: bool
         scheme = _scheme(node)
         if scheme is not None:
             found.schemes.append((node, scheme))
+        elif node is not dependant and (getattr(node, "own_oauth_scopes", None) or
+                                        getattr(node, "security_scopes", None) or
+                                        getattr(node, "security_scopes_param_name", None)):
+            found.guarded.append(node)
     return found
 
 
@@ -207,6 +212,20 @@ def _keyed_schemes(found: _Inputs, where: str, shared: bool) -> set[str]:
     return secret_query
 
 
+def _keyed_security(found: _Inputs, where: str, shared: bool, credentials: tuple[str, ...]) -> None:
+    """A ``Security(...)`` dependency that reads the request itself: refused unless the key holds a credential
+    (``vary``, a declared header or cookie) or the endpoint is ``shared``."""
+    keyed = found.headers & set(credentials) or found.cookies
+    if found.guarded and not (keyed or shared):
+        node = found.guarded[0]
+        raise ConfigurationError(
+            f"{where}: parameter {getattr(node, 'name', None) or '?'!r} is a Security(...) dependency, and the cache "
+            "key includes no credential: every user would get the first user's answer. Add the header it reads to "
+            "vary (e.g. vary=['Authorization']: one entry per credential), or shared=True if the answer does not "
+            "depend on who asks"
+        )
+
+
 def _title(header: str) -> str:
     return "-".join(w.capitalize() for w in header.split("-"))
 
@@ -220,6 +239,7 @@ def plan_for(dependant: Any, *, where: str, vary: Iterable[str], query: Literal[
     found = _inputs(dependant, where, vary, query == "all")
     secret_query = _keyed_schemes(found, where, shared)
     creds = tuple(c.lower() for c in credentials)
+    _keyed_security(found, where, shared, creds)
     keyed = tuple(sorted(found.headers))
     cookies_keyed = shared or "cookie" in found.headers
     unkeyed = () if shared else tuple(c for c in creds if c != "cookie" and c not in found.headers)

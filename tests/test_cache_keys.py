@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import httpx
 import pytest
 import redis
-from fastapi import APIRouter, Cookie, Depends, FastAPI, Header, Request
+from fastapi import APIRouter, Cookie, Depends, FastAPI, Header, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from hyperion_lock import Cache, ConfigurationError, Settings
@@ -186,6 +186,15 @@ async def test_an_unkeyed_security_scheme_is_refused_naming_the_parameter(redis_
     @cache.endpoint("s", ttl=30, vary=["X-Api-Key"])
     async def keyed(user: Annotated[str, Depends(key_user)]) -> str:
         return user
+
+    with pytest.raises(ConfigurationError, match=r"'user' is a Security\(...\) dependency.*vary"):
+        @cache.endpoint("s", ttl=30)
+        async def scoped(user: Annotated[str, Security(current_user, scopes=["me"])]) -> int:
+            return 1
+
+    @cache.endpoint("s", ttl=30, vary=["Authorization"])
+    async def scoped_keyed(user: Annotated[str, Security(current_user, scopes=["me"])]) -> int:
+        return 1
 
     with pytest.raises(ConfigurationError, match="reads a request body"):
         @cache.endpoint("s", ttl=30)
