@@ -4,11 +4,15 @@ Failure timeline of a leader:
 
 * Killed (SIGKILL, OOM, power): nothing is recorded; renewals stop; the lease expires after one TTL and a
   waiter takes over (Redis). A file lock is released by the kernel at once.
-* The job raises an ``Exception`` or ``SystemExit`` with a non-zero code (``alembic.config.main()``, click in
-  standalone mode): ``failed`` is recorded, every waiter raises ``JobFailedError`` at once, and for the failure
-  hold every later call of this generation does too. ``SystemExit(0)``/``SystemExit(None)`` is success.
-* The leader's task is cancelled (Ctrl-C under ``asyncio.run``, a timeout around the call, ``task.cancel()``)
-  or the job raises ``KeyboardInterrupt``: an interruption. An async job is cancelled and awaited; a sync job
+* The job ends by raising anything (an ``Exception``, a custom ``BaseException``, pytest's ``Failed``, gevent's
+  ``Timeout``, a ``CancelledError`` of its own, ``SystemExit`` with a non-zero code from ``alembic.config.main()``
+  or click in standalone mode): ``failed`` is recorded, every waiter raises ``JobFailedError`` at once, and for
+  the failure hold every later call of this generation does too; the leader re-raises what the job raised
+  (``SystemExit`` as ``JobFailedError``). ``SystemExit(0)``/``SystemExit(None)`` is success.
+* The call itself is cancelled (Ctrl-C under ``asyncio.run``, a timeout around the call, ``task.cancel()``), or
+  ``KeyboardInterrupt`` arrives in the main thread (where Python delivers SIGINT; a ``KeyboardInterrupt`` raised
+  in a sync job's worker thread is the job's own failure, as no signal reaches that thread): an interruption.
+  An async job is cancelled and awaited; a sync job
   runs in a thread that cannot be interrupted, so the lease stays held, and renewed, until the thread returns.
   If the job finished anyway its outcome is recorded; otherwise the lease is released with nothing recorded and
   a waiter takes over at once. Then the cancellation propagates.
@@ -25,6 +29,7 @@ import functools
 import inspect
 import os
 import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -48,15 +53,18 @@ class JobEnd:
     error: BaseException | None = None
 
     @classmethod
-    def of(cls, future: asyncio.Future[BaseException | None]) -> JobEnd:
+    def raised(cls, exc: BaseException) -> JobEnd:
+        """The job raised ``exc`` itself: a failure, except ``SystemExit(0)``/``SystemExit(None)`` (success)."""
+        if isinstance(exc, SystemExit) and exc.code in (None, 0):
+            return cls(Status.DONE)
+        return cls(Status.FAILED, exc)
+
+    @classmethod
+    def of(cls, future: asyncio.Future[JobEnd]) -> JobEnd:
+        """``future`` is :func:`run_job`'s: cancelled only when the call itself was (see there)."""
         if future.cancelled():
             return cls(None, asyncio.CancelledError())
-        exc = future.exception() or future.result()
-        if exc is None or (isinstance(exc, SystemExit) and exc.code in (None, 0)):
-            return cls(Status.DONE)
-        if isinstance(exc, Exception | SystemExit):
-            return cls(Status.FAILED, exc)
-        return cls(None, exc)
+        return future.result()
 
     def label(self, lost: bool) -> str:
         """How the run ended, for the metrics: done, failed, interrupted, or lost (another worker took over)."""
@@ -65,27 +73,44 @@ class JobEnd:
         return "interrupted" if self.status is None else str(self.status)
 
 
-async def run_job(job: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> BaseException | None:
-    """Run the job to its end; return (not raise) a ``SystemExit``/``KeyboardInterrupt`` it raised, which a task
-    would otherwise re-raise out of the event loop. A sync job runs in a thread, awaited to its real end even when
-    this task is cancelled; its result is then ignored if it is an awaitable that was never started."""
+async def run_job(job: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> JobEnd:
+    """Run the job to its end and say how it ended; what it raised is returned in the :class:`JobEnd`, not
+    raised (a task would re-raise a ``SystemExit``/``KeyboardInterrupt`` out of the event loop).
+
+    Only the cancellation of this task (the call was cancelled: :class:`Leadership` cancels the job) propagates,
+    and a ``KeyboardInterrupt`` raised in the main thread (SIGINT) is an interruption; anything else the job
+    raises, a ``CancelledError`` of its own included, is a failure. A sync job runs in a thread, awaited to its real
+    end even when this task is cancelled; its result is then ignored if it is an awaitable that was never started.
+    """
     try:
         if inspect.iscoroutinefunction(job):
             await job(*args, **kwargs)
-            return None
+            return JobEnd(Status.DONE)
         loop = asyncio.get_running_loop()
         thread = loop.run_in_executor(None, functools.partial(contextvars.copy_context().run, job, *args, **kwargs))
         done, cancelled = await to_the_end(thread)
-        result = done.result()
+        try:
+            result = done.result()
+        except KeyboardInterrupt as exc:  # raised by the job's own code: no signal reaches a worker thread
+            return JobEnd.raised(exc)
         if inspect.isawaitable(result):
             if cancelled:
                 if inspect.iscoroutine(result):
                     result.close()
                 raise asyncio.CancelledError
             await result
-    except (SystemExit, KeyboardInterrupt) as exc:
-        return exc
-    return None
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():  # the call was cancelled: not the job's own outcome
+            raise
+        return JobEnd.raised(exc)
+    except KeyboardInterrupt as exc:
+        if threading.current_thread() is threading.main_thread():  # SIGINT: the process is being interrupted
+            return JobEnd(None, exc)
+        return JobEnd.raised(exc)
+    except BaseException as exc:
+        return JobEnd.raised(exc)
+    return JobEnd(Status.DONE)
 
 
 class Leadership:

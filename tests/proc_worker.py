@@ -30,12 +30,26 @@ def emit(path: str, **fields: Any) -> None:
         fh.write(json.dumps(fields) + "\n")
 
 
+class JobAbort(BaseException):
+    """A BaseException that is not an Exception, as pytest's ``Failed`` or gevent's ``Timeout`` are."""
+
+
+#: ``--job base`` / ``cancelled`` (async) and ``syncbase:abort`` / ``syncbase:kbd`` (sync, in the worker thread)
+#: raise these at once: a custom BaseException, a CancelledError of the job's own, a KeyboardInterrupt.
+RAISES: dict[str, type[BaseException]] = {
+    "base": JobAbort, "cancelled": asyncio.CancelledError, "abort": JobAbort, "kbd": KeyboardInterrupt,
+}
+
+
 def make_job(spec: str, log: str) -> Any:
     kind, _, arg = spec.partition(":")
 
     async def job() -> None:
         lease = current_lease()
         emit(log, event="ran", fence=lease.fencing_token if lease else None)
+        if kind in RAISES:
+            emit(log, event="job-failing")
+            raise RAISES[kind]("raised by the job")
         if kind == "sleep":
             await asyncio.sleep(float(arg or 0))
         elif kind == "fail":
@@ -60,10 +74,13 @@ def make_job(spec: str, log: str) -> Any:
         if kind == "exit":  # what alembic.config.main() and click's standalone mode do
             emit(log, event="job-failing")
             sys.exit(int(arg or 1))
+        if kind == "syncbase":  # what the sync job's own code raises, in its worker thread
+            emit(log, event="job-failing")
+            raise RAISES[arg]("raised by the job")
         time.sleep(float(arg or 0))
         emit(log, event="job-finished")
 
-    return sync_job if kind in ("syncsleep", "exit") else job
+    return sync_job if kind in ("syncsleep", "exit", "syncbase") else job
 
 
 def main() -> int:
@@ -115,7 +132,7 @@ def main() -> int:
     except HyperionLockError as exc:
         emit(args.log, event="raised", error=type(exc).__name__, message=str(exc))
         return 3
-    except Exception as exc:
+    except BaseException as exc:  # the leader re-raises what its job raised, whatever it is
         emit(args.log, event="raised", error=type(exc).__name__, message=str(exc))
         return 3
     emit(args.log, event="returned", ran_here=outcome.ran_here, runner_pid=outcome.runner_pid,
