@@ -285,7 +285,13 @@ class _Waiter:
         """One probe that may take the lease, shielded: if this task is cancelled while the script runs, wait for
         its reply and hand a won lease straight on, then let the cancellation through."""
         call = self.call
-        done, cancelled = await to_the_end(call.backend.probe(call.token, take=True, seen_fence=seen_fence))
+        probe: Awaitable[Probe] = call.backend.probe(call.token, take=True, seen_fence=seen_fence)
+        if self.policy.first:
+            # connect_timeout bounds the first round trip, its reply included (the shield would otherwise wait for
+            # the socket timeout). A lease won without the reply arriving in time is never used: it expires after
+            # lease_ttl, as a killed leader's does, and a waiter takes over.
+            probe = asyncio.wait_for(probe, max(0.0, self.deadline - call.clock()))
+        done, cancelled = await to_the_end(probe)
         if not cancelled:
             return done.result()
         if not done.cancelled() and done.exception() is None and done.result().acquired:
