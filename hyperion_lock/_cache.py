@@ -845,12 +845,14 @@ class Cache:
         first worker stores in Redis (``:k``) and every worker reads (again each minute, so a Redis that lost it
         is followed); without Redis, a random key of this process. ``None`` when the store cannot give it now:
         the request is then computed directly (``BYPASS``)."""
-        if self._key_secret is not None:
-            return hmac.new(self._key_secret, namespace.encode(), hashlib.sha256).digest()
         now = self._clock()
         known = self._secrets.get(namespace)
         if known is not None and known[1] > now:
             return known[0]
+        if self._key_secret is not None:
+            derived = hmac.new(self._key_secret, namespace.encode(), hashlib.sha256).digest()
+            self._secrets[namespace] = (derived, math.inf)
+            return derived
         ctx = self._ctx()
         keys = self.keys(namespace)
         try:

@@ -23,6 +23,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from hyperion_lock import Cache, ConfigurationError, Settings
 from hyperion_lock._cache_keys import digest
+from hyperion_lock.testing import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -414,3 +415,22 @@ async def test_the_reference_apps_watchlist_is_cached_per_user(redis_url: str, p
         assert not [n for n in key_names(redis_url, prefix) if "demo-" in n or "alice" in n]
     finally:
         await cache.aclose()
+
+
+async def test_without_the_namespace_key_a_request_is_answered_directly_and_without_redis_per_worker(
+        prefix: str) -> None:
+    dead = make(f"redis://127.0.0.1:{free_port()}/0", prefix)  # nothing listens: the secret cannot be read
+    memory, runs = Cache(None, settings=Settings(redis_url=None, key_prefix=prefix)), list[str]()
+    try:
+        async with client(users_app(dead, runs)) as c:
+            answers = [await c.get("/me/header", headers=h) for h in (ALICE, BOB)]
+            assert [r.status_code for r in answers] == [200, 200]
+            assert [r.headers["x-cache"] for r in answers] == ["BYPASS", "BYPASS"]
+            assert answers[1].json()["user"].startswith("bob")
+        async with client(users_app(memory, runs)) as c:  # no Redis: a random key of this process
+            answers = [await c.get("/me/header", headers=h) for h in (ALICE, BOB, ALICE)]
+            assert [r.headers["x-cache"] for r in answers] == ["MISS", "MISS", "HIT"]
+            assert answers[1].json()["user"].startswith("bob") and answers[2].json() == answers[0].json()
+    finally:
+        await dead.aclose()
+        await memory.aclose()
