@@ -708,7 +708,9 @@ class Cache:
             guard = StoreGuard(floor=cs.op_timeout, ceiling=max(cs.op_timeout, cs.op_timeout_max),
                                threshold=cs.breaker_failures, retry_after=cs.breaker_retry,
                                max_retry_after=cs.breaker_max_retry)
-            near = NearCache(cs.near_max_entries, cs.near_max_bytes) if store.shared and cs.near_max_entries else None
+            # No near cache on a Cluster: its per-node sharded subscriptions reconnect inside redis-py unseen.
+            nearby = isinstance(store, RedisStore) and not store.sharded and cs.near_max_entries > 0
+            near = NearCache(cs.near_max_entries, cs.near_max_bytes) if nearby else None
             ctx = self._loops[loop] = _Loop(store, guard, near)
             # What a lookup needs is imported and set up with the loop's context (connect(), in the lifespan),
             # never on a hit: the metrics, and the JSON codec's pydantic (it imports its schema machinery on the
