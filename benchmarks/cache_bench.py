@@ -382,11 +382,12 @@ def report(rows: list[Row], seconds: float, hits: dict[str, list[Load]],
     lines += hit_section(hits, seconds) if hits else []
     lines += saturated_section(sat) if sat else []
     lines += ["", " ".join([
-        "Notes: `hyperion-15ms` is hyperion_lock with `op_timeout=0.015` instead of 0.05: it fails over sooner, but",
-        "on a loaded machine it is more likely to take slow replies for failures and compute directly.",
-        "\"From SIGSTOP\" includes the requests in flight when Redis stopped: each waits for its Redis calls to",
-        "time out (at most two of 50 ms: the hit read, then the miss path) before the breaker opens; after that",
-        "nothing waits on Redis. aiocache's burst errors are its Redis pool refusing connections",
+        "Notes: `hyperion-15ms` is hyperion_lock with `op_timeout=0.015` (the floor of its adaptive timeout)",
+        "instead of 0.05: it fails over sooner from an idle Redis.",
+        "\"From SIGSTOP\" includes the requests until the breaker opened: each waits once for its read to time",
+        "out (the adaptive timeout: 50 ms on an idle Redis, more when replies were slow) while a liveness check",
+        "waits for its answer (0.5 s); after that nothing waits on Redis. aiocache's burst errors are its Redis",
+        "pool refusing connections",
         "(`MaxConnectionsError: Too many connections`). fastapi-cache2 has no single flight; cashews' lock",
         "(`lock=True`) does serialise the computation. With Redis stopped, the peers' requests wait on it for",
         "seconds (no answer within the client's 5 s is counted as an error).",

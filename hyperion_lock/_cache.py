@@ -890,11 +890,13 @@ class Cache:
         ctx = self._ctx()
         k = (spec.namespace, ident)
         flight = ctx.flights.get(k)
+        direct = False
         if flight is None and not force:
             fresh = await self._fresh_hit(ctx, spec, ident, tags)
-            if fresh is not None:
+            if isinstance(fresh, Result):
                 self._count(spec.namespace, fresh.status)
                 return fresh
+            direct = fresh is _Unavailable  # its read failed (or timed out): one wait per request, not two
             flight = ctx.flights.get(k)  # another caller may have started one meanwhile
         if flight is not None:
             try:
@@ -903,16 +905,18 @@ class Cache:
                 self._count(spec.namespace, error=True)  # the flight's own caller counted its error already
                 raise
         else:
-            flight = ctx.flights[k] = asyncio.ensure_future(self._fly(spec, ident, tags, compute, force))
+            flight = ctx.flights[k] = asyncio.ensure_future(self._fly(spec, ident, tags, compute, force, direct))
             flight.add_done_callback(lambda f: ctx.flights.pop(k, None) if ctx.flights.get(k) is f else None)
             result = await asyncio.shield(flight)
         self._count(spec.namespace, result.status)
         return result
 
-    async def _fresh_hit(self, ctx: _Loop, spec: Spec, ident: str, tags: tuple[str, ...]) -> Result | None:
+    async def _fresh_hit(self, ctx: _Loop, spec: Spec, ident: str,
+                         tags: tuple[str, ...]) -> Result | type[_Unavailable] | None:
         """The fast path: an entry that is simply fresh, from the near cache (no Redis call) or from one read in
         the caller's own task (then kept in the near cache). Anything else (missing, soon stale, stale, an error
-        entry, the store failing) goes through the flight."""
+        entry) goes through the flight; ``_Unavailable`` when the read failed or timed out (or the breaker is
+        open): then the flight computes directly, so a request waits for the store at most once."""
         near, epoch, sent = ctx.near, None, 0.0
         if near is not None and ctx.guard.allow():
             sent = time.monotonic()
@@ -925,7 +929,7 @@ class Cache:
         try:
             read = await self._read(ctx, spec, ident, tags, "", TakeMode.NEVER)
         except _Unavailable:
-            return None
+            return _Unavailable
         entry = read.entry
         if entry is None or entry.header.error:
             return None
@@ -987,8 +991,8 @@ class Cache:
                    "it", spec.namespace, why)
 
     async def _fly(self, spec: Spec, ident: str, tags: tuple[str, ...], compute: Callable[[], Awaitable[Any]],
-                   force: bool) -> Result:
-        begun = await self._begin(spec, ident, tags, compute, force)
+                   force: bool, direct: bool = False) -> Result:
+        begun = _Lead(None, spec, ident, tags) if direct else await self._begin(spec, ident, tags, compute, force)
         if isinstance(begun, Result):
             return begun
         started = self._clock()
