@@ -2,10 +2,9 @@
 up to a bound (see ``tests/model/checker.py`` for what is real, what is modelled and what is checked, and
 docs/assurance.md for the figures).
 
-The suite's bounds finish in seconds. Larger ones, outside the suite::
+The suite's bounds finish in seconds. Larger ones, outside the suite (each configuration's depth plus N)::
 
-    HYPERION_LOCK_MODEL_DEPTH=20 HYPERION_LOCK_MODEL_LOSS_DEPTH=14 \\
-        python3 -m pytest -q -s -p no:cacheprovider --timeout 0 tests/test_model_check.py
+    HYPERION_LOCK_MODEL_EXTRA_DEPTH=4 python3 -m pytest -q -s -p no:cacheprovider --timeout 0 tests/test_model_check.py
 """
 
 from __future__ import annotations
@@ -15,11 +14,14 @@ from hyperion_lock._policy import WaitPolicy
 from tests.model.checker import Budget, Checker, Config, bound_from_env, freeze, new_policy, thaw
 from tests.model.redis_model import FinishIgnoresToken
 
+ENDINGS = ("done", "failed", "interrupted")
 #: Redis keeps its data: workers crash (and one is replaced), pause past their lease, lose a message.
-INTACT = Config(depth=bound_from_env("HYPERION_LOCK_MODEL_DEPTH", 16),
-                budget=Budget(crashes=1, respawns=1, pauses=1, losses=1))
+INTACT = Config(depth=bound_from_env(15), budget=Budget(crashes=1, respawns=1, pauses=1, losses=1), endings=ENDINGS)
+#: A script runs but its reply is lost, so the call retries it with the same owner token; a worker pauses.
+RETRIES = Config(depth=bound_from_env(19), budget=Budget(crashes=0, respawns=0, pauses=1, losses=0, replies=1),
+                 endings=ENDINGS)
 #: Redis loses data: it restarts empty, or fails over to a replica missing the last writes; a worker pauses.
-LOSSY = Config(depth=bound_from_env("HYPERION_LOCK_MODEL_LOSS_DEPTH", 11),
+LOSSY = Config(depth=bound_from_env(11),
                budget=Budget(crashes=0, respawns=0, pauses=1, losses=0, restarts=1, failovers=1))
 #: What Redis losing data breaks, found by this checker and explained in docs/assurance.md ("Anomalies"): the
 #: fencing counter restarts, so two runs can hold the same token (the fenced store cannot tell them apart, and
@@ -27,12 +29,20 @@ LOSSY = Config(depth=bound_from_env("HYPERION_LOCK_MODEL_LOSS_DEPTH", 11),
 KNOWN_UNDER_DATA_LOSS = {"fence", "failure-final"}
 
 
-def test_protocol_holds_while_redis_keeps_its_data() -> None:
-    report = Checker(INTACT).run()
+def check(config: Config) -> None:
+    report = Checker(config).run()
     print(report.summary())
     assert not report.violations, report.summary()
     assert report.terminal > 0 and report.liveness_checked == report.states
     assert report.states > 10_000  # the bound reaches takeovers, not only the first probes
+
+
+def test_protocol_holds_while_redis_keeps_its_data() -> None:
+    check(INTACT)
+
+
+def test_protocol_holds_when_replies_are_lost_and_calls_retry() -> None:
+    check(RETRIES)
 
 
 def test_data_loss_defeats_only_what_the_fence_counter_protects() -> None:

@@ -77,6 +77,7 @@ class Budget(NamedTuple):
     losses: int = 1
     restarts: int = 0
     failovers: int = 0
+    replies: int = 0  # a script ran but its reply was lost: the call retries it with the same owner token
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,8 @@ class Config:
         b = self.budget
         return (
             f"{self.workers} workers, depth {self.depth}, faults: {b.crashes} crash, {b.respawns} respawn, "
-            f"{b.pauses} pause, {b.losses} lost message, {b.restarts} restart empty, {b.failovers} failover; "
+            f"{b.pauses} pause, {b.losses} lost message, {b.replies} lost reply, {b.restarts} restart empty, "
+            f"{b.failovers} failover; "
             f"job endings {'/'.join(self.endings)}; lease TTL {LEASE_TTL:g} ticks, failure hold {FAILURE_HOLD:g}"
         )
 
@@ -155,6 +157,7 @@ class Local(NamedTuple):
     facts: Facts
     messages: tuple[str, ...] = ()
     violation: tuple[str, str] | None = None
+    script: bool = False  # the step ran a script (whose reply may be lost)
 
 
 class Step(NamedTuple):
@@ -307,14 +310,17 @@ class Model:
         return w._replace(policy=age_policy(w.policy, 1), until=max(0.0, w.until - 1), leader=leader)
 
     def worker_steps(self, world: World, w: Worker) -> list[Step]:
+        return [Step(s.label, self.apply(world, s), s.violation) for s in self.local(world, w)]
+
+    def local(self, world: World, w: Worker) -> tuple[Local, ...]:
         if w.paused or w.phase in ("end", "dead"):
-            return []
+            return ()
         key = (w, world.db, world.fenced, world.facts)
         local = self._cache.get(key)
         if local is None:
             start = Local("", w, world.db, world.fenced, world.facts)
             local = self._cache[key] = tuple(self.check_lease(start, s) for s in self.local_steps(start))
-        return [Step(s.label, self.apply(world, s), s.violation) for s in local]
+        return local
 
     def apply(self, world: World, local: Local) -> World:
         i = local.worker.idx
@@ -352,7 +358,7 @@ class Model:
             probe = drive(backend.probe(w.name, take=False, with_counter=True))
             nxt = policy.on_look(0.0, probe, 0.0)
             what = f"looks ({seen(probe)}, counter {probe.fence_counter})"
-        return self.settle(s._replace(db=self.ops.db), policy, nxt, what)
+        return self.settle(s._replace(db=self.ops.db, script=True), policy, nxt, what)
 
     def wait_step(self, s: Local) -> list[Local]:
         w = s.worker
@@ -419,7 +425,7 @@ class Model:
             leader = leader._replace(lost=True, renew_in=INF)
         else:
             leader = leader._replace(renew_in=1.0)
-        return s._replace(label=f"{w.name} renews its lease: {result.name.lower()}", db=self.ops.db,
+        return s._replace(label=f"{w.name} renews its lease: {result.name.lower()}", db=self.ops.db, script=True,
                           messages=tuple(self.ops.published), worker=w._replace(leader=leader))
 
     def write(self, s: Local, leader: Leader) -> list[Local]:
@@ -446,17 +452,21 @@ class Model:
         w = s.worker
         token = leader.holder.fencing_token
         failed = leader.status == "failed"
-        outcome = Outcome(key=KEYS.key, generation=GEN, status=Status(leader.status), fencing_token=token,
-                          runner_host="h", runner_pid=w.idx + 1, started_at=0.0, finished_at=0.0,
-                          error_type="RuntimeError" if failed else None, error_message="boom" if failed else None)
+        outcome = None if leader.status == "interrupted" else Outcome(
+            key=KEYS.key, generation=GEN, status=Status(leader.status), fencing_token=token, runner_host="h",
+            runner_pid=w.idx + 1, started_at=0.0, finished_at=0.0, error_type="RuntimeError" if failed else None,
+            error_message="boom" if failed else None)
         self.ops.db, self.ops.published = s.db, []
         reply = drive(self.backends[w.idx].finish(self.lease(w, leader), outcome))
         facts = self.note_outcome(s.facts, s.db, self.ops.db)
-        result = "lost" if reply is FinishResult.SUPERSEDED else f"ran {leader.status}@{token}"
-        says = {"lost": "raises LeaseLostError", f"ran done@{token}": "returns done (ran here)"}.get(
-            result, "re-raises its job's error")
+        if outcome is None:
+            result = "interrupted"
+        else:
+            result = "lost" if reply is FinishResult.SUPERSEDED else f"ran {leader.status}@{token}"
+        says = {"lost": "raises LeaseLostError", f"ran done@{token}": "returns done (ran here)",
+                "interrupted": "hands the lease on, re-raises"}.get(result, "re-raises the job's error")
         return s._replace(label=f"{w.name} finishes ({leader.status}): {reply.name.lower()} -> {says}",
-                          db=self.ops.db, messages=tuple(self.ops.published), facts=facts,
+                          db=self.ops.db, messages=tuple(self.ops.published), facts=facts, script=True,
                           worker=w._replace(phase="end", leader=None, result=result),
                           violation=self.check_end(s.facts, w, result))
 
@@ -518,6 +528,8 @@ class Model:
         b = world.budget
         for w in world.workers:
             steps.extend(self.worker_faults(world, w, b))
+        if b.replies:
+            steps.extend(self.lost_replies(world, b._replace(replies=b.replies - 1)))
         if b.restarts:
             steps.append(self.lose_data(world, EMPTY, "Redis restarts empty", b._replace(restarts=b.restarts - 1)))
         if b.failovers and world.replica is not None and world.replica != world.db:
@@ -542,6 +554,16 @@ class Model:
         if b.losses and w.inbox:
             yield Step(f"the message '{describe_event(w.inbox[0])}' to {w.name} is lost",
                        self.put(world._replace(budget=b._replace(losses=b.losses - 1)), w._replace(inbox=w.inbox[1:])))
+
+    def lost_replies(self, world: World, budget: Budget) -> Iterator[Step]:
+        """A script ran (its writes and messages happened) but the caller never got the reply: it retries."""
+        for w in world.workers:
+            for s in self.local(world, w):
+                if s.script:
+                    kept = s.violation if s.violation is not None and s.violation[0] == "lease-owner" else None
+                    after = self.apply(world, s._replace(worker=w))
+                    yield Step(f"{s.label.split(' -> ')[0]}, but the reply is lost", after._replace(budget=budget),
+                               kept)
 
     def lose_data(self, world: World, db: Db, label: str, budget: Budget) -> Step:
         workers = tuple(w._replace(broken=True, inbox=()) if w.phase in ("probe", "look", "wait") else w
@@ -723,19 +745,23 @@ class Checker:
 
     def greedy(self, world: World, good: set[World], limit: int = 400) -> list[str] | None:
         """Follow the first possible step; None when every call ended (all states passed are good), else the
-        steps taken."""
+        steps taken (up to the first repeated state: a cycle in which nobody ends)."""
         passed, labels = [world], list[str]()
+        visited = {world}
         for _ in range(limit):
             if world in good or Model.finished(world):
                 good.update(passed)
                 return None
             steps = self.model.successors(world, faults=False)
             if not steps:
-                return labels
+                return [*labels, "(no step possible: every caller waits for nobody)"]
             world = steps[0].world
             labels.append(steps[0].label)
+            if world in visited:
+                return [*labels, "(back to an earlier state: this repeats forever)"]
+            visited.add(world)
             passed.append(world)
-        return labels
+        return [*labels, f"(still not ended after {limit} steps)"]
 
     def some_end(self, world: World, limit: int = 200_000) -> bool:
         """Breadth-first, without faults: is a state where every call ended reachable at all?"""
@@ -751,8 +777,8 @@ class Checker:
         return False
 
 
-def bound_from_env(name: str, default: int) -> int:
-    """The depth bound from the environment variable ``name`` (e.g. ``HYPERION_LOCK_MODEL_DEPTH``), else
-    ``default``: a larger bound explores more, for a run outside the suite."""
-    value = os.environ.get(name, "").strip()
-    return int(value) if value else default
+def bound_from_env(default: int) -> int:
+    """``default`` plus ``HYPERION_LOCK_MODEL_EXTRA_DEPTH`` (0 when unset): a larger bound explores more, for a run
+    outside the suite."""
+    extra = os.environ.get("HYPERION_LOCK_MODEL_EXTRA_DEPTH", "").strip()
+    return default + (int(extra) if extra else 0)
