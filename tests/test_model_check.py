@@ -9,6 +9,8 @@ The suite's bounds finish in seconds. Larger ones, outside the suite (each confi
 
 from __future__ import annotations
 
+import dataclasses
+
 from hyperion_lock._model import Holder, Probe
 from hyperion_lock._policy import WaitPolicy
 from tests.model.checker import Budget, Checker, Config, bound_from_env, freeze, new_policy, thaw
@@ -75,3 +77,19 @@ def test_the_policy_snapshot_keeps_every_attribute() -> None:
     assert isinstance(restored, WaitPolicy)
     assert set(vars(restored)) == set(vars(policy))
     assert restored.seen_fence == 4 and restored.may_take_at == policy.may_take_at
+
+
+def test_a_second_run_writes_only_after_the_first_leader_stopped_before_recording() -> None:
+    """"The fenced store accepts the writes of one run only" does not hold, and cannot: a leader that stops (killed,
+    or paused past its lease) after its job's writes but before FINISH recorded ``done`` leaves nothing in Redis that
+    says the job ran, so a waiter takes over and runs it again. Its token is higher, so the store accepts it; the
+    job must be idempotent in its own store (docs/assurance.md). With jobs that succeed (a failed or interrupted run
+    is retried by design), the shortest trace to a second run is that one."""
+    config = dataclasses.replace(INTACT, endings=("done",), single_run=True, stop_at_first=True, liveness=False)
+    report = Checker(config).run()
+    print(report.summary())
+    found = report.violations["single-run"]
+    first_leader = found.trace[0].split()[1]
+    stopped = [line for line in found.trace if f"{first_leader} crashes" in line or f"{first_leader} pauses" in line]
+    assert stopped, found.timeline()
+    assert not any(f"{first_leader} finishes" in line for line in found.trace), found.timeline()

@@ -90,6 +90,7 @@ class Config:
     liveness: bool = True
     max_states: int = 3_000_000
     stop_at_first: bool = False  # end the search at the first violation (a broken rule's shortest trace)
+    single_run: bool = False  # also check "the fenced store accepts the writes of one run only" (see docs)
 
     def describe(self) -> str:
         b = self.budget
@@ -440,6 +441,9 @@ class Model:
         if run in fenced.writers and fenced.last != run:
             violation = ("fence", f"the fenced store accepted a write of {run} (token {token}) after a write of "
                                   f"{fenced.last}, which came after {run}'s previous write")
+        elif self.config.single_run and fenced.writers - {run}:
+            violation = ("single-run", f"the fenced store accepted a write of {run} (token {token}) after writes of "
+                                       f"{', '.join(sorted(fenced.writers - {run}))}: a second run of the job")
         s = s._replace(fenced=Fenced(token, run, fenced.writers | {run}), violation=violation)
         label = f"{run}'s job: {nth} write with token {token} accepted"
         if leader.pc == 0:
