@@ -147,6 +147,12 @@ def test_two_requests_share_an_entry_exactly_when_their_declared_inputs_are_equa
     # can hold (letters outside hex): a drawn value can also be the symbol's, or a run of hex digits.
     marked = dict(a, tenant="SekretQzTenant", authorization="Bearer SekretQzToken", session="SekretQzSession")
     assert "SekretQz" not in request_identity(request(marked), PLAN, SECRET)
+    # And each is a keyed hash in its section (unless the whole parameter list was long enough to be hashed).
+    params = first.split("?", 1)[1] if "?" in first else ""
+    if not params.startswith("~"):
+        hashed = [p.split("=", 1)[1] for p in params.split("&") if p.startswith(("h.", "c."))]
+        assert len(hashed) == sum(a[k] is not None for k in ("authorization", "tenant", "session")), first
+        assert all(v.startswith("~s") for v in hashed), first
 
 
 @settings(max_examples=100, deadline=None)
