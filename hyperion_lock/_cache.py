@@ -924,7 +924,7 @@ class Cache:
             if kept is not None:
                 return self._near_result(spec, kept, sent)
             epoch = near.epoch(spec.keys.channel)
-            if epoch is None and near.wants(spec.keys.channel):
+            if epoch is None and near.wants(spec.keys.channel, sent):
                 ctx.spawn(self._listen_near(ctx, near, spec.keys), "hyperion-lock-cache-listen")
         try:
             read = await self._read(ctx, spec, ident, tags, "", TakeMode.NEVER)
@@ -956,7 +956,7 @@ class Cache:
     async def _listen_near(self, ctx: _Loop, near: NearCache, keys: CacheKeys) -> None:
         """Subscribe to a namespace's channel for the near cache (the listener confirms it to the near cache)."""
         if not await self._listen(ctx, keys):
-            near.failed(keys.channel)
+            near.failed(keys.channel, time.monotonic())
 
     async def _read(self, ctx: _Loop, spec: Spec, ident: str, tags: tuple[str, ...], token: str,
                     take: TakeMode) -> Read:

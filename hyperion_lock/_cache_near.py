@@ -25,6 +25,7 @@ larger than an eighth of ``max_bytes`` is never kept.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -60,6 +61,7 @@ class NearCache:
         self._generation = 0  # connections lost
         self._live: set[str] = set()  # channels whose subscription is confirmed and unbroken
         self._starting: set[str] = set()  # channels a subscription was asked for
+        self._retry_at: dict[str, float] = {}  # channels whose subscription failed: not asked again before then
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -97,16 +99,20 @@ class NearCache:
         return True
 
     # -- the subscription ----------------------------------------------------------------------------------------
-    def wants(self, channel: str) -> bool:
+    def wants(self, channel: str, now: float) -> bool:
         """Whether a subscription to ``channel`` should be started now (once, until it is lost or fails)."""
         if channel in self._live or channel in self._starting or self.max_entries <= 0:
+            return False
+        if now < self._retry_at.get(channel, -math.inf):
             return False
         self._starting.add(channel)
         return True
 
-    def failed(self, channel: str) -> None:
-        """Subscribing failed: a later read asks again."""
+    def failed(self, channel: str, now: float, retry_after: float = 5.0) -> None:
+        """Subscribing failed (Redis failing, or an ACL without the channel): a read ``retry_after`` seconds
+        later asks again; until then hits read Redis, as without a near cache."""
         self._starting.discard(channel)
+        self._retry_at[channel] = now + retry_after
 
     def subscribed(self, channel: str) -> None:
         self._starting.discard(channel)

@@ -355,17 +355,18 @@ def test_the_near_cache_keeps_entries_only_while_its_channel_is_confirmed() -> N
     near = NearCache(max_entries=10, max_bytes=1000)
     assert near.epoch("ch") is None  # not subscribed: nothing may be kept
     assert not near.offer("ch", "k", near_entry(), None, 100.0) and near.get("ch", "k", 100.0) is None
-    assert near.wants("ch") and not near.wants("ch")  # one subscription asked for
-    near.failed("ch")
-    assert near.wants("ch")  # failed: asked again by a later read
+    assert near.wants("ch", 100.0) and not near.wants("ch", 100.0)  # one subscription asked for
+    near.failed("ch", 100.0, retry_after=5.0)
+    assert not near.wants("ch", 104.9)  # failed (e.g. no channel permission): not asked again on every read...
+    assert near.wants("ch", 105.0)  # ...but a while later
     near.subscribed("ch")
-    assert not near.wants("ch")
+    assert not near.wants("ch", 200.0)
     epoch = near.epoch("ch")
     assert near.offer("ch", "k", near_entry(), epoch, 100.0)
     assert near.get("ch", "k", 100.0) is not None and near.get("other", "k", 100.0) is None
     # The connection breaks: everything is dropped, and nothing is kept until confirmed again.
     near.lost()
-    assert len(near) == 0 and near.epoch("ch") is None and near.wants("ch")
+    assert len(near) == 0 and near.epoch("ch") is None and near.wants("ch", 200.0)
     assert not near.offer("ch", "k", near_entry(), epoch, 100.0)
     near.subscribed("ch")
     assert not near.offer("ch", "k", near_entry(), epoch, 100.0)  # an epoch from before the loss is refused
@@ -421,4 +422,4 @@ def test_the_near_cache_is_bounded_in_entries_and_bytes() -> None:
     assert sum(len(e.payload) for e in near._entries.values()) <= 800
     off = NearCache(max_entries=0)
     off.subscribed("ch")
-    assert not off.wants("x") and not off.offer("ch", "k", near_entry(), off.epoch("ch"), 100.0)
+    assert not off.wants("x", 100.0) and not off.offer("ch", "k", near_entry(), off.epoch("ch"), 100.0)
