@@ -165,6 +165,7 @@ class Step(NamedTuple):
     label: str
     world: World
     violation: tuple[str, str] | None = None  # (invariant, what happened)
+    fault: bool = False  # a step of the environment other than a resume or a tick
 
 
 # -- the library code, driven without an event loop --------------------------------------------------------------
@@ -272,19 +273,17 @@ class Model:
 
     # -- successors ---------------------------------------------------------------------------------------------
     def successors(self, world: World, faults: bool = True) -> list[Step]:
+        """Every step from ``world``; without ``faults``, only the workers' steps, resumes, and ticks. The first
+        step that is not a fault is the same either way (the liveness check's greedy schedule follows it)."""
         steps: list[Step] = []
         for worker in world.workers:
             steps.extend(self.worker_steps(world, worker))
-        if not faults:
-            steps.extend(self.resumes(world))
-        if not steps and not faults:
-            steps.extend(self.tick(world))
-            return steps
+        urgent = bool(steps)
+        steps.extend(self.resumes(world))
         if faults:
-            urgent = bool(steps)
             steps.extend(self.fault_steps(world))
-            if not urgent:
-                steps.extend(self.tick(world))
+        if not urgent:
+            steps.extend(self.tick(world))
         return steps
 
     def tick(self, world: World) -> list[Step]:
@@ -528,7 +527,7 @@ class Model:
                 for w in world.workers if w.paused]
 
     def fault_steps(self, world: World) -> list[Step]:
-        steps = self.resumes(world)
+        steps: list[Step] = []
         b = world.budget
         for w in world.workers:
             steps.extend(self.worker_faults(world, w, b))
@@ -540,7 +539,7 @@ class Model:
             steps.append(Step("the replica copies the primary", world._replace(replica=world.db)))
             steps.append(self.lose_data(world, world.replica, "Redis fails over to a replica missing the last "
                                         "writes", b._replace(failovers=b.failovers - 1)))
-        return steps
+        return [step._replace(fault=True) for step in steps]
 
     def worker_faults(self, world: World, w: Worker, b: Budget) -> Iterator[Step]:
         if w.phase == "dead" and b.respawns:
@@ -679,6 +678,7 @@ class Checker:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.model = Model(config)
+        self.next_free: dict[World, World] = {}  # the greedy schedule's step from each expanded state
 
     def run(self) -> Report:
         start = time.monotonic()
@@ -704,7 +704,11 @@ class Checker:
                report: Report) -> list[World]:
         nxt: list[World] = []
         for world in frontier:
-            for step in self.model.successors(world):
+            steps = self.model.successors(world)
+            free = next((step for step in steps if not step.fault), None)
+            if free is not None and free.violation is None:
+                self.next_free[world] = free.world
+            for step in steps:
                 report.transitions += 1
                 if step.violation is not None:
                     name, what = step.violation
@@ -735,7 +739,8 @@ class Checker:
         good: set[World] = set()
         for world in reversed(states):
             report.liveness_checked += 1
-            if world in good:
+            if world in good or Model.finished(world) or self.next_free.get(world) in good:
+                good.add(world)
                 continue
             stuck = self.greedy(world, good)
             if stuck is None:
