@@ -15,6 +15,7 @@ from ._compat import use_lock_for_workers
 from ._core import Coordinator, current_lease
 from ._errors import (
     ConfigurationError,
+    CorruptStateError,
     HyperionLockError,
     JobFailedError,
     LeaseLostError,
@@ -51,6 +52,7 @@ __all__ = [
     "CacheValueTooLargeError",
     "ConfigurationError",
     "Coordinator",
+    "CorruptStateError",
     "Holder",
     "HyperionLockError",
     "JobFailedError",

@@ -65,8 +65,9 @@ EXIT_OK, EXIT_FAILED, EXIT_RUNNING, EXIT_UNREACHABLE, EXIT_USAGE, EXIT_INTERRUPT
 EXIT_CODES_HELP = """\
 exit codes (usable by a health check):
 
-status  0 every job done · 1 a job failed (its outcome failed and nothing runs it now) · 2 a job is
-        running, or a job named with --key has no outcome yet · 3 Redis unreachable or refusing us
+status  0 every job done · 1 a job failed (its outcome failed and nothing runs it now), or its lease in
+        Redis is corrupt (reset clears it) · 2 a job is running, or a job named with --key has no outcome
+        yet · 3 Redis unreachable or refusing us
         (credentials, ACL, TLS, DB index), or the lock directory unreadable or refused (not private to this
         user) · 64 bad usage.
         It judges one generation: --generation G, else the current one, the generation of the newest lease
@@ -94,6 +95,7 @@ class JobState:
 
     key: str
     state: str  # running | done | failed | idle (nothing recorded) | pending (idle, but asked for with --key)
+    #             | corrupt (its lease in Redis is not a lease this package wrote: ``reset`` clears it)
     holder: str | None = None  # host:pid of the lease holder, else of the runner of the reported outcome
     generation: str | None = None
     fencing_token: int | None = None
@@ -138,7 +140,7 @@ def newest_generation(jobs: Sequence[JobState]) -> str | None:
 
 def exit_code(jobs: Sequence[JobState]) -> int:
     states = {j.state for j in jobs}
-    if "failed" in states:
+    if states & {"failed", "corrupt"}:
         return EXIT_FAILED
     if states & {"running", "pending"}:
         return EXIT_RUNNING
@@ -160,13 +162,21 @@ def redis_jobs(client: redis.Redis, prefix: str, generation: str | None) -> list
     for key in sorted(found):
         keys = JobKeys(prefix, key)
         lease_raw, pttl = as_text(client.get(keys.lease)), int(client.pttl(keys.lease))
-        holder = Holder.from_mapping(json.loads(lease_raw)) if lease_raw else None
         outcomes = []
         for okey in found[key]["outcome_keys"]:
             text = as_text(client.get(okey))
-            if text:
-                with contextlib.suppress(ValueError, KeyError, TypeError):
-                    outcomes.append(Outcome.from_json(text))
+            try:
+                outcomes.extend([Outcome.from_json(text)] if text else [])
+            except (ValueError, KeyError, TypeError, AttributeError):
+                logger.warning("ignoring %s: not a readable outcome (corrupt? `hyperion-lock reset %s` clears it)",
+                               okey, key)
+        try:
+            holder = Holder.from_mapping(json.loads(lease_raw)) if lease_raw else None
+        except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, or not an object: no holder wrote it
+            jobs.append(JobState(key=key, state="corrupt", last_error=(
+                f"the lease {keys.lease} is not a lease this package wrote (corrupt); `hyperion-lock reset {key}` "
+                "clears it")))
+            continue
         jobs.append(judge(key, holder, pttl / 1000.0 if holder and pttl > 0 else None, outcomes, generation))
     return jobs
 
@@ -185,7 +195,7 @@ def redis_reset(client: redis.Redis, prefix: str, key: str, generation: str | No
     for okey in outcome_keys or [keys.outcome(generation or "-")]:
         done, lease = script(keys=[keys.lease, okey, keys.channel],
                              args=["1" if force else "0", release])
-        if as_text(lease):
+        if as_text(lease):  # RESET returns only a lease that is a JSON object (it clears a corrupt one)
             holder = Holder.from_mapping(json.loads(as_text(lease) or "{}"))
             return True, (f"refused: {key} is running in {holder.runner} (generation {holder.generation}, fencing "
                           f"token {holder.fencing_token}); wait for it, or use --force if that process is gone")

@@ -59,6 +59,14 @@ class RedisTLSError(ConfigurationError):
     to a plain port. Raised at once; the message says what to check (``rediss://`` vs ``redis://``, the CA file)."""
 
 
+class CorruptStateError(HyperionLockError):
+    """A value stored for a job (its lease or an outcome) is not what this package writes: not a JSON object.
+
+    Raised at once, before anything is changed; the message names the key. ``hyperion-lock reset KEY`` clears a
+    corrupt lease (no holder wrote it) and the job's outcomes, after which the next call runs the job.
+    """
+
+
 class JobFailedError(HyperionLockError):
     """The run-once job raised in the worker that ran it; every worker waiting for it raises this."""
 

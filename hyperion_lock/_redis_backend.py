@@ -11,14 +11,15 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import time
 from typing import Any, Protocol
 
 from . import _scripts
 from ._cluster import next_sharded, sharded_script, sharded_subscribe
-from ._connect import as_text, async_closer, close_quietly, is_transient, redis_error
-from ._errors import ConfigurationError
+from ._connect import _ACL_COMMANDS, as_text, async_closer, close_quietly, is_transient, redis_error
+from ._errors import ConfigurationError, CorruptStateError, RedisPermissionError
 from ._keys import JobKeys
 from ._model import Event, FinishResult, Holder, Lease, Outcome, Probe, RenewResult, Status
 from ._settings import Settings, replica_wait_ms
@@ -33,6 +34,7 @@ MIN_REPLICAS_ON_CLUSTER = (
 class _Ops(Protocol):
     """The handful of Redis operations the backend needs, whatever the client flavour."""
 
+    sharded: bool  # a Redis Cluster: wake-ups are SPUBLISH/SSUBSCRIBE
 
     async def run(self, script: str, keys: list[str], args: list[Any]) -> Any: ...
     async def run_and_wait(
@@ -45,6 +47,8 @@ class _Ops(Protocol):
 
 
 class _OpsBase:
+    sharded = False
+
     def __init__(self, client: Any, *, owned: bool) -> None:
         self._client = client
         self._owned = owned  # close the client with the backend (we made it from a URL)
@@ -112,6 +116,7 @@ class ClusterOps(AsyncOps):
     """
 
     _code = staticmethod(sharded_script)
+    sharded = True
 
     async def run_and_wait(
         self, script: str, keys: list[str], args: list[Any], replicas: int, timeout_ms: int
@@ -201,13 +206,15 @@ class RedisBackend:
         self._result_ttl_ms = max(1, int(settings.result_ttl * 1000))
         self._scripts_loaded = False
         self._replicas_warned = False
+        self._permissions_checked = False  # by this call's first probe
 
     def describe(self) -> str:
         return f"Redis at {self.where}"
 
     def failure(self, exc: Exception, key: str, generation: str) -> Exception | None:
         """Wrong credentials, DB index, ACL or TLS setup: a clear error at once; a lost connection: retry."""
-        specific = redis_error(exc, where=self.where, key=key, generation=generation, prefix=self.keys.prefix)
+        specific = self._script_error(exc, key, generation) or redis_error(
+            exc, where=self.where, key=key, generation=generation, prefix=self.keys.prefix)
         if specific is not None:
             return specific
         return None if is_transient(exc) else exc
@@ -247,25 +254,99 @@ class RedisBackend:
                 self.keys.key, acked, self.settings.min_replicas, replica_wait_ms(self.settings.lease_ttl),
             )
 
+    def _needed(self, take: bool) -> str:
+        """What this call will need, as ``[kind, command, target, args...]`` for PROBE to check before it reads or
+        takes anything (ARGV[8]); only on the call's first probe, so a wake-up costs nothing more. Without ``take``
+        (waiting only) just what a waiter does."""
+        if self._permissions_checked:
+            return ""
+        k, outcome = self.keys, self.keys.outcome(self.generation)
+        subscribe, publish = ("SSUBSCRIBE", "SPUBLISH") if self.ops.sharded else ("SUBSCRIBE", "PUBLISH")
+        needed = [["channel", subscribe, k.channel], ["key", "GET", k.lease], ["key", "GET", outcome],
+                  ["key", "PTTL", outcome]]
+        if take:
+            needed += [
+                ["channel", publish, k.channel, "x"], ["key", "SET", k.lease, "x", "PX", "1"], ["key", "INCR", k.fence],
+                ["key", "PEXPIRE", k.lease, "1"], ["key", "DEL", k.lease], ["key", "SET", outcome, "x", "PX", "1"],
+                ["command", "SCRIPT", "LOAD", "x"],
+            ]
+            if self.settings.min_replicas:
+                needed += [["command", "EVAL", "return 1", "0"], ["command", "WAIT", "0", "0"]]
+        return json.dumps(needed)
+
+    def _script_error(self, exc: Exception, key: str, generation: str) -> Exception | None:
+        """A script's own refusal: a permission its preflight found missing, or a stored value that is corrupt."""
+        text = str(exc)
+        denied = re.search(rf"{_scripts.PREFLIGHT} (\w+) (\w+) (\S+)", text)
+        if denied:
+            return self._denied(*denied.groups(), key=key, generation=generation)
+        corrupt = re.search(rf"{_scripts.CORRUPT} (\S+)", text)
+        if corrupt:
+            return self._corrupt(corrupt.group(1), key, generation)
+        return None
+
+    def _denied(self, kind: str, command: str, target: str, *, key: str, generation: str) -> RedisPermissionError:
+        p, grant = self.keys.prefix, f"the command +{command.lower()}"
+        if kind == "channel":
+            what, grant = f"{command} on the channel {target}", f"the channels &{p}:* (Redis 7 users start with " \
+                f"resetchannels) and {grant}"
+        elif kind == "key":
+            what, grant = f"{command} on the key {target}", f"the keys ~{p}:* and {grant}"
+        else:
+            what = f"{command} {target}"
+        return RedisPermissionError(
+            f"Redis at {self.where} does not let this ACL user run {what}, which every run-once call needs; checked "
+            f"before taking the lease, so no worker runs the job. Grant {grant}; the whole set: "
+            f"ACL SETUSER <user> ~{p}:* &{p}:* {_ACL_COMMANDS}",
+            key=key, generation=generation,
+        )
+
+    def _corrupt(self, stored: str, key: str, generation: str) -> CorruptStateError:
+        return CorruptStateError(
+            f"the value stored at {stored} in Redis at {self.where} is not what hyperion_lock writes (not a JSON "
+            f"object): corrupt, or written by something else. Nothing was changed; clear it with "
+            f"`hyperion-lock reset {key} --generation {generation}{_prefix_option(self.keys.prefix)}` (it clears "
+            "the lease and this generation's outcome: the next call runs the job)",
+            key=key, generation=generation,
+        )
+
+    def _decoded(self, text: str | None, stored: str) -> dict[str, Any] | None:
+        if not text:
+            return None
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise self._corrupt(stored, self.keys.key, self.generation)
+        return data
+
     async def probe(self, token: str, *, take: bool, seen_fence: int = 0, with_counter: bool = False) -> Probe:
+        outcome_key = self.keys.outcome(self.generation)
         reply, acked = await self._write(
             _scripts.PROBE,
-            [self.keys.outcome(self.generation), self.keys.lease, self.keys.fence],
+            [outcome_key, self.keys.lease, self.keys.fence],
             [token, self._ttl_ms, self._holder_template(), "1" if take else "0", seen_fence,
-             int(self.settings.failure_hold * 1000), "1" if with_counter else "0"],
+             int(self.settings.failure_hold * 1000), "1" if with_counter else "0", self._needed(take)],
             may_write=take,
         )
+        self._permissions_checked = True
         raw_outcome, raw_lease, taken, raw_counter, pttl = reply
         self._replicas_acked(acked, wrote=bool(int(taken)))
         outcome_text, lease_text, counter = as_text(raw_outcome), as_text(raw_lease), as_text(raw_counter)
-        outcome_data = json.loads(outcome_text) if outcome_text else None
-        probe = Probe(
-            outcome=Outcome.from_mapping(outcome_data) if outcome_data else None,
-            holder=Holder.from_mapping(json.loads(lease_text)) if lease_text else None,
-            acquired=bool(int(taken)),
-            fence_counter=int(counter) if counter is not None else None,
-            outcome_age=_age(outcome_data, int(pttl)),
-        )
+        outcome_data = self._decoded(outcome_text, outcome_key)
+        lease_data = self._decoded(lease_text, self.keys.lease)
+        try:
+            probe = Probe(
+                outcome=Outcome.from_mapping(outcome_data) if outcome_data else None,
+                holder=Holder.from_mapping(lease_data) if lease_data else None,
+                acquired=bool(int(taken)),
+                fence_counter=int(counter) if counter is not None else None,
+                outcome_age=_age(outcome_data, int(pttl)),
+            )
+        except (KeyError, TypeError, ValueError):  # JSON, but not a lease / outcome of ours
+            raise self._corrupt(outcome_key if outcome_data else self.keys.lease, self.keys.key,
+                                self.generation) from None
         if probe.acquired and not self._scripts_loaded:
             # Leader only: cache the renew/finish scripts now so the outcome is published in one round trip.
             with contextlib.suppress(Exception):
@@ -330,6 +411,10 @@ class RedisBackend:
 
     async def close(self) -> None:
         await self.ops.close()
+
+
+def _prefix_option(prefix: str) -> str:
+    return "" if prefix == Settings.__dataclass_fields__["key_prefix"].default else f" --prefix {prefix}"
 
 
 def replicas_short(wanted: int, acked: int | None, wrote: bool) -> bool:

@@ -182,6 +182,8 @@ def drive(coro: Coroutine[Any, Any, T]) -> T:
 class ModelOps:
     """The backend's Redis operations, answered by the model of the scripts on one :class:`Db`."""
 
+    sharded = False
+
     def __init__(self, scripts: Scripts) -> None:
         self.scripts = scripts
         self.db = EMPTY
