@@ -37,6 +37,7 @@ import redis
 from . import _scripts
 from ._cache_store import cache_report, describe_report
 from ._cluster import is_cluster_client, sharded_script
+from ._command_guard import adopt_orphans, children, kill_descendants
 from ._connect import as_text, sync_client_from_url
 from ._core import Coordinator
 from ._errors import (
@@ -406,8 +407,11 @@ class CommandJob:
 
     If this process dies without a chance to react (SIGKILL, OOM killer, a crash), the command dies with it: on
     Linux it runs under ``hyperion_lock/_command_guard.py``, which SIGKILLs the command's process group when this
-    process is gone (see there). With file locks the command also inherits the locked descriptor, so the lock is
-    held for exactly as long as any process of the command lives: a waiter cannot start a second copy meanwhile.
+    process is gone (see there), and whatever the command left running when it exits. If the guard itself is
+    SIGKILLed, what the command started is re-parented to this process (made a child subreaper when the command
+    starts), which kills it before recording the outcome. With file locks the command also inherits the locked
+    descriptor, so the lock is held for exactly as long as any process of the command lives: a waiter cannot
+    start a second copy meanwhile.
     """
 
     def __init__(self, command: list[str], key: str, generation: str, lock: Path | None = None) -> None:
@@ -417,13 +421,14 @@ class CommandJob:
         self.lock = lock  # the lock file with file locks: its held descriptor is passed to the command
         self.children: list[subprocess.Popen[bytes]] = []
         self.status: int | None = None  # exit status when it ran here
+        self.guarded = sys.platform.startswith("linux") and bool(sys.executable)
 
     def _popen(self) -> subprocess.Popen[bytes]:
         # One argument: a shell command line; several: an argv run without a shell.
         cmd = self.command
         fd = held_lock_fd(self.lock) if self.lock is not None else None
         fds = () if fd is None else (fd,)
-        if sys.platform.startswith("linux") and sys.executable:
+        if self.guarded:
             # Started from (and waited for by) this thread, which so outlives the guard: its death signal fires
             # only when this process dies.
             guard = [sys.executable, "-I", "-S", _GUARD, str(os.getpid()),
@@ -435,9 +440,17 @@ class CommandJob:
 
     def __call__(self) -> None:
         cmd = self.command
+        others = frozenset(children())
+        if self.guarded:
+            adopt_orphans()  # this process (the CLI's own) becomes a subreaper: see _command_guard
         child = self._popen()
         self.children.append(child)
         rc = child.wait()
+        if rc < 0 and self.guarded:
+            # The guard was killed before it could kill what the command started; all of it was re-parented here
+            # (a subreaper): kill it before the outcome is recorded and the lock released, or it would run on
+            # beside the copy a waiter (or the next run after a reset) starts.
+            kill_descendants(spare=others)
         self.status = 128 - rc if rc < 0 else rc  # killed by signal N: 128 + N, like a shell
         if self.status != 0:
             raise JobFailedError(f"command exited with status {self.status}: {shlex.join(cmd)}", key=self.key,

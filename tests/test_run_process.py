@@ -3,6 +3,7 @@ copy beside a first one (real runners, SIGKILLed while their command runs, with 
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import os
 import subprocess
@@ -180,3 +181,119 @@ def test_guard_keeps_signals_its_runner_ignored(tmp_path: Path) -> None:
     mask = int(seen.read_text().split()[1], 16)
     assert mask & (1 << (2 - 1)), "SIGINT is no longer ignored in the command"  # bit N-1 for signal N
     assert not mask & (1 << (15 - 1))
+
+
+# A command whose processes try to outlive it: one child in its process group, one in a process group of its own
+# (as `timeout` makes), one daemon double-forked into a session of its own (setsid). It writes their pids, then
+# holds until the gate file exists (at most 60 s). The three sleep 600 s: only a kill ends them within a test.
+ESCAPING = r"""
+import os, subprocess, sys, time
+pids_file, gate = sys.argv[1], sys.argv[2]
+pids = [subprocess.Popen(["sleep", "600"]).pid, subprocess.Popen(["sleep", "600"], process_group=0).pid]
+r, w = os.pipe()
+if os.fork() == 0:
+    os.setsid()
+    daemon = os.fork()
+    if daemon == 0:
+        os.execvp("sleep", ["sleep", "600"])
+    os.write(w, f"{daemon}\n".encode())
+    os._exit(0)
+os.wait()
+pids.append(int(os.read(r, 64)))
+with open(pids_file + ".tmp", "w") as f:
+    f.write(" ".join(map(str, pids)))
+os.rename(pids_file + ".tmp", pids_file)
+deadline = time.monotonic() + 60
+while not os.path.exists(gate) and time.monotonic() < deadline:
+    time.sleep(0.05)
+"""
+
+
+def _escaping_run(tmp_path: Path, gate: Path) -> subprocess.Popen[bytes]:
+    """``hyperion-lock run`` of ESCAPING with file locks, its output in ``tmp_path/out`` (not a pipe: processes that
+    outlive the caller would keep a pipe open), the pids in ``tmp_path/pids``."""
+    env = clean_env(HYPERION_LOCK_LOCK_DIR=str(tmp_path / "locks"))
+    argv = [sys.executable, "-m", "hyperion_lock._cli", "run", "--key", "escape", "--generation", "g1", "--",
+            sys.executable, "-c", ESCAPING, str(tmp_path / "pids"), str(gate)]
+    with open(tmp_path / "out", "wb") as out:
+        return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _started(tmp_path: Path) -> list[int]:
+    pids = tmp_path / "pids"
+    return [int(p) for p in pids.read_text().split()] if pids.exists() else []
+
+
+def _end(caller: subprocess.Popen[bytes], tmp_path: Path, gate: Path) -> None:
+    """Clean-up: whatever the test found, nothing it started runs on."""
+    gate.touch()
+    for pid in _live(_started(tmp_path)):
+        os.kill(pid, 9)
+    if caller.poll() is None:
+        caller.kill()
+    caller.wait()
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
+def _lock_free(path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def test_sigkilled_runner_takes_along_what_left_the_process_group(tmp_path: Path) -> None:
+    """SIGKILL the caller while its command's processes sit in another process group and another session: every
+    one of them dies, and the lock is free only once they are gone. Before, only the guard's process group was
+    killed: a `timeout`-like child and a setsid daemon lived on (the daemon holding the lock file's descriptor)."""
+    gate = tmp_path / "gate"
+    caller = _escaping_run(tmp_path, gate)
+    try:
+        pids = wait_until(lambda: _started(tmp_path), "the command started its processes")
+        assert len(_live(pids)) == 3
+        [lock] = (tmp_path / "locks").glob("*+lock")
+        caller.kill()
+        caller.wait(30)
+        # The guard holds the lock too until it has killed and reaped the command's processes, then exits.
+        wait_until(lambda: _lock_free(lock), "the lock is free after the runner's SIGKILL")
+        assert not _live(pids), "a process of the command outlived its runner, the lock was free meanwhile"
+    finally:
+        _end(caller, tmp_path, gate)
+
+
+def test_sigkilled_guard_takes_along_what_the_command_started(tmp_path: Path) -> None:
+    """SIGKILL the guard (OOM killer, an operator's kill) while the caller lives: the caller records the command as
+    killed only once nothing it started runs any more. Before, the caller recorded status 137 and released the lock
+    while the command's other processes ran on, and a reset and a new run started a second copy beside them."""
+    gate = tmp_path / "gate"
+    caller = _escaping_run(tmp_path, gate)
+    try:
+        pids = wait_until(lambda: _started(tmp_path), "the command started its processes")
+        assert len(_live(pids)) == 3
+        [guard] = _children(caller.pid)
+        os.kill(guard, 9)
+        assert caller.wait(60) == 128 + 9, (tmp_path / "out").read_text()
+        assert not _live(pids), "the command's processes outlived the recorded outcome"
+    finally:
+        _end(caller, tmp_path, gate)
+
+
+def test_command_leaves_nothing_running_when_it_exits(tmp_path: Path) -> None:
+    """A command that exits leaving processes behind (`cmd &`, a daemon): they are killed before the outcome is
+    recorded, so "done" means nothing of the command runs. Before, they ran on after the caller returned."""
+    gate = tmp_path / "gate"
+    gate.touch()  # the command exits as soon as it started its three processes
+    caller = _escaping_run(tmp_path, gate)
+    try:
+        assert caller.wait(60) == 0, (tmp_path / "out").read_text()
+        pids = _started(tmp_path)
+        assert len(pids) == 3 and not _live(pids), "the command's processes outlived it"
+    finally:
+        _end(caller, tmp_path, gate)
