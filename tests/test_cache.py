@@ -701,13 +701,13 @@ return 1
 
 async def test_a_busy_redis_is_not_taken_for_a_dead_one(server: RedisServer, prefix: str,
                                                        caplog: pytest.LogCaptureFixture) -> None:
-    """Redis answers nothing for 600 ms (a long script: what a CPU-starved Redis looks like from a worker), far
+    """Redis answers nothing for 600 ms or more (a long script: what a CPU-starved Redis looks like from a worker), far
     beyond the 50 ms timeout. The calls in that window time out, but the liveness check they send is answered
     once Redis is back: the breaker never opens, and the worker keeps caching instead of computing every request
     itself. (With a fixed timeout and 2 failures in a row, the second timed-out request opened it.)"""
     caplog.set_level(logging.DEBUG, LOGGER)
-    # The check may wait 2.5 s; every hit reads Redis (no near cache), so the timeout follows its fast replies.
-    cache = make(server.url, prefix, op_timeout=0.05, op_timeout_max=5.0, near_max_entries=0)
+    # The check waits at least 5 s; every hit reads Redis (no near cache), so the timeout follows its replies.
+    cache = make(server.url, prefix, op_timeout=0.05, op_timeout_max=10.0, near_max_entries=0)
     compute = Counter()
     spec = cache.spec("q", ttl=60, codec=JsonCodec(Quote))
     admin = redis.Redis(port=server.port)
@@ -718,10 +718,13 @@ async def test_a_busy_redis_is_not_taken_for_a_dead_one(server: RedisServer, pre
             for _ in range(20):  # fast replies: the timeout comes down to the floor
                 assert (await cache.lookup(spec, "k", (), compute)).status is CacheStatus.HIT
             ctx = next(iter(cache._loops.values()))
-            assert ctx.guard.timeout < 0.6  # a call can time out during the stall
+            # Longer than the timeout (so calls time out; on a loaded machine replies are slower), shorter than
+            # the check's bound.
+            stall_ms = min(3000, max(600, int(3000 * ctx.guard.timeout)))
+            assert ctx.guard.probe_timeout > stall_ms / 1000 > ctx.guard.timeout
             during: list[CacheStatus] = []
             for _ in range(5):  # until a call timed out during a stall (the stall may begin after a lookup)
-                stall = asyncio.ensure_future(asyncio.to_thread(admin.eval, STALL, 0, 600))
+                stall = asyncio.ensure_future(asyncio.to_thread(admin.eval, STALL, 0, stall_ms))
                 while not stall.done():
                     during.append((await cache.lookup(spec, f"x{len(during)}", (), compute)).status)
                 await stall
