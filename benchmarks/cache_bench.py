@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import math
 import os
@@ -81,6 +82,16 @@ class Load:
     ok: list[float] = field(default_factory=list)  # answered 200
     errors: int = 0
     seconds: float = 0.0
+    kinds: collections.Counter[str] = field(default_factory=collections.Counter)  # what the errors were
+
+    def failed(self, kind: str) -> None:
+        self.errors += 1
+        self.kinds[kind] += 1
+
+    def describe_errors(self) -> str:
+        """``3 (2 ReadTimeout, 1 HTTP 500)``: the count and what they were."""
+        what = ", ".join(f"{n} {kind}" for kind, n in self.kinds.most_common())
+        return f"{self.errors} ({what})" if self.errors else "0"
 
     @property
     def rps(self) -> float:
@@ -181,16 +192,17 @@ async def closed_loop(base: str, path: str, clients: int, seconds: float, timeou
             while time.monotonic() - started < seconds:
                 sent = time.monotonic()
                 try:
-                    ok = (await client.get(base + path)).status_code == 200
-                except httpx.HTTPError:
-                    ok = False
+                    status = (await client.get(base + path)).status_code
+                    kind = "" if status == 200 else f"HTTP {status}"
+                except httpx.HTTPError as exc:
+                    kind = type(exc).__name__
                 took = time.monotonic() - sent
                 for load in (whole, later) if sent - started >= skip else (whole,):
                     load.latencies.append(took)
-                    if ok:
-                        load.ok.append(took)
+                    if kind:
+                        load.failed(kind)
                     else:
-                        load.errors += 1
+                        load.ok.append(took)
 
         await asyncio.gather(*[loop() for _ in range(clients)])
     return whole, later
@@ -263,7 +275,7 @@ async def saturated(impls: list[str], rounds: int, workdir: Path) -> dict[str, l
                 found[impl].append(result)
                 print(f"  saturated round {len(found[impl])} {impl:<15} {result.calls} upstream calls, "
                       f"{load.rps:.0f} req/s, p50 {ms(pct(load.ok, 50))} p99 {ms(pct(load.ok, 99))} ms, "
-                      f"{load.errors} errors", flush=True)
+                      f"errors {load.describe_errors()}", flush=True)
     return found
 
 
@@ -278,13 +290,13 @@ def saturated_section(found: dict[str, list[Saturated]]) -> list[str]:
              f"upstream 0.3 s, Redis and the load generator on the same cores (target: {target} upstream calls, "
              "one for the cold start and one per expiry). Each round's figures, in run order:", "",
              "| implementation | upstream calls per round | req/s per round (median) | p50 ms (median) | "
-             "p99 ms (median) | errors |", "|---|---|---|---|---|---|"]
+             "p99 ms (median) | errors per round |", "|---|---|---|---|---|---|"]
     for impl, results in found.items():
         rps = [r.load.rps for r in results]
         lines.append(f"| {impl} | {', '.join(str(r.calls) for r in results)} | "
                      f"{', '.join(f'{x:.0f}' for x in rps)} ({statistics.median(rps):.0f}) | "
                      f"{ms(median_of([r.load for r in results], 50))} | {ms(median_of([r.load for r in results], 99))}"
-                     f" | {sum(r.load.errors for r in results)} |")
+                     f" | {'; '.join(r.load.describe_errors() for r in results)} |")
     return lines
 
 
