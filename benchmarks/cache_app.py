@@ -1,6 +1,7 @@
 """The benchmark app: one quotes endpoint cached by the implementation named in ``BENCH_CACHE_IMPL``.
 
-    BENCH_CACHE_IMPL=hyperion|hyperion-15ms|fastapi-cache2|cashews|aiocache|none BENCH_REDIS_URL=redis://... \\
+    BENCH_CACHE_IMPL=hyperion|hyperion-15ms|hyperion-nonear|fastapi-cache2|cashews|aiocache|none \\
+    BENCH_REDIS_URL=redis://... \\
     BENCH_CALLS_FILE=/tmp/calls BENCH_TTL=30 BENCH_DELAY=0.3 \\
     gunicorn -w 4 -k uvicorn_worker.UvicornWorker benchmarks.cache_app:app
 
@@ -8,7 +9,8 @@
 to ``BENCH_CALLS_FILE`` per upstream call (O_APPEND: lines of every worker, none lost), so the benchmark counts
 upstream calls without asking Redis. Each implementation is used the way its documentation shows, with its
 single-flight option where it has one (cashews ``lock=True``, aiocache ``cached_stampede``). ``hyperion-15ms`` is
-hyperion_lock with ``op_timeout=0.015`` instead of the default 0.05 (faster fail-over, less slack under load).
+hyperion_lock with ``op_timeout=0.015`` instead of the default 0.05 (faster fail-over, less slack under load);
+``hyperion-nonear`` without its near cache (every hit reads Redis), to measure what the near cache brings.
 """
 
 from __future__ import annotations
@@ -60,10 +62,10 @@ async def plain(symbol: str, range_: str = Query("1d", alias="range"), interval:
     return await upstream(symbol, range_, interval)
 
 
-def with_hyperion(op_timeout: float | None = None) -> tuple[Endpoint, Lifespan | None]:
+def with_hyperion(**overrides: Any) -> tuple[Endpoint, Lifespan | None]:
     from hyperion_lock import Cache
 
-    cache = Cache(URL, op_timeout=op_timeout)
+    cache = Cache(URL, **overrides)
     endpoint: Endpoint = cache.endpoint("quotes", ttl=TTL)(plain)
 
     @asynccontextmanager
@@ -111,6 +113,7 @@ def with_aiocache() -> tuple[Endpoint, Lifespan | None]:
 def build() -> FastAPI:
     choices: dict[str, Callable[[], tuple[Endpoint, Lifespan | None]]] = {
         "hyperion": with_hyperion, "hyperion-15ms": lambda: with_hyperion(op_timeout=0.015),
+        "hyperion-nonear": lambda: with_hyperion(near_max_entries=0),
         "fastapi-cache2": with_fastapi_cache2, "cashews": with_cashews,
         "aiocache": with_aiocache, "none": lambda: (plain, None),
     }

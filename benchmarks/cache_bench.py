@@ -57,7 +57,7 @@ import httpx
 from hyperion_lock.testing import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-IMPLS = ("hyperion", "hyperion-15ms", "fastapi-cache2", "cashews", "aiocache", "none")
+IMPLS = ("hyperion", "hyperion-15ms", "hyperion-nonear", "fastapi-cache2", "cashews", "aiocache", "none")
 SAT_CLIENTS, SAT_TTL, SAT_SECONDS = 64, 2.0, 7.0
 PEERS = {"fastapi-cache2": "fastapi-cache2", "cashews": "cashews", "aiocache": "aiocache"}
 MARK_BEGIN = "<!-- cache-bench:begin -->"
@@ -487,7 +487,8 @@ async def main_async(args: argparse.Namespace) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--impl", default=",".join(IMPLS), help=f"comma-separated, from {', '.join(IMPLS)}")
+    parser.add_argument("--impl", default=",".join(i for i in IMPLS if i != "hyperion-nonear"),
+                        help=f"comma-separated, from {', '.join(IMPLS)} (all but hyperion-nonear by default)")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of the hot-key and Redis-stopped rounds")
     parser.add_argument("--results", default=None, help="replace the caching section of this RESULTS.md")
     parser.add_argument("--hit-rounds", type=int, default=3, help="interleaved hot-key rounds per implementation")
