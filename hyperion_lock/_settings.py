@@ -143,17 +143,22 @@ def _check_db(scheme: str, parts: ParseResult) -> None:
             raise ValueError("two different databases: give it once, as /db or ?db=")
 
 
+def _parse_any_url(url: str) -> None:
+    """Parse ``url`` with the parser its client is built from; ValueError (text naming no secret) if it is bad."""
+    if is_sentinel_url(url):
+        parse_sentinel_url(url)
+    elif is_cluster_url(url):
+        parse_cluster_url(url)
+    else:
+        parse_redis_url(url)
+
+
 def redis_url_problem(url: str) -> str | None:
     """Why ``url`` is not a usable Redis URL (text safe to print: nothing from the URL), or None. Sentinel URLs
     (``redis+sentinel://``, ``rediss+sentinel://``) and Cluster URLs (``redis+cluster://``, ``rediss+cluster://``)
     are checked by the parser their client is built from."""
     try:
-        if is_sentinel_url(url):
-            parse_sentinel_url(url)
-        elif is_cluster_url(url):
-            parse_cluster_url(url)
-        else:
-            parse_redis_url(url)
+        _parse_any_url(url)
     except ValueError as exc:
         return str(exc)
     return None
@@ -220,12 +225,7 @@ def check_redis_url(url: str) -> None:
     """Refuse a Redis URL its client could not use: :class:`RedisDatabaseIndexError` for a database index no server
     can have, :class:`ConfigurationError` for anything else; the message shows no secret."""
     try:
-        if is_sentinel_url(url):
-            parse_sentinel_url(url)
-        elif is_cluster_url(url):
-            parse_cluster_url(url)
-        else:
-            parse_redis_url(url)
+        _parse_any_url(url)
     except DatabaseIndexError as exc:
         raise RedisDatabaseIndexError(f"invalid Redis URL: {exc}; fix it in HYPERION_LOCK_REDIS_URL") from None
     except ValueError as exc:
