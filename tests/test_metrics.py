@@ -403,6 +403,34 @@ asyncio.run(main())
 """
 
 
+_FORKED = r"""
+import json, os, sys
+from hyperion_lock._metrics import metrics
+
+metrics.prepare()
+metrics.job_finished("k", "done", 1.0)  # the parent (a gunicorn master's hook, say) records before the fork
+pid = os.fork()
+if pid == 0:
+    before = sorted(os.listdir(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
+    metrics.prepare()  # the child's set-up: its own files now, not at its first event
+    after = sorted(os.listdir(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
+    print(json.dumps({"child": os.getpid(), "before": before, "after": after}), flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+@pytest.mark.integration
+def test_prepare_in_a_forked_child_opens_its_own_files(tmp_path: Path) -> None:
+    """prometheus_client moves a forked process's values to files of its own pid on the first read or write;
+    prepare() makes that happen in the set-up, not at the child's first event (a wake-up)."""
+    out = subprocess.run([sys.executable, "-c", _FORKED], check=True, capture_output=True, text=True, cwd=ROOT,
+                         timeout=60, env={**os.environ, MULTIPROC_ENV: str(tmp_path)})
+    seen = json.loads(out.stdout.splitlines()[-1])
+    mine = {f"counter_{seen['child']}.db", f"histogram_{seen['child']}.db"}
+    assert not mine & set(seen["before"]) and mine <= set(seen["after"]), seen
+
+
 @pytest.mark.integration
 async def test_nothing_is_imported_between_a_wake_up_and_the_return(redis_url: str, tmp_path: Path) -> None:
     """prometheus_client and the tracer are set up when the call starts, not after the wake-up (issue 13)."""
