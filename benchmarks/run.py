@@ -33,7 +33,7 @@ per startup (commandstats total incl. inside-Lua, MONITOR top-level and inside-L
 ``--job-seconds`` and ``--ttl`` apply (default 2 s each, as in the main run); the other options do not. An A/A run
 (``--after`` = a second export of the same commit) shows the noise floor.
 
-Guard mode, run by ``.ci/run`` (issue 13; about 20-40 s on 2 cores):
+Guard mode, run by ``.ci/run`` (issue 13; about 35 s on 2 cores, up to 80 s when they are busy):
 
     python -m benchmarks.run --guard                  # N = 16, 3 rounds, bound 3x; exit status 1 above it
     python -m benchmarks.run --guard --after TREE     # the same for the hyperion_lock of another tree
