@@ -743,6 +743,40 @@ async def test_a_busy_redis_is_not_taken_for_a_dead_one(server: RedisServer, pre
         await close(cache)
 
 
+async def test_an_opened_breaker_drops_the_near_cache(server: RedisServer, prefix: str,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """While Redis is only suspected (a timeout, the check still out), this worker's near cache keeps serving; once
+    the breaker opens (this worker may be cut off from Redis, and so from the invalidation messages) it is
+    dropped, and nothing is served from it until Redis answers again."""
+    caplog.set_level(logging.INFO, LOGGER)
+    cache = make(server.url, prefix, breaker_retry=0.1, breaker_max_retry=0.2)
+    compute = Counter()
+    spec = cache.spec("q", ttl=60, codec=JsonCodec(Quote))
+    ident = key_identity({"k": "k"})
+    try:
+        async with asyncio.timeout(30):
+            assert (await cache.lookup(spec, ident, (), compute)).status is CacheStatus.MISS
+            near = near_of(cache)
+            for _ in range(50):  # read until kept (the first reads come before the channel is confirmed)
+                assert (await cache.lookup(spec, ident, (), compute)).status is CacheStatus.HIT
+                if near.get(spec.keys.channel, ident, time.monotonic()) is not None:
+                    break
+            assert len(near) == 1
+            server.pause()
+            try:
+                assert (await cache.lookup(spec, ident, (), compute)).status is CacheStatus.HIT  # no Redis call
+                assert (await cache.lookup(spec, "other", (), compute)).status is CacheStatus.BYPASS
+                await until(lambda: len(failing_lines(caplog)) == 1, "the breaker opened")
+                assert len(near) == 0
+                assert (await cache.lookup(spec, ident, (), compute)).status is CacheStatus.BYPASS
+            finally:
+                server.resume()
+            await until(lambda: resumed(caplog), "caching resumed")
+            assert (await cache.lookup(spec, ident, (), compute)).status is CacheStatus.HIT  # from Redis again
+    finally:
+        await close(cache)
+
+
 async def test_killed_and_restarted_redis_and_oom_fail_open(server: RedisServer, prefix: str,
                                                              caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, LOGGER)
