@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import redis
 import redis.asyncio as aredis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -31,7 +32,7 @@ from hyperion_lock._keys import JobKeys
 from hyperion_lock._model import Holder, Lease, Outcome, Status
 from hyperion_lock._redis_backend import AsyncOps, RedisBackend
 from hyperion_lock._settings import Settings
-from tests.model.redis_model import EMPTY, Db, FinishIgnoresToken, Scripts
+from tests.model.redis_model import EMPTY, Db, FinishIgnoresToken, Redis, Scripts
 
 pytestmark = pytest.mark.integration
 
@@ -92,6 +93,15 @@ class RestartStep:
     """Redis restarted without persistence: every key is gone."""
 
 
+@dataclass(frozen=True)
+class CorruptStep:
+    """Someone wrote a value the scripts did not (a stray ``SET``, another tool sharing the prefix): both sides must
+    then fail, or cope, alike."""
+
+    key: str  # lease, fence or outcome (of generation 0)
+    value: str
+
+
 HOLDER = "holder"
 tokens, gens, fences = st.sampled_from(TOKENS), st.sampled_from((0, 0, 0, 1)), st.integers(0, 4)
 callers = st.sampled_from((HOLDER, HOLDER, *TOKENS))
@@ -103,6 +113,7 @@ steps = st.one_of(
     st.builds(AgeStep, st.sampled_from((100, 100, 200, 300))),
     st.builds(ResetStep, gens, st.booleans()),
     st.just(RestartStep()),
+    st.builds(CorruptStep, st.sampled_from(("lease", "fence", "outcome")), st.sampled_from(("not json", "[1]", "7"))),
 )
 sequences = st.lists(steps, min_size=8, max_size=24)
 
@@ -124,11 +135,24 @@ class TeeOps(AsyncOps):
         return script.replace(*self.mutate) if self.mutate else script
 
     async def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
-        real = await super().run(script, keys, args)
-        self.db, reply, published = self.model.run(self.db, script, keys, args)
+        what = f"{self.step}: {script_name(script)}"
+        try:
+            real = await super().run(script, keys, args)
+        except redis.ResponseError as exc:  # the script raised (and changed nothing): so must the model
+            with pytest.raises((ValueError, KeyError, TypeError)):
+                self.model.run(self.db, script, keys, args)
+            raise ScriptFailed(f"{what} raised in Redis ({exc}) and in the model") from exc
+        try:
+            self.db, reply, published = self.model.run(self.db, script, keys, args)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AssertionError(f"{what}: the model raised {exc!r}, Redis replied {real!r}") from exc
         self.published.extend(message for _, message in published)
-        same_reply(real, reply, f"{self.step}: reply of {script_name(script)}")
+        same_reply(real, reply, f"{what} reply")
         return real
+
+
+class ScriptFailed(Exception):
+    """A script raised on both sides alike (the library would report it as an error)."""
 
 
 def script_name(script: str) -> str:
@@ -183,6 +207,7 @@ class Run:
             for g in GENS
         ]
         self.names = [self.keys.lease, self.keys.fence, *(self.keys.outcome(g) for g in GENS)]
+        self.corrupted = False  # a CorruptStep wrote a value the library may fail to read (that is not checked here)
 
     async def play(self, steps: list[Any]) -> None:
         pubsub = self.client.pubsub()
@@ -202,6 +227,16 @@ class Run:
             await self.client.delete(*self.names)
 
     async def do(self, step: Any) -> None:
+        try:
+            await self._do(step)
+        except ScriptFailed:
+            pass  # the script raised in Redis and in the model alike
+        except (ValueError, TypeError, KeyError, AttributeError):
+            # The library could not read a reply the script and the model agreed on: a stray value written before.
+            if not self.corrupted:
+                raise
+
+    async def _do(self, step: Any) -> None:
         if isinstance(step, ProbeStep):
             await self.backends[step.gen].probe(step.token, take=step.take, seen_fence=step.seen_fence,
                                                 with_counter=step.with_counter)
@@ -218,6 +253,13 @@ class Run:
         elif isinstance(step, AgeStep):
             await self.client.eval(AGE, len(self.names), *self.names, step.seconds * 1000)
             self.ops.db = self.ops.db.elapse(step.seconds * 1000)
+        elif isinstance(step, CorruptStep):
+            self.corrupted = True
+            name = {"lease": self.keys.lease, "fence": self.keys.fence, "outcome": self.keys.outcome(GENS[0])}[step.key]
+            await self.client.set(name, step.value)
+            scratch = Redis.of(self.ops.db)
+            scratch.set(name, step.value)
+            self.ops.db = scratch.freeze()
         else:
             await self.client.delete(*self.names)
             self.ops.db = EMPTY

@@ -129,12 +129,20 @@ def tonumber(value: Any) -> float | None:
     return None
 
 
-def decode(text: str) -> dict[str, Any]:
-    """``cjson.decode`` of a JSON object (the scripts only ever decode objects)."""
-    data = json.loads(text)
-    if not isinstance(data, dict):
-        raise ValueError(f"not a JSON object: {text!r}")
-    return data
+def decode(text: str) -> Any:
+    """``cjson.decode``: raises on text that is not JSON, as the script then does."""
+    return json.loads(text)
+
+
+def lua_field(value: Any, name: str) -> Any:
+    """Lua's ``value.name`` on a decoded JSON value: a missing field is ``nil``; a table (object or array) or a
+    string (through the string library) gives ``nil`` for an unknown name; a number, a boolean or JSON ``null``
+    cannot be indexed (the script raises)."""
+    if isinstance(value, dict):
+        return value.get(name)
+    if isinstance(value, list | str):
+        return None
+    raise TypeError(f"attempt to index a {type(value).__name__} value (field {name!r})")
 
 
 def encode(data: dict[str, Any]) -> str:
@@ -159,19 +167,19 @@ class Scripts:
         if outcome is not None:
             pttl = r.pttl(keys[0])
         if lease is not None:
-            if decode(lease).get("token") == argv[0]:
+            if lua_field(decode(lease), "token") == argv[0]:
                 return [outcome, lease, 1, counter, pttl]
             return [outcome, lease, 0, counter, pttl]
         if argv[3] != "1":
             return [outcome, None, 0, counter, pttl]
         if outcome is not None:
             o = decode(outcome)
-            if o.get("status") == "done":
+            if lua_field(o, "status") == "done":
                 return [outcome, None, 0, counter, pttl]
-            ttl = tonumber(o.get("ttl_ms"))
+            ttl = tonumber(lua_field(o, "ttl_ms"))
             hold = tonumber(argv[5])
             assert hold is not None
-            if o.get("status") == "failed" and ttl is not None and ttl - pttl < hold:
+            if lua_field(o, "status") == "failed" and ttl is not None and ttl - pttl < hold:
                 return [outcome, None, 0, counter, pttl]
         if _num(r.get(keys[2]) or "0") < _num(argv[4]):
             r.set(keys[2], argv[4])
@@ -193,7 +201,7 @@ class Scripts:
             if fence < _num(argv[3]):
                 r.set(keys[1], argv[3])
             status = 2
-        elif decode(cur).get("token") == argv[0]:
+        elif lua_field(decode(cur), "token") == argv[0]:
             r.pexpire(keys[0], int(argv[1]))
         else:
             return 0
@@ -202,7 +210,7 @@ class Scripts:
 
     def held(self, cur: str | None, token: str) -> bool:
         """FINISH's ``held``: the lease is there and carries this call's owner token."""
-        return cur is not None and decode(cur).get("token") == token
+        return cur is not None and lua_field(decode(cur), "token") == token
 
     def finish(self, r: Redis, keys: Sequence[str], argv: Sequence[str]) -> Reply:
         cur = r.get(keys[0])
@@ -211,13 +219,13 @@ class Scripts:
             return 0
         prev = r.get(keys[1])
         if not held:
-            if prev is not None and tonumber(decode(prev).get("fencing_token")) == tonumber(argv[4]):
+            if prev is not None and tonumber(lua_field(decode(prev), "fencing_token")) == tonumber(argv[4]):
                 return 1
             if _num(r.get(keys[2]) or "0") > _num(argv[4]):
                 return 0
         if argv[1] != "":
-            kept_done = prev is not None and decode(prev).get("status") == "done"
-            if not (kept_done and decode(argv[1]).get("status") != "done"):
+            kept_done = prev is not None and lua_field(decode(prev), "status") == "done"
+            if not (kept_done and lua_field(decode(argv[1]), "status") != "done"):
                 r.set(keys[1], argv[1], px=int(argv[2]))
             r.publish(keys[3], argv[1])
         elif held:
