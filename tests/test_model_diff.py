@@ -28,11 +28,12 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from hyperion_lock import _scripts
+from hyperion_lock._errors import CorruptStateError
 from hyperion_lock._keys import JobKeys
 from hyperion_lock._model import Holder, Lease, Outcome, Status
 from hyperion_lock._redis_backend import AsyncOps, RedisBackend
 from hyperion_lock._settings import Settings
-from tests.model.redis_model import EMPTY, Db, FinishIgnoresToken, Redis, Scripts
+from tests.model.redis_model import EMPTY, Db, FinishIgnoresToken, Redis, ScriptError, Scripts
 
 pytestmark = pytest.mark.integration
 
@@ -139,12 +140,14 @@ class TeeOps(AsyncOps):
         try:
             real = await super().run(script, keys, args)
         except redis.ResponseError as exc:  # the script raised (and changed nothing): so must the model
-            with pytest.raises((ValueError, KeyError, TypeError)):
+            with pytest.raises((ScriptError, ValueError, KeyError, TypeError)) as model_error:
                 self.model.run(self.db, script, keys, args)
+            if isinstance(model_error.value, ScriptError):  # an error reply of its own: the same words
+                assert str(model_error.value) in str(exc), f"{what}: Redis said {exc}, the model {model_error.value}"
             raise ScriptFailed(f"{what} raised in Redis ({exc}) and in the model") from exc
         try:
             self.db, reply, published = self.model.run(self.db, script, keys, args)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ScriptError, ValueError, KeyError, TypeError) as exc:
             raise AssertionError(f"{what}: the model raised {exc!r}, Redis replied {real!r}") from exc
         self.published.extend(message for _, message in published)
         same_reply(real, reply, f"{what} reply")
@@ -231,7 +234,7 @@ class Run:
             await self._do(step)
         except ScriptFailed:
             pass  # the script raised in Redis and in the model alike
-        except (ValueError, TypeError, KeyError, AttributeError):
+        except (CorruptStateError, ValueError, TypeError, KeyError, AttributeError):
             # The library could not read a reply the script and the model agreed on: a stray value written before.
             if not self.corrupted:
                 raise

@@ -129,9 +129,25 @@ def tonumber(value: Any) -> float | None:
     return None
 
 
+class ScriptError(Exception):
+    """An error reply a script gives on purpose (``redis.error_reply``); Redis answers with this text."""
+
+
 def decode(text: str) -> Any:
     """``cjson.decode``: raises on text that is not JSON, as the script then does."""
     return json.loads(text)
+
+
+def decode_stored(key: str, text: str) -> Any:
+    """The scripts' ``decode(key, raw)``: a stored value must decode to a Lua table (a JSON object or array), else
+    the script fails with ``HYPERION_LOCK_CORRUPT <key>`` before it changed anything."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict | list):
+        raise ScriptError(f"{_scripts.CORRUPT} {key}")
+    return value
 
 
 def lua_field(value: Any, name: str) -> Any:
@@ -156,8 +172,19 @@ Script = Callable[[Redis, Sequence[str], Sequence[str]], Reply]
 class Scripts:
     """One method per Lua script; ``KEYS`` and ``ARGV`` are 0-based here (``KEYS[1]`` is ``keys[0]``)."""
 
+    def allowed(self, check: Sequence[str]) -> bool:
+        """``redis.acl_check_cmd``: the tests' Redis user may run every command."""
+        return True
+
+    def preflight(self, argv: Sequence[str]) -> None:
+        """PROBE's ARGV[8]: the permissions the call will need, the first one denied is the error reply."""
+        if len(argv) > 7 and argv[7] != "":
+            for c in decode(argv[7]):
+                if not self.allowed(c[1:]):
+                    raise ScriptError(f"NOPERM {_scripts.PREFLIGHT} {c[0]} {c[1]} {c[2]}")
+
     def probe(self, r: Redis, keys: Sequence[str], argv: Sequence[str]) -> Reply:
-        # ARGV[8], the permission preflight, always passes here: the model's user may do everything.
+        self.preflight(argv)
         outcome = r.get(keys[0])
         lease = r.get(keys[1])
         counter: str | None = None
@@ -167,13 +194,13 @@ class Scripts:
         if outcome is not None:
             pttl = r.pttl(keys[0])
         if lease is not None:
-            if lua_field(decode(lease), "token") == argv[0]:
+            if lua_field(decode_stored(keys[1], lease), "token") == argv[0]:
                 return [outcome, lease, 1, counter, pttl]
             return [outcome, lease, 0, counter, pttl]
         if argv[3] != "1":
             return [outcome, None, 0, counter, pttl]
         if outcome is not None:
-            o = decode(outcome)
+            o = decode_stored(keys[0], outcome)
             if lua_field(o, "status") == "done":
                 return [outcome, None, 0, counter, pttl]
             ttl = tonumber(lua_field(o, "ttl_ms"))
@@ -201,30 +228,31 @@ class Scripts:
             if fence < _num(argv[3]):
                 r.set(keys[1], argv[3])
             status = 2
-        elif lua_field(decode(cur), "token") == argv[0]:
+        elif lua_field(decode_stored(keys[0], cur), "token") == argv[0]:
             r.pexpire(keys[0], int(argv[1]))
         else:
             return 0
         r.publish(keys[2], argv[4])
         return status
 
-    def held(self, cur: str | None, token: str) -> bool:
+    def held(self, key: str, cur: str | None, token: str) -> bool:
         """FINISH's ``held``: the lease is there and carries this call's owner token."""
-        return cur is not None and lua_field(decode(cur), "token") == token
+        return cur is not None and lua_field(decode_stored(key, cur), "token") == token
 
     def finish(self, r: Redis, keys: Sequence[str], argv: Sequence[str]) -> Reply:
         cur = r.get(keys[0])
-        held = self.held(cur, argv[0])
+        held = self.held(keys[0], cur, argv[0])
         if cur is not None and not held:
             return 0
         prev = r.get(keys[1])
         if not held:
-            if prev is not None and tonumber(lua_field(decode(prev), "fencing_token")) == tonumber(argv[4]):
+            fencing_token = lua_field(decode_stored(keys[1], prev), "fencing_token") if prev is not None else None
+            if prev is not None and tonumber(fencing_token) == tonumber(argv[4]):
                 return 1
             if _num(r.get(keys[2]) or "0") > _num(argv[4]):
                 return 0
         if argv[1] != "":
-            kept_done = prev is not None and lua_field(decode(prev), "status") == "done"
+            kept_done = prev is not None and lua_field(decode_stored(keys[1], prev), "status") == "done"
             if not (kept_done and lua_field(decode(argv[1]), "status") != "done"):
                 r.set(keys[1], argv[1], px=int(argv[2]))
             r.publish(keys[3], argv[1])
@@ -237,7 +265,13 @@ class Scripts:
 
     def reset(self, r: Redis, keys: Sequence[str], argv: Sequence[str]) -> Reply:
         lease = r.get(keys[0])
-        if lease is not None and argv[0] != "1":
+        readable = False  # pcall(cjson.decode, lease) gave a table: a lease some holder wrote
+        if lease is not None:
+            try:
+                readable = isinstance(decode(lease), dict | list)
+            except ValueError:
+                readable = False
+        if lease is not None and argv[0] != "1" and readable:
             return [0, lease]
         n = r.delete(keys[0], keys[1])
         if lease is not None:
@@ -266,11 +300,11 @@ class Scripts:
 class FinishIgnoresToken(Scripts):
     """A deliberately wrong FINISH: any lease counts as the caller's own (no owner-token check)."""
 
-    def held(self, cur: str | None, token: str) -> bool:
+    def held(self, key: str, cur: str | None, token: str) -> bool:
         return cur is not None
 
     #: The same mistake in Lua, for the differential test's check that a wrong script is noticed.
-    LUA_FROM = "local held = cur and decode(KEYS[1], cur).token == ARGV[1]"
+    LUA_FROM = next(line for line in _scripts.FINISH.splitlines() if line.startswith("local held = "))
     LUA_TO = "local held = cur and true"
 
 
