@@ -11,10 +11,11 @@ What is real and what is modelled:
   for a message or the policy's deadline; reconnect after a broken subscription; as leader, run a job of two writes
   to a fenced store while renewing every ``lease_ttl / 3``, then FINISH.
 * The environment: a worker crashes (a gunicorn master may start a new worker in its place), pauses past its lease
-  and resumes; a pub/sub message is lost; Redis restarts empty, or fails over to a replica that may lack the latest
-  writes (an asynchronous replication step copies the primary at any moment); time advances by ticks of one second
-  (lease TTL 3 s, renewal every 1 s). Live, unpaused workers are fast: time only advances when none of them has a
-  step to take, so every slowness is an explicit pause.
+  and resumes; a pub/sub message is lost; a script's reply is lost (the call retries it with the same owner token);
+  a job ends done, failed or interrupted (lease handed on, nothing recorded); Redis restarts empty, or fails over
+  to a replica that may lack the latest writes (an asynchronous replication step copies the primary at any moment);
+  time advances by ticks of one second (lease TTL 3 s, renewal every 1 s). Live, unpaused workers are fast: time
+  only advances when none of them has a step to take, so every slowness is an explicit pause.
 * The job's own store keeps the highest fencing token it has seen and refuses lower ones (the reference app's
   ``seed`` job does this in PostgreSQL). A refused write makes the job raise, so that run ends ``failed``.
 
@@ -27,8 +28,11 @@ Checked in every explored state (safety):
   run's previous one (the runs' writes do not interleave);
 * ``done-final``: no run starts once ``done`` was recorded for the generation, unless Redis lost it since;
 * ``failure-final``: while a failure recorded less than ``failure_hold`` ago (by the store's clock) is kept, no run
-  starts and every call that ends raises that failure (the failed run's own leader re-raises its error; a
-  superseded leader raises ``LeaseLostError``).
+  starts and no call returns success (every call that ends raises: that failure, an earlier one it saw, its own
+  job's error, or ``LeaseLostError`` for a superseded leader);
+* ``lease-owner``: a call's script never deletes or replaces a lease another call holds;
+* ``single-run`` (opt-in, ``Config.single_run``): the fenced store accepts the writes of one run only. It cannot
+  hold (see docs/assurance.md); the test checks what its shortest counterexample needs.
 
 And (liveness, under fair scheduling once faults stop): from every explored state, a state in which every caller
 that did not crash has returned or raised is reachable -- nobody waits for nobody.
