@@ -209,7 +209,7 @@ def redis_reset(client: redis.Redis, prefix: str, key: str, generation: str | No
 # reading it is raised, never taken for "no jobs".
 def _lock_held(path: Path) -> bool:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
     except FileNotFoundError:
         return False
     try:

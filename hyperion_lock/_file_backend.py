@@ -109,10 +109,17 @@ def verify_lock_dir(path: Path, *, create: bool) -> bool:
 
 
 def read_private(path: Path) -> tuple[str, float]:
-    """The text of a file in a verified directory and its mtime, never following a symbolic link."""
-    fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+    """The text of a file in a verified directory and its mtime, never following a symbolic link.
+
+    Anything but a regular file (a named pipe, whose open would wait for a writer for ever) is a ``ValueError``:
+    opened without blocking, checked on the descriptor, never read.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW)
     with os.fdopen(fd) as fh:
-        return fh.read(), os.fstat(fd).st_mtime
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path} is not a regular file (mode {stat.filemode(st.st_mode)})")
+        return fh.read(), st.st_mtime
 
 
 @dataclass(frozen=True)

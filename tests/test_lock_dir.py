@@ -215,3 +215,24 @@ def test_reset_of_an_outcome_it_cannot_remove_says_so(nobody_dir: Path) -> None:
     assert outcome.exists()
     listed = nobody_cli("status", "--json", lock_dir=nobody_dir)
     assert listed.returncode == 0 and json.loads(listed.stdout)["jobs"][0]["state"] == "done", listed
+
+
+@pytest.mark.parametrize("planted", ["outcome+g2.json", "fence", "lock"])
+def test_a_fifo_in_the_lock_dir_does_not_hang(planted: str, tmp_path: Path) -> None:
+    """A named pipe where an outcome, fence or lock file should be (a broken tool, a mistaken mkfifo): status and
+    run treat it as unreadable and go on. Before, opening it for reading blocked for ever, waiting for a writer
+    (``run`` then ignored SIGTERM too: no command was running to pass it on to)."""
+    lock_dir = tmp_path / "locks"
+    assert run_cli("run", "--key", "k", "--generation", "g1", "--", "true", cwd=tmp_path, tmp=tmp_path,
+                   HYPERION_LOCK_LOCK_DIR=str(lock_dir)).returncode == 0
+    fifo = lock_dir / f"hyperion_lock+k+{planted}"
+    fifo.unlink(missing_ok=True)
+    os.mkfifo(fifo, 0o600)
+    status = run_cli("status", "--generation", "g1", cwd=tmp_path, tmp=tmp_path, HYPERION_LOCK_LOCK_DIR=str(lock_dir))
+    assert status.returncode == 0, status.stderr
+    ran = tmp_path / "ran"
+    run = run_cli("run", "--key", "k", "--generation", "g2", "--", f"touch {ran}", cwd=tmp_path, tmp=tmp_path,
+                  HYPERION_LOCK_LOCK_DIR=str(lock_dir))
+    assert run.returncode == 0 and ran.exists(), run.stderr
+    status = run_cli("status", "--generation", "g2", cwd=tmp_path, tmp=tmp_path, HYPERION_LOCK_LOCK_DIR=str(lock_dir))
+    assert status.returncode == 0 and "done" in status.stdout, status
