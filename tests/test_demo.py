@@ -86,6 +86,29 @@ def test_a_dropped_connection_is_retried_and_the_fence_still_decides(postgres_ur
             engine.dispose()
 
 
+def test_the_same_token_from_another_run_is_refused(tmp_path: Path) -> None:
+    """Redis lost the fencing counter and handed token 1 to two leaders (the model checker's shortest trace): the
+    second one to write is refused by the fence, instead of both runs' writes being accepted."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    upgrade_to_head(url)
+    engine = make_engine(url)
+    try:
+        began = time.time() - 1
+        with Session(engine) as s, s.begin():  # the other leader, another process, wrote with token 1
+            s.add(JobFence(name="seed", fencing_token=1, generation="g1", pid=os.getpid() + 1, written_at=time.time()))
+        with pytest.raises(LeaseLostError, match="with the same token 1 began"):
+            jobs.seed(engine, lease(1, since=began))
+        assert sqlite_query(tmp_path / "db.sqlite3", "SELECT count(*) FROM seed_runs") == [(0,)]
+        # An older run's write with the same token (before our lease began) is not a rival: we write.
+        with Session(engine) as s, s.begin():
+            fence = s.get(JobFence, "seed")
+            assert fence is not None
+            fence.written_at = began - 10
+        assert jobs.seed(engine, lease(1, since=began)) == 3
+    finally:
+        engine.dispose()
+
+
 _MIGRATOR = """
 import sys
 from hyperion_lock.demo.db import upgrade_to_head

@@ -41,16 +41,23 @@ def check_fence(recorded: JobFence | None, token: int, lease_since: float) -> No
     cut off past our lease): raise :class:`LeaseLostError`. A higher token recorded *before* our leadership
     began cannot come from a successor (tokens grow with time): the token counter was reset (Redis lost its
     data, or the lock directory was cleared), so we log it and go on. Host clocks must roughly agree.
+
+    The *same* token written by another run after our leadership began is refused too: a counter that Redis lost
+    starts again at 1, so two leaders can be handed one token (see docs/assurance.md); the caller has already
+    told its own earlier write apart (same token and pid).
     """
-    if recorded is None or recorded.fencing_token <= token:
+    if recorded is None or recorded.fencing_token < token:
         return
     if recorded.written_at >= lease_since:
+        same = " the same" if recorded.fencing_token == token else ""
         raise LeaseLostError(
             f"refusing to write: fencing token {recorded.fencing_token} (pid {recorded.pid}, generation "
-            f"{recorded.generation}) already wrote for {recorded.name!r} after this worker's lease with token "
+            f"{recorded.generation}) already wrote for {recorded.name!r} after this worker's lease with{same} token "
             f"{token} began",
             key=recorded.name, generation=recorded.generation,
         )
+    if recorded.fencing_token == token:
+        return  # an older run's write with a token the counter handed out again: ours is the newer run
     logger.warning(
         "%s: recorded fencing token %d is higher than ours (%d) but older than our lease: the token counter was "
         "reset (Redis data loss or a new lock directory); writing anyway", recorded.name, recorded.fencing_token,
