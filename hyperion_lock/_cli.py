@@ -39,7 +39,7 @@ from ._cache_store import cache_report, describe_report
 from ._cluster import is_cluster_client, sharded_script
 from ._command_guard import adopt_orphans, children, kill_descendants
 from ._connect import as_text, sync_client_from_url
-from ._core import Coordinator
+from ._core import Coordinator, current_lease
 from ._errors import (
     ConfigurationError,
     HyperionLockError,
@@ -61,6 +61,7 @@ from ._settings import Settings, validate_name
 logger = logging.getLogger(__name__)
 
 _GUARD = str(Path(__file__).with_name("_command_guard.py"))  # run by path: it must not import the package
+LEASE_CHECK = 0.1  # s between two looks at the lease while the command runs (renewals mark it lost)
 EXIT_OK, EXIT_FAILED, EXIT_RUNNING, EXIT_UNREACHABLE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3, 64, 130
 #: The epilog of ``--help``: exit codes per command, and which generation ``status`` judges.
 EXIT_CODES_HELP = """\
@@ -445,7 +446,7 @@ class CommandJob:
             adopt_orphans()  # this process (the CLI's own) becomes a subreaper: see _command_guard
         child = self._popen()
         self.children.append(child)
-        rc = child.wait()
+        rc = self._wait(child)
         if rc < 0 and self.guarded:
             # The guard was killed before it could kill what the command started; all of it was re-parented here
             # (a subreaper): kill it before the outcome is recorded and the lock released, or it would run on
@@ -455,6 +456,25 @@ class CommandJob:
         if self.status != 0:
             raise JobFailedError(f"command exited with status {self.status}: {shlex.join(cmd)}", key=self.key,
                                  generation=self.generation)
+
+    def _wait(self, child: subprocess.Popen[bytes]) -> int:
+        """The command's exit status; SIGKILLs it (the guard, and so all of it) once the lease is seen lost.
+
+        A runner paused past its lease (SIGSTOP, a frozen VM, a cut-off host) learns at its next renewal that a
+        waiter took over and started its own copy: the command must stop at once, not run on beside that copy.
+        """
+        lease = current_lease()
+        while True:
+            try:
+                return child.wait(timeout=LEASE_CHECK)
+            except subprocess.TimeoutExpired:
+                pass
+            if lease is not None and lease.lost:
+                logger.error("%s: the lease was taken over (fencing token %d): killing the command",
+                             self.key, lease.fencing_token)
+                with contextlib.suppress(ProcessLookupError):  # the guard: the rest as when it is SIGKILLed
+                    (os.kill if self.guarded else os.killpg)(child.pid, signal.SIGKILL)
+                return child.wait()
 
     def forward(self, signum: int, frame: object) -> None:
         for child in self.children:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterable
@@ -297,3 +298,40 @@ def test_command_leaves_nothing_running_when_it_exits(tmp_path: Path) -> None:
         assert len(pids) == 3 and not _live(pids), "the command's processes outlived it"
     finally:
         _end(caller, tmp_path, gate)
+
+
+def test_runner_paused_past_its_lease_kills_its_command_when_it_resumes(tmp_path: Path,
+                                                                       redis_server: RedisServer) -> None:
+    """SIGSTOP the caller whose command runs, longer than the lease TTL: a waiter takes over and starts its copy.
+    When the paused caller resumes, its renewal sees the newer holder and it kills its own command at once (exit 1,
+    lease lost) instead of letting it run on beside the successor's. Before, the resumed caller waited for its
+    command's natural end, however long, both copies running. (While the caller is stopped its command still runs:
+    a stopped process cannot act; only the job's store refusing lower fencing tokens closes that window.)"""
+    log, gate = tmp_path / "log", tmp_path / "gate"
+    env = clean_env(HYPERION_LOCK_LEASE_TTL="2")
+    argv = [sys.executable, "-m", "hyperion_lock._cli", "run", "--url", redis_server.url, "--key", "paused",
+            "--generation", "g1", "--", sys.executable, "-c", COPY, str(log), str(gate)]
+    first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second: subprocess.Popen[bytes] | None = None
+    first_copy: list[int] = []
+    try:
+        [(_, pgid, _, _)] = wait_until(lambda: _lines(log, "start"), "the first caller's command started")
+        first_copy = _group(int(pgid))
+        os.kill(first.pid, signal.SIGSTOP)
+        second = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: len(_lines(log, "start")) == 2, "the waiter took over after the lease expired")
+        os.kill(first.pid, signal.SIGCONT)
+        assert first.wait(30) == 1  # lease lost
+        assert not _live(first_copy), "the resumed caller returned with its command still running"
+        assert not [e for e in _lines(log, "end") if e[0] == _lines(log, "start")[0][0]], "the first copy ran on"
+        gate.touch()
+        assert second.wait(60) == 0
+    finally:
+        gate.touch()
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
+                proc.kill()
+                proc.wait()
+        for pid in _live(first_copy):
+            os.kill(pid, signal.SIGKILL)
