@@ -763,13 +763,13 @@ class Cache:
         guard = ctx.guard
         if not guard.allow():
             raise _Unavailable
-        started = time.monotonic()
+        started, cold = time.monotonic(), not guard.warm
         try:
             result = await within(call(), guard.timeout, ctx.store.replied_since, guard.ceiling)
         except Exception as exc:
             self._failed(ctx, exc)
             raise _Unavailable from exc
-        guard.on_reply(time.monotonic() - started)
+        guard.on_reply(time.monotonic() - started, cold=cold)
         return result
 
     def _failed(self, ctx: _Loop, exc: Exception, *, trip: bool = False) -> None:

@@ -95,8 +95,10 @@ class StoreGuard:
     store at all (``allow``), and the next :class:`Action`. No I/O, no clock of its own.
 
     * **Adaptive timeout** (like TCP's retransmission timeout): ``multiple`` x a high percentile (``quantile``) of
-      the last ``window`` reply times, never below ``floor`` nor above ``ceiling``. Before the first reply (a
-      worker's connections and scripts are being set up) it is the ceiling. Slow replies raise it at once; fast
+      the last ``window`` reply times, never below ``floor`` nor above ``ceiling``. Before the first reply it is
+      the ceiling; the calls sent before it (a worker's first burst opens connections and loads scripts while
+      its event loop is busy starting) are not samples: after their replies it is the floor until calls sent
+      later answer (with a near cache in front, a worker may make few such calls). Slow replies raise it at once; fast
       replies lower it only as they push the slow ones out of the window. The reply time of a check that answered
       after a timeout is held as a lower bound for the next ``window`` replies.
     * **A timeout is not a failure by itself.** The first one sends a liveness check with a longer bound
@@ -134,6 +136,7 @@ class StoreGuard:
     _samples: deque[float] = field(default_factory=deque)
     _since_estimate: int = 0
     _estimated: bool = False
+    _replied: bool = False
     _held: float = 0.0  # reply time of the last answered check, a lower bound while _held_for > 0
     _held_for: int = 0  # replies left
     _next_check: float = 0.0
@@ -163,10 +166,23 @@ class StoreGuard:
         return max(0.0, self._next_check - now) if self.state is Health.OPEN else math.inf
 
     # -- outcomes of calls -------------------------------------------------------------------------------------------
-    def on_reply(self, seconds: float) -> Action:
-        """A call answered after ``seconds``: a sample of the store's reply time, and proof it is alive (a
-        SUSPECT guard is CLOSED again). It does not close an open breaker: a store out of memory still answers
-        reads; only a recovery check, a write, does that."""
+    @property
+    def warm(self) -> bool:
+        """Whether a reply came already. A call sent before the first one (a worker's first burst: connections
+        opened, scripts loaded, first imports stalling the event loop) is ``cold``: its time is not a sample."""
+        return self._replied
+
+    def on_reply(self, seconds: float, *, cold: bool = False) -> Action:
+        """A call answered after ``seconds``: a sample of the store's reply time (unless it was sent ``cold``),
+        and proof it is alive (a SUSPECT guard is CLOSED again). It does not close an open breaker: a store out
+        of memory still answers reads; only a recovery check, a write, does that."""
+        if self.state is Health.SUSPECT:
+            self.state = Health.CLOSED
+        self._replied = True
+        if cold:
+            if not self._estimated:
+                self.timeout = self.floor  # the store answers; its own times come with the next calls
+            return Action.NONE
         self._samples.append(seconds)
         if len(self._samples) > self.window:
             self._samples.popleft()
@@ -174,8 +190,6 @@ class StoreGuard:
         self._held_for -= 1
         if seconds * self.multiple > self.timeout or self._since_estimate >= self.window // 4 or not self._estimated:
             self._estimate()
-        if self.state is Health.SUSPECT:
-            self.state = Health.CLOSED
         return Action.NONE
 
     def on_timeout(self) -> Action:

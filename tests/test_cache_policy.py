@@ -64,7 +64,10 @@ def guard(**options: float) -> StoreGuard:
 
 def test_the_timeout_is_the_ceiling_until_the_first_reply_then_follows_the_replies() -> None:
     g = guard()
-    assert g.timeout == 1.0 and g.allow()  # connections and scripts being set up: the whole ceiling
+    assert g.timeout == 1.0 and g.allow() and not g.warm  # connections and scripts being set up: the ceiling
+    for _ in range(16):  # a worker's first burst, all sent before any reply: slow, and not samples
+        g.on_reply(0.9, cold=True)
+    assert g.timeout == 0.05 and g.warm
     g.on_reply(0.001)
     assert g.timeout == 0.05  # fast replies: the floor
     for _ in range(100):
