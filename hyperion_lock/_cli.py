@@ -229,7 +229,7 @@ def _file_outcomes(files: FileLayout, generation: str | None) -> list[Outcome]:
             found.append(Outcome.from_json(read_private(path)[0]))
         except FileNotFoundError:  # reset meanwhile
             continue
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             logger.warning("ignoring %s: not a readable outcome (%s)", path, exc)
     return found
 

@@ -32,13 +32,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
 
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, CorruptStateError
 from ._keys import JobKeys
 from ._model import Event, FinishResult, Holder, Lease, Outcome, Probe, RenewResult, Status
 from ._settings import Settings
 
 SEP = "+"  # between the parts of a file name; quote(..., safe="") always encodes it inside a part
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _prefix_option(prefix: str) -> str:
+    return "" if prefix == Settings.__dataclass_fields__["key_prefix"].default else f" --prefix {prefix}"
 
 
 def _part(name: str) -> str:
@@ -168,7 +172,7 @@ class FileLayout:
         try:
             text, mtime = read_private(path)
             return Outcome.from_json(text), mtime
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None, None
 
     @staticmethod
@@ -261,8 +265,27 @@ class FileBackend:
         os.replace(tmp, path)
 
     def _outcome(self) -> tuple[Outcome | None, float | None]:
-        outcome, mtime = self.files.read_outcome_at(self.files.outcome(self.generation))
-        return outcome, (max(0.0, time.time() - mtime) if mtime is not None else None)
+        """This generation's outcome and its age; (None, None) when there is none.
+
+        An outcome file that is there but not an outcome (corrupt, truncated by hand, not a regular file) is a
+        :class:`CorruptStateError`, as in Redis: taking it for "no outcome" would run a done job again. Any other
+        error reading it is raised too (``failure`` names the directory).
+        """
+        path = self.files.outcome(self.generation)
+        try:
+            text, mtime = read_private(path)
+            outcome = Outcome.from_json(text)
+        except FileNotFoundError:
+            return None, None
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CorruptStateError(
+                f"the outcome file {path} is not what hyperion_lock writes ({exc}): corrupt, or written by something "
+                f"else. Nothing was changed; clear it with `hyperion-lock reset {self.key} --generation "
+                f"{self.generation}{_prefix_option(self.settings.key_prefix)}` with the same lock directory (the next "
+                "call runs the job)",
+                key=self.key, generation=self.generation,
+            ) from None
+        return outcome, max(0.0, time.time() - mtime)
 
     def _release(self) -> None:
         if self._held and self._fd is not None:
@@ -347,7 +370,10 @@ class FileBackend:
     async def finish(self, lease: Lease, outcome: Outcome | None) -> FinishResult:
         """A flock cannot be taken over while its process lives: always recorded."""
         if outcome is not None:
-            previous, _ = self._outcome()
+            try:
+                previous, _ = self._outcome()
+            except CorruptStateError:  # made corrupt while the job ran: replaced by what the job did
+                previous = None
             if not (previous and previous.status is Status.DONE and outcome.status is not Status.DONE):
                 self._write_atomic(self.files.outcome(self.generation), outcome.to_json())
         self._release()

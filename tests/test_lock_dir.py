@@ -220,8 +220,9 @@ def test_reset_of_an_outcome_it_cannot_remove_says_so(nobody_dir: Path) -> None:
 @pytest.mark.parametrize("planted", ["outcome+g2.json", "fence", "lock"])
 def test_a_fifo_in_the_lock_dir_does_not_hang(planted: str, tmp_path: Path) -> None:
     """A named pipe where an outcome, fence or lock file should be (a broken tool, a mistaken mkfifo): status and
-    run treat it as unreadable and go on. Before, opening it for reading blocked for ever, waiting for a writer
-    (``run`` then ignored SIGTERM too: no command was running to pass it on to)."""
+    run treat it as unreadable and go on (an outcome that cannot be read is refused as corrupt until reset). Before,
+    opening it for reading blocked for ever, waiting for a writer (``run`` then ignored SIGTERM too: no command was
+    running to pass it on to)."""
     lock_dir = tmp_path / "locks"
     assert run_cli("run", "--key", "k", "--generation", "g1", "--", "true", cwd=tmp_path, tmp=tmp_path,
                    HYPERION_LOCK_LOCK_DIR=str(lock_dir)).returncode == 0
@@ -233,6 +234,39 @@ def test_a_fifo_in_the_lock_dir_does_not_hang(planted: str, tmp_path: Path) -> N
     ran = tmp_path / "ran"
     run = run_cli("run", "--key", "k", "--generation", "g2", "--", f"touch {ran}", cwd=tmp_path, tmp=tmp_path,
                   HYPERION_LOCK_LOCK_DIR=str(lock_dir))
+    if planted.startswith("outcome"):
+        assert run.returncode == 64 and str(fifo) in run.stderr and "corrupt" in run.stderr, run.stderr
+        assert not ran.exists()
+        fifo.unlink()
+        run = run_cli("run", "--key", "k", "--generation", "g2", "--", f"touch {ran}", cwd=tmp_path, tmp=tmp_path,
+                      HYPERION_LOCK_LOCK_DIR=str(lock_dir))
     assert run.returncode == 0 and ran.exists(), run.stderr
     status = run_cli("status", "--generation", "g2", cwd=tmp_path, tmp=tmp_path, HYPERION_LOCK_LOCK_DIR=str(lock_dir))
     assert status.returncode == 0 and "done" in status.stdout, status
+
+
+@pytest.mark.parametrize("content", ['{"status": "do', "", "[1, 2]", '{"status": "done"}'])
+def test_a_corrupt_outcome_is_refused_not_taken_for_none(content: str, tmp_path: Path) -> None:
+    """The outcome file of a done job is corrupt (truncated, emptied, edited): run refuses with an error naming the
+    file and the reset that clears it, and does not run the job again (status warns about the file); after that
+    reset it runs. Before, the file was taken for "no outcome" and the done job ran a second time (a JSON list:
+    run and status crashed with a traceback); with Redis a corrupt value was already refused."""
+    lock_dir = tmp_path / "locks"
+    ran = tmp_path / "ran"
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return run_cli("run", "--key", "k", "--generation", "g1", "--", f"echo x >> {ran}", cwd=tmp_path,
+                       tmp=tmp_path, HYPERION_LOCK_LOCK_DIR=str(lock_dir))
+
+    assert run().returncode == 0
+    outcome = lock_dir / "hyperion_lock+k+outcome+g1.json"
+    outcome.write_text(content)
+    refused = run()
+    assert refused.returncode == 64, refused.stderr
+    assert str(outcome) in refused.stderr and "hyperion-lock reset k --generation g1" in refused.stderr
+    assert ran.read_text() == "x\n", "the done job ran again"
+    status = run_cli("status", "--generation", "g1", cwd=tmp_path, tmp=tmp_path, HYPERION_LOCK_LOCK_DIR=str(lock_dir))
+    assert "Traceback" not in status.stderr and "not a readable outcome" in status.stderr, status.stderr
+    assert run_cli("reset", "k", "--generation", "g1", cwd=tmp_path, tmp=tmp_path,
+                   HYPERION_LOCK_LOCK_DIR=str(lock_dir)).returncode == 0
+    assert run().returncode == 0 and ran.read_text() == "x\nx\n"
