@@ -7,6 +7,7 @@ import math
 import os
 import re
 import socket
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -390,9 +391,20 @@ def default_generation(
 # --- default lock directory ----------------------------------------------------------------------------------
 
 
+def _runtime_dir_is_ours(path: str) -> bool:
+    """``$XDG_RUNTIME_DIR`` is a directory of this effective uid, as the XDG spec requires. Not so when it was
+    inherited from another user (``su app`` keeps root's ``/run/user/0``) or is not made yet."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
+
+
 def default_lock_dir(cwd: str | None = None, tmp: str | None = None, uid: int | None = None) -> str:
-    """``$XDG_RUNTIME_DIR/hyperion_lock/<app>`` when that is set (a per-user 0700 directory), else
-    ``$TMP/hyperion_lock-<uid>/<app>``; ``<app>`` is ``<basename of cwd>-<8 hex of sha256(realpath cwd)>``.
+    """``$XDG_RUNTIME_DIR/hyperion_lock/<app>`` when that is set to a directory of this user (a per-user 0700
+    directory), else ``$TMP/hyperion_lock-<uid>/<app>``; ``<app>`` is ``<basename of cwd>-<8 hex of sha256(realpath
+    cwd)>``. A ``$XDG_RUNTIME_DIR`` of another user (inherited through ``su``) is ignored, not refused.
 
     One directory per app: the workers of one master share its working directory, and the CLI run from the
     project directory finds the same one; other apps of the same user get their own. The directory is verified
@@ -406,7 +418,7 @@ def default_lock_dir(cwd: str | None = None, tmp: str | None = None, uid: int | 
     digest = hashlib.sha256(os.fsencode(real)).hexdigest()[:8]
     base = re.sub(r"[^A-Za-z0-9_.\-]", "-", os.path.basename(real))[:60].lstrip(".") or "root"
     runtime = os.environ.get("XDG_RUNTIME_DIR", "") if tmp is None else ""
-    if os.path.isabs(runtime):
+    if os.path.isabs(runtime) and _runtime_dir_is_ours(runtime):
         return os.path.join(runtime, "hyperion_lock", f"{base}-{digest}")
     user = os.getuid() if uid is None else uid
     return os.path.join(tmp if tmp is not None else tempfile.gettempdir(), f"hyperion_lock-{user}", f"{base}-{digest}")

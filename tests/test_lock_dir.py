@@ -270,3 +270,22 @@ def test_a_corrupt_outcome_is_refused_not_taken_for_none(content: str, tmp_path:
     assert run_cli("reset", "k", "--generation", "g1", cwd=tmp_path, tmp=tmp_path,
                    HYPERION_LOCK_LOCK_DIR=str(lock_dir)).returncode == 0
     assert run().returncode == 0 and ran.read_text() == "x\nx\n"
+
+
+def test_xdg_runtime_dir_of_another_user_is_ignored(shared_tmp: Path) -> None:
+    """``su app`` keeps root's ``XDG_RUNTIME_DIR``: a directory the user cannot write to. The default lock directory
+    then falls back to ``$TMP/hyperion_lock-<uid>``, and the job runs. Before, every call (every worker, every
+    ``hyperion-lock run``) failed with "cannot use the lock directory /…/hyperion_lock/… (Permission denied)"."""
+    runtime = shared_tmp / "root-runtime"
+    runtime.mkdir(mode=0o700)  # root's
+    app = shared_tmp / "app"
+    app.mkdir(mode=0o777)
+    code = ("import os; from hyperion_lock import Coordinator; "
+            f"os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY}); "
+            "Coordinator(None, generation='g1').run_once_sync('k', print, 'ran')")
+    env = clean_env(TMPDIR=str(shared_tmp), XDG_RUNTIME_DIR=str(runtime))
+    result = subprocess.run([sys.executable, "-c", code], cwd=app, env=env, capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0 and result.stdout.strip() == "ran", result.stderr
+    [made] = (shared_tmp / f"hyperion_lock-{NOBODY}").iterdir()
+    assert os.lstat(made).st_uid == NOBODY and not list(runtime.iterdir())
