@@ -251,7 +251,7 @@ async def interleaved_hits(impls: list[str], rounds: int, seconds: float, workdi
                     load, _ = await closed_loop(app.base, path, 32, seconds)
                     found[impl].append(load)
                     print(f"  hit round {len(found[impl])} {impl:<15} p50 {ms(pct(load.ok, 50))} ms "
-                          f"{load.rps:.0f} req/s, {load.errors} errors", flush=True)
+                          f"{load.rps:.0f} req/s, errors {load.describe_errors()}", flush=True)
     return found
 
 
