@@ -553,7 +553,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args).with_(generation=generation)
     lock = None if settings.redis_url else FileLayout(Path(settings.lock_dir), settings.key_prefix, args.key).lock
     job = CommandJob(command, args.key, generation, lock)
-    previous = {sig: signal.signal(sig, job.forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # A signal this process ignores (a background job's SIGINT, nohup) stays ignored, here and so in the command.
+    previous = {sig: signal.signal(sig, job.forward) for sig in (signal.SIGTERM, signal.SIGINT)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         outcome = Coordinator(None, settings=settings).run_once_sync(args.key, job)
     except HyperionLockError as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -335,3 +336,28 @@ def test_runner_paused_past_its_lease_kills_its_command_when_it_resumes(tmp_path
                 proc.wait()
         for pid in _live(first_copy):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_run_started_with_sigint_ignored_keeps_it_ignored(tmp_path: Path) -> None:
+    """``hyperion-lock run`` started with SIGINT ignored (a background job of a script, ``nohup``-like): the command
+    ignores it too, and a SIGINT to the caller does not end it. Before, the caller put its forwarding handler over
+    the ignored disposition: the command got SIGINT at its default (the guard saw no SIG_IGN to keep), and a SIGINT
+    to the caller killed the command (status 130, the job recorded as failed)."""
+    seen, gate = tmp_path / "seen", tmp_path / "gate"
+    cmd = (f"grep SigIgn /proc/$$/status > {seen}.tmp; mv {seen}.tmp {seen}; "
+           f"i=0; while [ ! -e {gate} ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done")
+    run = (f"trap '' INT; exec {shlex.quote(sys.executable)} -m hyperion_lock._cli run --key ignored "
+           f"--generation g1 -- {shlex.quote(cmd)}")
+    caller = subprocess.Popen(["sh", "-c", run], env=clean_env(HYPERION_LOCK_LOCK_DIR=str(tmp_path / "locks")))
+    try:
+        wait_until(seen.exists, "the command started")
+        mask = int(seen.read_text().split()[1], 16)
+        assert mask & (1 << (signal.SIGINT - 1)), "SIGINT is not ignored in the command"
+        os.kill(caller.pid, signal.SIGINT)
+        gate.touch()
+        assert caller.wait(60) == 0
+    finally:
+        gate.touch()
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait()
