@@ -1,4 +1,4 @@
-# Image of the reference app: gunicorn + UvicornWorker serving hyperion_lock.demo.app (see compose.yaml).
+# Image of the reference app: gunicorn + UvicornWorker serving demo.app (see compose.yaml; demo/ is not in the wheel).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -13,6 +13,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY hyperion_lock ./hyperion_lock
 RUN pip install ".[app]"
+COPY demo ./demo
 COPY migrations ./migrations
 COPY alembic.ini gunicorn.conf.py ./
 

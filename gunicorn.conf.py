@@ -6,6 +6,8 @@ HYPERION_LOCK_GENERATION (default: new per master start), LOG_LEVEL (default INF
 (default: a new directory per master start, removed at its exit, when prometheus_client is installed).
 """
 
+from pathlib import Path
+
 from hyperion_lock import (
     gunicorn_bind,
     gunicorn_child_exit,
@@ -18,7 +20,9 @@ from hyperion_lock import (
 
 # Before any worker imports prometheus_client: the workers' metrics meet in this directory, and /metrics sums them.
 gunicorn_metrics_dir()
-wsgi_app = "hyperion_lock.demo.app:app"
+wsgi_app = "demo.app:app"
+# The reference app is the demo/ package next to this file (it is not installed with the library).
+pythonpath = str(Path(__file__).resolve().parent)
 worker_class = "uvicorn_worker.UvicornWorker"
 workers = gunicorn_workers()
 bind = [gunicorn_bind()]

@@ -67,7 +67,7 @@ from typing import Any, Self
 
 import pytest
 
-from ._settings import validate_name
+from hyperion_lock.settings import validate_name
 
 __all__ = [
     "ClusterSet",

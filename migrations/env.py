@@ -14,8 +14,8 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import event
 
-from hyperion_lock.demo.db import database_url, make_engine, normalize_url
-from hyperion_lock.demo.models import Base
+from demo.db import database_url, make_engine, normalize_url
+from demo.models import Base
 
 config = context.config
 # Only the alembic CLI has an ini file; inside gunicorn the server's logging must stay as configured.

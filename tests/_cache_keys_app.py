@@ -14,8 +14,8 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, Header, Request
 
+from demo import quotes
 from hyperion_lock import Cache, Settings
-from hyperion_lock.demo import quotes
 
 cache = Cache(settings=Settings.from_env())
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from hyperion_lock import Cache
-from hyperion_lock._cache_store import Message
+from hyperion_lock.cache.store import Message
 
 
 class Waits:

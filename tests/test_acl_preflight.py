@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from hyperion_lock import Coordinator, JobKeys, RedisPermissionError
-from hyperion_lock._connect import _ACL_COMMANDS
+from hyperion_lock.connection.clients import _ACL_COMMANDS
 from hyperion_lock.testing import RedisServer
 from tests.conftest import Workers, noop
 

@@ -18,8 +18,8 @@ import redis
 from fastapi import FastAPI
 from starlette.types import Message, Scope
 
+from demo.app import create_app
 from hyperion_lock import JobKeys
-from hyperion_lock.demo.app import create_app
 
 pytestmark = pytest.mark.integration
 

@@ -32,19 +32,19 @@ from hyperion_lock import (
     CacheStatus,
     Settings,
 )
-from hyperion_lock._cache import key_identity
-from hyperion_lock._cache_codec import JsonCodec, PickleCodec
-from hyperion_lock._cache_keys import CacheKeys
-from hyperion_lock._cache_near import NearCache
-from hyperion_lock._cache_policy import Health
-from hyperion_lock._cache_store import MemoryStore, Message, Read, RedisStore, cache_report, close_quietly
-from hyperion_lock._cli import main
+from hyperion_lock.cache.codec import JsonCodec, PickleCodec
+from hyperion_lock.cache.facade import key_identity
+from hyperion_lock.cache.keys import CacheKeys
+from hyperion_lock.cache.near import NearCache
+from hyperion_lock.cache.policy import Health
+from hyperion_lock.cache.store import MemoryStore, Message, Read, RedisStore, cache_report, close_quietly
+from hyperion_lock.cli.main import main
 from hyperion_lock.testing import RedisServer
 
 from .conftest import ROOT, until
 
 pytestmark = pytest.mark.integration
-LOGGER = "hyperion_lock._cache"
+LOGGER = "hyperion_lock.cache.facade"
 
 
 @pytest.fixture

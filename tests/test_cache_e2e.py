@@ -172,7 +172,8 @@ def test_with_redis_a_burst_makes_one_upstream_call_and_every_worker_agrees(tmp_
         assert get(g, "/quotes/FAIL1").status_code == 502 and calls(g) > before
         # `hyperion-lock status` shows the namespace with the counts of every worker, once they flushed them.
         def quotes_row() -> dict[str, Any] | None:
-            out = subprocess.run([sys.executable, "-m", "hyperion_lock._cli", "status", "--json", "--url", server.url],
+            command = [sys.executable, "-m", "hyperion_lock.cli.main", "status", "--json", "--url", server.url]
+            out = subprocess.run(command,
                                  check=False, capture_output=True, text=True, timeout=30, env=clean_env())
             rows = {r["namespace"]: r for r in json.loads(out.stdout)["cache"]}
             row = rows.get("quotes")

@@ -24,10 +24,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from hyperion_lock import Cache, ConfigurationError, Settings
-from hyperion_lock._cache_keys import CacheKeys
+from hyperion_lock.cache.keys import CacheKeys
 
 pytestmark = pytest.mark.integration
-LOGGER = "hyperion_lock._cache"
+LOGGER = "hyperion_lock.cache.facade"
 YEAR = 365 * 86400
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -235,7 +235,7 @@ def test_every_cache_setting_has_a_documented_range() -> None:
     """A setting added later gets a range and a row in docs/caching.md's table, or this fails."""
     from dataclasses import fields
 
-    from hyperion_lock._cache import CACHE_SETTING_BOUNDS, CacheSettings
+    from hyperion_lock.cache.types import CACHE_SETTING_BOUNDS, CacheSettings
 
     from .conftest import ROOT
 

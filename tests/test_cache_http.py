@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from hyperion_lock import Cache, Settings
-from hyperion_lock._cache_store import Message
+from hyperion_lock.cache.store import Message
 
 from .conftest import until
 

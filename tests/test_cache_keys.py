@@ -22,7 +22,7 @@ from fastapi import APIRouter, Cookie, Depends, FastAPI, Header, Request, Securi
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from hyperion_lock import Cache, ConfigurationError, Settings
-from hyperion_lock._cache_keys import digest
+from hyperion_lock.cache.keys import digest
 from hyperion_lock.testing import free_port
 
 pytestmark = pytest.mark.integration
@@ -395,7 +395,7 @@ async def test_workers_agree_on_the_namespace_key_of_the_hashes(redis_url: str, 
 
 
 async def test_the_reference_apps_watchlist_is_cached_per_user(redis_url: str, prefix: str) -> None:
-    from hyperion_lock.demo import quotes
+    from demo import quotes
 
     cache = make(redis_url, prefix)
     app = FastAPI()

@@ -15,11 +15,11 @@ from pydantic import BaseModel
 from redis.crc import key_slot
 
 from hyperion_lock import CacheSerializationError, ConfigurationError
-from hyperion_lock._cache import CacheSettings, key_identity
-from hyperion_lock._cache_codec import JsonCodec, PickleCodec, etag_of
-from hyperion_lock._cache_keys import CacheKeys, identity, text, typed
-from hyperion_lock._cache_near import NearCache, NearEntry
-from hyperion_lock._cache_policy import (
+from hyperion_lock.cache.codec import JsonCodec, PickleCodec, etag_of
+from hyperion_lock.cache.facade import key_identity
+from hyperion_lock.cache.keys import CacheKeys, identity, text, typed
+from hyperion_lock.cache.near import NearCache, NearEntry
+from hyperion_lock.cache.policy import (
     Action,
     EntryAge,
     Freshness,
@@ -31,7 +31,8 @@ from hyperion_lock._cache_policy import (
     freshness,
     wait_for,
 )
-from hyperion_lock._cache_store import within
+from hyperion_lock.cache.store import within
+from hyperion_lock.cache.types import CacheSettings
 
 
 # -- freshness ----------------------------------------------------------------------------------------------------

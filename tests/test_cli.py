@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from hyperion_lock import JobKeys
-from hyperion_lock._connect import _ACL_COMMANDS
+from hyperion_lock.connection.clients import _ACL_COMMANDS
 from hyperion_lock.testing import RedisServer, free_port
 
 from ._deploy import blocked_on_flock, clean_env, parent_pid, waiting_on_redis
@@ -59,7 +59,7 @@ def test_status_reset_and_json(secured_redis: RedisServer) -> None:
     assert cli("run", "--key", "ok", *gen, "--", "true").returncode == 0
     bad = cli("run", "--key", "bad", *gen, "--", "echo boom; exit 7")
     assert bad.returncode == 7 and "boom" in bad.stdout
-    slow = subprocess.Popen([sys.executable, "-m", "hyperion_lock._cli", "run", "--key", "slow", *gen, "--",
+    slow = subprocess.Popen([sys.executable, "-m", "hyperion_lock.cli.main", "run", "--key", "slow", *gen, "--",
                              "sleep", "60"], env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         lease = wait_for_lease(url, "slow")
@@ -114,7 +114,7 @@ def test_status_reset_and_json(secured_redis: RedisServer) -> None:
 
 
 def test_run_exit_code_reaches_every_caller(secured_redis: RedisServer) -> None:
-    argv = [sys.executable, "-m", "hyperion_lock._cli", "run", "--url", secured_redis.url, "--key", "k",
+    argv = [sys.executable, "-m", "hyperion_lock.cli.main", "run", "--url", secured_redis.url, "--key", "k",
             "--generation", "g1", "--", "sleep 1; exit 5"]
     procs = [subprocess.Popen(argv, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
@@ -160,7 +160,7 @@ def test_concurrent_runs_run_the_command_exactly_once(backend: str, tmp_path: Pa
     else:
         where, env = [], clean_env(HYPERION_LOCK_LOCK_DIR=str(tmp_path / "locks"))
         waiting = blocked_on_flock
-    argv = [sys.executable, "-m", "hyperion_lock._cli", "run", *where, "--key", "once", "--generation", "g1", "--",
+    argv = [sys.executable, "-m", "hyperion_lock.cli.main", "run", *where, "--key", "once", "--generation", "g1", "--",
             _gated_command(ran, gate)]
     procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(n)]
@@ -228,7 +228,7 @@ def test_sigterm_reaches_the_command_and_its_exit_is_recorded(secured_redis: Red
     failure is recorded with the signal's status (128 + 15), and the waiting caller exits with that status too."""
     url = secured_redis.url
     ran, reached = tmp_path / "ran.txt", tmp_path / "reached"
-    argv = [sys.executable, "-m", "hyperion_lock._cli", "run", "--url", url, "--key", "long", "--generation", "g1",
+    argv = [sys.executable, "-m", "hyperion_lock.cli.main", "run", "--url", url, "--key", "long", "--generation", "g1",
             "--", f"echo $$ >> {ran}; sleep 60; touch {reached}"]
     leader = subprocess.Popen(argv, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     waiter: subprocess.Popen[str] | None = None
@@ -290,7 +290,7 @@ def test_status_judges_the_newest_generation_by_default(backend: str, tmp_path: 
 
     # A lease taken after the newest outcome makes its generation the current one: migrate has not run in it yet.
     ran, gate = tmp_path / "ran.txt", tmp_path / "gate"
-    slow = subprocess.Popen([sys.executable, "-m", "hyperion_lock._cli", "run", *where, "--key", "seed",
+    slow = subprocess.Popen([sys.executable, "-m", "hyperion_lock.cli.main", "run", *where, "--key", "seed",
                              "--generation", "g3", "--", _gated_command(ran, gate)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from hyperion_lock._settings import host_label
+from hyperion_lock.settings import host_label
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.integration
 
 
 def _cli(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "hyperion_lock._cli", *args], cwd=ROOT, text=True,
+    return subprocess.Popen([sys.executable, "-m", "hyperion_lock.cli.main", *args], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -88,7 +88,7 @@ def test_wait_timeout_names_the_runner_seen_last(redis_url: str, tmp_path: Path)
 def test_wait_is_interruptible(redis_url: str) -> None:
     env = {**os.environ, "HYPERION_LOCK_PROGRESS_INTERVAL": "0.2"}
     waiter = subprocess.Popen(
-        [sys.executable, "-m", "hyperion_lock._cli", "wait", "--key", "never", "--generation",
+        [sys.executable, "-m", "hyperion_lock.cli.main", "wait", "--key", "never", "--generation",
          f"wait-sig-{time.time_ns()}", "--url", redis_url, "-v"],
         cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
@@ -105,7 +105,7 @@ def test_wait_is_interruptible(redis_url: str) -> None:
 
 #: Runs the CLI with SIGINT ignored, as a non-interactive shell starts a background job (SIG_IGN survives exec).
 _SIGINT_IGNORED = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
-                   "os.execv(sys.executable, [sys.executable, '-m', 'hyperion_lock._cli', *sys.argv[1:]])")
+                   "os.execv(sys.executable, [sys.executable, '-m', 'hyperion_lock.cli.main', *sys.argv[1:]])")
 
 
 def test_wait_keeps_an_ignored_sigint_ignored(redis_url: str) -> None:
@@ -136,6 +136,6 @@ def test_wait_keeps_an_ignored_sigint_ignored(redis_url: str) -> None:
 def test_wait_without_redis_says_it_needs_redis(tmp_path: Path) -> None:
     env = {**os.environ, "HYPERION_LOCK_LOCK_DIR": str(tmp_path)}
     env.pop("HYPERION_LOCK_REDIS_URL", None)
-    done = subprocess.run([sys.executable, "-m", "hyperion_lock._cli", "wait", "--key", "k", "--generation", "g"],
+    done = subprocess.run([sys.executable, "-m", "hyperion_lock.cli.main", "wait", "--key", "k", "--generation", "g"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 64 and "needs Redis" in done.stderr, done.stderr

@@ -30,11 +30,11 @@ from hyperion_lock import (
     redact_url,
     use_lock_for_workers,
 )
-from hyperion_lock._cache_store import _Listener
-from hyperion_lock._cluster import MIN_REDIS_PY, cluster_support_problem
-from hyperion_lock._cluster_url import parse_cluster_url
-from hyperion_lock._connect import aclose, async_client_from_url, is_transient, sync_client_from_url
-from hyperion_lock._keys import JobKeys
+from hyperion_lock.cache.store import _Listener
+from hyperion_lock.connection.clients import aclose, async_client_from_url, is_transient, sync_client_from_url
+from hyperion_lock.connection.cluster import MIN_REDIS_PY, cluster_support_problem
+from hyperion_lock.connection.cluster_url import parse_cluster_url
+from hyperion_lock.runonce.keys import JobKeys
 from hyperion_lock.testing import ClusterSet, free_port
 
 from ._caching import Waits, computed_once
@@ -342,7 +342,7 @@ def test_waiters_follow_their_slot_when_it_moves(workers: Workers, tmp_path: Pat
 def test_cli_run_wait_status_and_reset_through_the_cluster(cluster: ClusterSet) -> None:
     url = _url(cluster)
     gen = f"cli-{time.time_ns()}"
-    cli = [sys.executable, "-m", "hyperion_lock._cli"]
+    cli = [sys.executable, "-m", "hyperion_lock.cli.main"]
     if not SUPPORTED:
         done = subprocess.run([*cli, "status", "--url", url], capture_output=True, text=True, timeout=60,
                               check=False, cwd=ROOT)
@@ -454,7 +454,7 @@ async def test_the_cache_on_a_cluster_computes_once_and_wakes_waiters_on_the_sha
             await w.aclose()
     slots = {cluster.owner(cluster.slot_of(f"{settings.key_prefix}:cache:{{{ns}}}:events")) for ns in namespaces}
     print(f"cache on a cluster: {len(namespaces)} namespaces on {len(slots)} node(s), one computation each")
-    out = subprocess.run([sys.executable, "-m", "hyperion_lock._cli", "status", "--json", "--url", url,  # noqa: ASYNC221
+    out = subprocess.run([sys.executable, "-m", "hyperion_lock.cli.main", "status", "--json", "--url", url,  # noqa: ASYNC221
                           "--prefix", settings.key_prefix], capture_output=True, text=True, timeout=60,
                          check=False, cwd=ROOT)
     assert out.returncode in (0, 2), out.stdout + out.stderr

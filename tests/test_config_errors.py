@@ -25,7 +25,7 @@ from hyperion_lock import (
     Settings,
     redact_url,
 )
-from hyperion_lock._settings import ProcessInfo, default_generation, default_lock_dir
+from hyperion_lock.settings import ProcessInfo, default_generation, default_lock_dir
 from hyperion_lock.testing import RedisServer, free_port
 
 from .conftest import noop
@@ -297,7 +297,7 @@ def test_default_generation_sanitises_the_host_name(host: str) -> None:
     assert generation.endswith(":200:555")
 
 
-_PRINT_GENERATION = "from hyperion_lock._settings import Settings; print(Settings().generation)"
+_PRINT_GENERATION = "from hyperion_lock.settings import Settings; print(Settings().generation)"
 
 
 def _child_env() -> dict[str, str]:
@@ -347,7 +347,7 @@ def test_default_lock_dir_is_per_app_directory(tmp_path: Path) -> None:
 def test_default_lock_dir_follows_the_working_directory(tmp_path: Path) -> None:
     app = tmp_path / "my app"
     app.mkdir()
-    code = "from hyperion_lock._settings import Settings; s = Settings(); print(s.lock_dir); print(s.describe_target())"
+    code = "from hyperion_lock.settings import Settings; s = Settings(); print(s.lock_dir); print(s.describe_target())"
     env = {**_child_env(), "HYPERION_LOCK_LOCK_DIR": "", "HYPERION_LOCK_REDIS_URL": ""}
     out = subprocess.run([sys.executable, "-c", code], cwd=app, env=env, capture_output=True, text=True, check=True)
     lock_dir, target = out.stdout.splitlines()

@@ -14,7 +14,7 @@ import redis
 import redis.asyncio as aredis
 
 from hyperion_lock import Coordinator, JobKeys, Status, current_lease, use_lock_for_workers
-from hyperion_lock._connect import aclose
+from hyperion_lock.connection.clients import aclose
 from hyperion_lock.testing import RedisServer
 from tests.conftest import Workers
 

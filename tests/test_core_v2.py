@@ -18,8 +18,8 @@ import redis
 import redis.asyncio as aredis
 
 from hyperion_lock import ConfigurationError, Coordinator, JobKeys, Status
-from hyperion_lock._connect import aclose
-from hyperion_lock._scripts import FINISH, PROBE
+from hyperion_lock.connection.clients import aclose
+from hyperion_lock.runonce.scripts import FINISH, PROBE
 from tests.conftest import ROOT, Workers
 
 pytestmark = pytest.mark.integration
@@ -30,7 +30,7 @@ def _sha(script: str) -> str:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hyperion_lock._cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "hyperion_lock.cli.main", *args], capture_output=True, text=True,
                           check=False, timeout=60, cwd=ROOT)
 
 
@@ -167,8 +167,8 @@ SIGNAL_IN_PROBE = """
 import asyncio, hashlib, os, signal, sys
 import redis.asyncio as aredis
 from hyperion_lock import Coordinator, WaitInterruptedError
-from hyperion_lock._connect import aclose
-from hyperion_lock._scripts import PROBE
+from hyperion_lock.connection.clients import aclose
+from hyperion_lock.runonce.scripts import PROBE
 
 class SignalDuringProbe(aredis.Redis):
     async def evalsha(self, sha, numkeys, *args):
@@ -332,7 +332,7 @@ def test_wrong_db_index_is_a_configuration_error(redis_url: str) -> None:
 
 # -- 10. file mode names no finished holder --------------------------------------------------------------------
 def test_file_lock_holder_record_is_cleared_when_the_job_ends(tmp_path: Path) -> None:
-    from hyperion_lock._file_backend import FileLayout
+    from hyperion_lock.runonce.file_backend import FileLayout
 
     c = Coordinator(None, lock_dir=str(tmp_path), generation="g1")
     seen: list[bool] = []

@@ -22,7 +22,7 @@ BAD = [b"not json {", b"42", b'"a string"', b"\xff\xfe"]
 
 
 def _cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hyperion_lock._cli", *args, "--url", url], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "hyperion_lock.cli.main", *args, "--url", url], capture_output=True,
                           text=True, check=False, timeout=60, cwd=ROOT)
 
 

@@ -15,11 +15,11 @@ import yaml
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
+from demo import jobs
+from demo.db import database_url, make_engine, migrations_dir, normalize_url, upgrade_to_head
+from demo.models import JobFence, SeedRun
 from hyperion_lock import ConfigurationError, Holder, Lease, LeaseLostError, gunicorn_worker_count, new_generation
-from hyperion_lock._gunicorn import GENERATION_ENV, WORKERS_ENV, gunicorn_bind, gunicorn_workers, prepare_master_env
-from hyperion_lock.demo import jobs
-from hyperion_lock.demo.db import database_url, make_engine, migrations_dir, normalize_url, upgrade_to_head
-from hyperion_lock.demo.models import JobFence, SeedRun
+from hyperion_lock.gunicorn import GENERATION_ENV, WORKERS_ENV, gunicorn_bind, gunicorn_workers, prepare_master_env
 
 from ._deploy import HEAD, ROOT, clean_env, fresh_database, pg_query, sqlite_query
 
@@ -111,7 +111,7 @@ def test_the_same_token_from_another_run_is_refused(tmp_path: Path) -> None:
 
 _MIGRATOR = """
 import sys
-from hyperion_lock.demo.db import upgrade_to_head
+from demo.db import upgrade_to_head
 print("migrated" if upgrade_to_head(sys.argv[1]) else "at-head", flush=True)
 """
 
@@ -123,7 +123,7 @@ def test_concurrent_upgrades_without_coordinator_apply_once(tmp_path: Path, post
 
     def run(url: str) -> list[str]:
         procs = [subprocess.Popen([sys.executable, "-c", _MIGRATOR, url], cwd=tmp_path, text=True,
-                                  env=clean_env(HYPERION_DEMO_MIGRATION_DELAY="1"),
+                                  env=clean_env(HYPERION_DEMO_MIGRATION_DELAY="1", PYTHONPATH=str(ROOT)),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
         try:
             outs = [p.communicate(timeout=120) for p in procs]
@@ -230,7 +230,7 @@ def test_gunicorn_conf_values() -> None:
                          env=clean_env(WEB_CONCURRENCY="3", HOST="0.0.0.0", PORT="8080"), timeout=60)
     values = yaml.safe_load(out.stdout)
     assert values == {"workers": 3, "bind": ["0.0.0.0:8080"], "worker_class": "uvicorn_worker.UvicornWorker",
-                      "wsgi_app": "hyperion_lock.demo.app:app", "preload_app": False, "timeout": 30,
+                      "wsgi_app": "demo.app:app", "preload_app": False, "timeout": 30,
                       "graceful_timeout": 30}
 
 

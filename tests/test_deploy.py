@@ -169,7 +169,7 @@ def test_failing_migration_stops_gunicorn_promptly(
         assert pg_query(db, "SELECT version_num FROM alembic_version") == [("0001",)]
         # The CLI sees the failure, for a health check (exit 1), with the cause.
         status = subprocess.run(
-            [sys.executable, "-m", "hyperion_lock._cli", "status", "--json", "--url", redis_server.url],
+            [sys.executable, "-m", "hyperion_lock.cli.main", "status", "--json", "--url", redis_server.url],
             check=False, capture_output=True, text=True, timeout=30, env=clean_env(),
         )
         assert status.returncode == 1, status
@@ -196,7 +196,7 @@ def test_cli_run_twice_and_a_booting_app_run_the_command_once(
                                   HYPERION_LOCK_GENERATION=generation)) as g:
                 procs.append(subprocess.Popen([cli, *argv], env=env, cwd=tmp_path, text=True,
                                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-                procs.append(subprocess.Popen([sys.executable, "-m", "hyperion_lock._cli", *argv], env=env,
+                procs.append(subprocess.Popen([sys.executable, "-m", "hyperion_lock.cli.main", *argv], env=env,
                                               cwd=tmp_path, text=True, stdout=subprocess.PIPE,
                                               stderr=subprocess.STDOUT))
                 outputs = [p.communicate(timeout=90)[0] for p in procs]

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aredis
 
-import hyperion_lock._core as core
+import hyperion_lock.runonce.coordinator as core
 from hyperion_lock import Coordinator, RedisUnavailableError
-from hyperion_lock._connect import _handshake_kwargs, aclose, async_client_from_url
+from hyperion_lock.connection.clients import _handshake_kwargs, aclose, async_client_from_url
 from hyperion_lock.testing import RedisServer
 from tests.conftest import wait_until
 

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from hyperion_lock._cli import build_parser
-from hyperion_lock._settings import validate_name
+from hyperion_lock.cli.main import build_parser
+from hyperion_lock.settings import validate_name
 from tests.conftest import ROOT
 
 MANIFESTS = ROOT / "deploy" / "kubernetes"
@@ -134,7 +134,7 @@ def flags(command: list[str]) -> list[str]:
 
 @cache
 def cli_help(command: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "hyperion_lock._cli", command, "--help"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "hyperion_lock.cli.main", command, "--help"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     return out.stdout
@@ -186,7 +186,7 @@ def test_the_job_runs_the_migration_once_through_hyperion_lock_run() -> None:
     assert re.search(r"^COPY .*\balembic\.ini\b", dockerfile, re.MULTILINE)
     assert re.search(r"^COPY migrations\b", dockerfile, re.MULTILINE)
     # The key is the one the app's startup uses, so booting pods skip a migration the Job has done.
-    app_source = (ROOT / "hyperion_lock" / "demo" / "app.py").read_text()
+    app_source = (ROOT / "demo" / "app.py").read_text()
     assert '("migrate", jobs.migrate' in app_source
 
 
@@ -304,7 +304,7 @@ def test_the_cli_flags_used_in_the_manifests_exist() -> None:
     commands = hyperion_lock_commands()
     assert {c[1] for c in commands} == {"run", "wait"}, commands
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["hyperion-lock"] == "hyperion_lock._cli:main"
+    assert scripts["hyperion-lock"] == "hyperion_lock.cli.main:main"
     for command in commands:
         text = cli_help(command[1])
         for flag in flags(command[2:]):

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from hyperion_lock import ConfigurationError, Coordinator
-from hyperion_lock._file_backend import FileLayout
-from hyperion_lock._settings import default_lock_dir
+from hyperion_lock.runonce.file_backend import FileLayout
+from hyperion_lock.settings import default_lock_dir
 
 from ._deploy import clean_env
 from .conftest import wait_until
@@ -54,7 +54,7 @@ def shared_tmp() -> Iterator[Path]:
 
 def run_cli(*args: str, cwd: Path, tmp: Path, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in clean_env(TMPDIR=str(tmp), **env).items() if k != "XDG_RUNTIME_DIR"}
-    return subprocess.run([sys.executable, "-m", "hyperion_lock._cli", *args], cwd=cwd, env=base, text=True,
+    return subprocess.run([sys.executable, "-m", "hyperion_lock.cli.main", *args], cwd=cwd, env=base, text=True,
                           capture_output=True, timeout=timeout, check=False)
 
 
@@ -141,7 +141,7 @@ def test_symlinked_lock_file_is_not_followed(tmp_path: Path) -> None:
 
 
 def test_lock_dir_is_created_private_with_a_private_parent(tmp_path: Path) -> None:
-    from hyperion_lock._file_backend import verify_lock_dir
+    from hyperion_lock.runonce.file_backend import verify_lock_dir
 
     leaf = tmp_path / "per-user" / "app"
     assert verify_lock_dir(leaf, create=True)
@@ -154,7 +154,7 @@ def test_lock_dir_is_created_private_with_a_private_parent(tmp_path: Path) -> No
 def test_xdg_runtime_dir_is_preferred(tmp_path: Path) -> None:
     runtime = tmp_path / "run"
     runtime.mkdir(mode=0o700)
-    code = ("from hyperion_lock import Coordinator; from hyperion_lock._settings import Settings; "
+    code = ("from hyperion_lock import Coordinator; from hyperion_lock.settings import Settings; "
             "print(Settings().lock_dir); print(Coordinator(None, generation='g').run_once_sync('k', int).ran_here)")
     env = {**clean_env(), "XDG_RUNTIME_DIR": str(runtime)}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -180,7 +180,7 @@ def test_prefix_and_key_never_share_a_file(tmp_path: Path) -> None:
 # -- the CLI's words for file-lock errors ----------------------------------------------------------------------
 def nobody_cli(*args: str, lock_dir: Path) -> subprocess.CompletedProcess[str]:
     """The CLI as the other user: imported as root (the interpreter is root's), then run as uid ``nobody``."""
-    code = ("import os, sys; import hyperion_lock._cli as cli; "
+    code = ("import os, sys; import hyperion_lock.cli.main as cli; "
             f"os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY}); sys.exit(cli.main(sys.argv[1:]))")
     return subprocess.run([sys.executable, "-c", code, *args], env=clean_env(HYPERION_LOCK_LOCK_DIR=str(lock_dir)),
                           capture_output=True, text=True, timeout=60, check=False)

@@ -1,4 +1,4 @@
-"""Metrics and spans (hyperion_lock._metrics): the API on its own, the run-once events against a real Redis, the
+"""Metrics and spans (hyperion_lock.metrics): the API on its own, the run-once events against a real Redis, the
 library without prometheus_client and OpenTelemetry, and the multi-process sums under a real gunicorn.
 
 The run-once tests read the process-wide registry, each under a job key of its own; spans are read from the
@@ -41,8 +41,8 @@ from hyperion_lock import (
     gunicorn_metrics_dir,
     render_metrics,
 )
-from hyperion_lock._connect import aclose
-from hyperion_lock._metrics import (
+from hyperion_lock.connection.clients import aclose
+from hyperion_lock.metrics import (
     MULTIPROC_ENV,
     NOT_INSTALLED,
     PLAIN_TEXT,
@@ -192,12 +192,12 @@ def test_a_registry_that_refuses_the_metrics_is_logged_once_and_never_raises(
     reg = CollectorRegistry()
     Metrics(registry=reg).job_finished("k", "done", 1.0)
     clashing = Metrics(registry=reg)  # the same metric names again: prometheus_client refuses them
-    with caplog.at_level(logging.WARNING, logger="hyperion_lock._metrics"):
+    with caplog.at_level(logging.WARNING, logger="hyperion_lock.metrics"):
         clashing.job_finished("k", "done", 1.0)
         clashing.waited("k", "done", 1.0)
         clashing.cache_counted("ns", "hit")
     warned = [r for r in caplog.records if "metrics: could not record" in r.getMessage()]
-    assert len(warned) == 1 and warned[0].name == "hyperion_lock._metrics", caplog.records
+    assert len(warned) == 1 and warned[0].name == "hyperion_lock.metrics", caplog.records
     assert sample("hyperion_lock_job_runs_total", reg, key="k", outcome="done") == 1  # the first one's count
 
 
@@ -285,7 +285,7 @@ def test_child_exit_marks_the_worker_dead(tmp_path: Path, monkeypatch: pytest.Mo
 
 _WRITER = """
 import sys
-from hyperion_lock._metrics import metrics
+from hyperion_lock.metrics import metrics
 metrics.job_finished(sys.argv[1], sys.argv[2], 1.0)
 metrics.waited(sys.argv[1], "done", 0.5)
 """
@@ -310,7 +310,7 @@ import json, sys
 for name in ("prometheus_client", "opentelemetry"):
     sys.modules[name] = None  # as if not installed: importing it raises ImportError
 from hyperion_lock import Coordinator, gunicorn_metrics_dir, render_metrics
-from hyperion_lock._metrics import metrics
+from hyperion_lock.metrics import metrics
 
 calls = []
 outcome = Coordinator(None, lock_dir=sys.argv[1], generation="g").run_once_sync("k", lambda: calls.append(1))
@@ -337,7 +337,7 @@ def test_the_library_works_without_prometheus_client_and_opentelemetry(tmp_path:
 def test_importing_the_package_imports_neither() -> None:
     # Recent redis-py imports OpenTelemetry itself (redis.observability): only what the package adds counts.
     code = ("import json, sys, redis, redis.asyncio\nbefore = set(sys.modules)\n"
-            "import hyperion_lock, hyperion_lock._core, hyperion_lock._metrics\n"
+            "import hyperion_lock, hyperion_lock.runonce.coordinator, hyperion_lock.metrics\n"
             "print(json.dumps(sorted(m for m in set(sys.modules) - before if m.split('.')[0] in "
             "('prometheus_client', 'opentelemetry'))))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT,
@@ -405,7 +405,7 @@ asyncio.run(main())
 
 _FORKED = r"""
 import json, os, sys
-from hyperion_lock._metrics import metrics
+from hyperion_lock.metrics import metrics
 
 metrics.prepare()
 metrics.job_finished("k", "done", 1.0)  # the parent (a gunicorn master's hook, say) records before the fork

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from hyperion_lock._model import Holder, Probe
-from hyperion_lock._policy import WaitPolicy
+from hyperion_lock.runonce.model import Holder, Probe
+from hyperion_lock.runonce.policy import WaitPolicy
 from tests.model.checker import Budget, Checker, Config, bound_from_env, freeze, new_policy, thaw
 from tests.model.redis_model import FinishIgnoresToken
 

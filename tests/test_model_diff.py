@@ -1,6 +1,6 @@
 """The model of the Lua scripts (``tests/model/redis_model.py``) is held to the real scripts: random sequences of
 script calls run against a real redis-server, through the library's own script-calling code
-(:class:`~hyperion_lock._redis_backend.RedisBackend` over ``AsyncOps``), and against the model, and must give the
+(:class:`~hyperion_lock.runonce.redis_backend.RedisBackend` over ``AsyncOps``), and against the model, and must give the
 same replies, the same keys (value and TTL) and the same published messages, step by step.
 
 Time is the one thing the two do not share: the model's clock only moves in ``age`` steps, which shift every TTL in
@@ -27,12 +27,12 @@ import redis.asyncio as aredis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from hyperion_lock import _scripts
-from hyperion_lock._errors import CorruptStateError
-from hyperion_lock._keys import JobKeys
-from hyperion_lock._model import Holder, Lease, Outcome, Status
-from hyperion_lock._redis_backend import AsyncOps, RedisBackend
-from hyperion_lock._settings import Settings
+from hyperion_lock.errors import CorruptStateError
+from hyperion_lock.runonce import scripts as _scripts
+from hyperion_lock.runonce.keys import JobKeys
+from hyperion_lock.runonce.model import Holder, Lease, Outcome, Status
+from hyperion_lock.runonce.redis_backend import AsyncOps, RedisBackend
+from hyperion_lock.settings import Settings
 from tests.model.redis_model import EMPTY, Db, FinishIgnoresToken, Redis, ScriptError, Scripts
 
 pytestmark = pytest.mark.integration

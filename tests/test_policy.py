@@ -7,8 +7,8 @@ import math
 import pytest
 
 from hyperion_lock import Status
-from hyperion_lock._model import Event, Holder, Outcome, Probe
-from hyperion_lock._policy import Act, Next, Notice, WaitPolicy
+from hyperion_lock.runonce.model import Event, Holder, Outcome, Probe
+from hyperion_lock.runonce.policy import Act, Next, Notice, WaitPolicy
 
 T0 = 1000.0
 GRACE = 3.0

@@ -20,14 +20,14 @@ import pytest
 import redis.asyncio as aredis
 from redis import exceptions as rexc
 
-from hyperion_lock._connect import (
+from hyperion_lock.connection.clients import (
     aclose,
     async_client_from_url,
     is_transient,
     redis_error,
     with_retries,
 )
-from hyperion_lock._errors import (
+from hyperion_lock.errors import (
     ConfigurationError,
     RedisAuthError,
     RedisDatabaseIndexError,
@@ -35,7 +35,7 @@ from hyperion_lock._errors import (
     RedisTLSError,
     RedisUnavailableError,
 )
-from hyperion_lock._settings import redact_url
+from hyperion_lock.settings import redact_url
 from hyperion_lock.testing import RedisServer, free_port
 
 T = TypeVar("T")

@@ -22,7 +22,7 @@ from .conftest import wait_until
 
 pytestmark = pytest.mark.integration
 
-GUARD = Path(__file__).resolve().parent.parent / "hyperion_lock" / "_command_guard.py"
+GUARD = Path(__file__).resolve().parent.parent / "hyperion_lock" / "cli" / "guard.py"
 
 # One copy of the command: it notes any earlier copy whose process group still has a live process ("overlap"),
 # then logs "start <pid> <pgid> <pid of its own child> <lock files it holds open>", holds until the gate file
@@ -113,7 +113,7 @@ def test_sigkilled_runner_takes_its_command_along(backend: str, tmp_path: Path,
     else:
         where, env = [], clean_env(HYPERION_LOCK_LOCK_DIR=str(tmp_path / "locks"))
         waiting = blocked_on_flock
-    argv = [sys.executable, "-m", "hyperion_lock._cli", "run", *where, "--key", "copy", "--generation", "g1", "--",
+    argv = [sys.executable, "-m", "hyperion_lock.cli.main", "run", *where, "--key", "copy", "--generation", "g1", "--",
             sys.executable, "-c", COPY, str(log), str(gate)]
     first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     second: subprocess.Popen[str] | None = None
@@ -215,7 +215,7 @@ def _escaping_run(tmp_path: Path, gate: Path) -> subprocess.Popen[bytes]:
     """``hyperion-lock run`` of ESCAPING with file locks, its output in ``tmp_path/out`` (not a pipe: processes that
     outlive the caller would keep a pipe open), the pids in ``tmp_path/pids``."""
     env = clean_env(HYPERION_LOCK_LOCK_DIR=str(tmp_path / "locks"))
-    argv = [sys.executable, "-m", "hyperion_lock._cli", "run", "--key", "escape", "--generation", "g1", "--",
+    argv = [sys.executable, "-m", "hyperion_lock.cli.main", "run", "--key", "escape", "--generation", "g1", "--",
             sys.executable, "-c", ESCAPING, str(tmp_path / "pids"), str(gate)]
     with open(tmp_path / "out", "wb") as out:
         return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -310,7 +310,7 @@ def test_runner_paused_past_its_lease_kills_its_command_when_it_resumes(tmp_path
     a stopped process cannot act; only the job's store refusing lower fencing tokens closes that window.)"""
     log, gate = tmp_path / "log", tmp_path / "gate"
     env = clean_env(HYPERION_LOCK_LEASE_TTL="2")
-    argv = [sys.executable, "-m", "hyperion_lock._cli", "run", "--url", redis_server.url, "--key", "paused",
+    argv = [sys.executable, "-m", "hyperion_lock.cli.main", "run", "--url", redis_server.url, "--key", "paused",
             "--generation", "g1", "--", sys.executable, "-c", COPY, str(log), str(gate)]
     first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     second: subprocess.Popen[bytes] | None = None
@@ -346,7 +346,7 @@ def test_run_started_with_sigint_ignored_keeps_it_ignored(tmp_path: Path) -> Non
     seen, gate = tmp_path / "seen", tmp_path / "gate"
     cmd = (f"grep SigIgn /proc/$$/status > {seen}.tmp; mv {seen}.tmp {seen}; "
            f"i=0; while [ ! -e {gate} ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done")
-    run = (f"trap '' INT; exec {shlex.quote(sys.executable)} -m hyperion_lock._cli run --key ignored "
+    run = (f"trap '' INT; exec {shlex.quote(sys.executable)} -m hyperion_lock.cli.main run --key ignored "
            f"--generation g1 -- {shlex.quote(cmd)}")
     caller = subprocess.Popen(["sh", "-c", run], env=clean_env(HYPERION_LOCK_LOCK_DIR=str(tmp_path / "locks")))
     try:

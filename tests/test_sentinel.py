@@ -28,11 +28,17 @@ from hyperion_lock import (
     redact_url,
     use_lock_for_workers,
 )
-from hyperion_lock._connect import aclose, async_client_from_url, describe_client, is_transient, sync_client_from_url
-from hyperion_lock._redis_backend import replicas_short
-from hyperion_lock._sentinel import master_not_found
-from hyperion_lock._sentinel_url import parse_sentinel_url
-from hyperion_lock._settings import replica_wait_ms
+from hyperion_lock.connection.clients import (
+    aclose,
+    async_client_from_url,
+    describe_client,
+    is_transient,
+    sync_client_from_url,
+)
+from hyperion_lock.connection.sentinel import master_not_found
+from hyperion_lock.connection.sentinel_url import parse_sentinel_url
+from hyperion_lock.runonce.redis_backend import replicas_short
+from hyperion_lock.settings import replica_wait_ms
 from hyperion_lock.testing import RedisServer, SentinelSet, free_port
 
 from ._caching import Waits, computed_once
@@ -274,7 +280,7 @@ def test_cli_status_through_sentinel(sentinel_set: SentinelSet) -> None:
     url = _url(sentinel_set)
     gen = f"cli-{time.time_ns()}"
     Coordinator(url, generation=gen).run_once_sync("migrate", noop)
-    done = subprocess.run([sys.executable, "-m", "hyperion_lock._cli", "status", "--url", url, "--generation", gen,
+    done = subprocess.run([sys.executable, "-m", "hyperion_lock.cli.main", "status", "--url", url, "--generation", gen,
                            "--key", "migrate"], capture_output=True, text=True, timeout=60, check=False, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "migrate" in done.stdout and "done" in done.stdout

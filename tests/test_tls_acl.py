@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from hyperion_lock import Cache, Settings
-from hyperion_lock._connect import _ACL_COMMANDS
+from hyperion_lock.connection.clients import _ACL_COMMANDS
 from tests._caching import Waits, computed_once
 from tests.conftest import ROOT, Workers
 from tests.test_redis_errors import TlsRedis, tls_redis
@@ -40,7 +40,7 @@ def test_the_minimal_acl_the_library_names_is_enough_over_tls(tls_redis: TlsRedi
     assert workers.join() == [0] * 4, workers.outputs
     assert len(workers.events("ran")) == 1 and len(workers.events("returned")) == 4
 
-    status = [sys.executable, "-m", "hyperion_lock._cli", "status", "--url", url, "--generation", gen, "--key",
+    status = [sys.executable, "-m", "hyperion_lock.cli.main", "status", "--url", url, "--generation", gen, "--key",
               "migrate"]
     denied = subprocess.run(status, capture_output=True, text=True, timeout=60, check=False, cwd=ROOT)
     assert denied.returncode == 3 and "app-pw" not in denied.stderr, denied.stderr
@@ -79,7 +79,7 @@ async def test_the_cache_works_as_an_acl_user_with_the_commands_docs_caching_lis
         for c in caches:
             await c.aclose()  # adds this worker's counts
     assert not [r for r in caplog.records if "is failing" in r.getMessage()], caplog.text
-    out = subprocess.run([sys.executable, "-m", "hyperion_lock._cli", "status", "--json", "--url", url],  # noqa: ASYNC221
+    out = subprocess.run([sys.executable, "-m", "hyperion_lock.cli.main", "status", "--json", "--url", url],  # noqa: ASYNC221
                          capture_output=True, text=True, timeout=60, check=False, cwd=ROOT)
     assert out.returncode in (0, 2), out.stdout + out.stderr
     row = {r["namespace"]: r for r in json.loads(out.stdout)["cache"]}[namespace]

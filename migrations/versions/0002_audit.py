@@ -23,7 +23,7 @@ down_revision: str | Sequence[str] | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-logger = logging.getLogger("hyperion_lock.demo.migrations")
+logger = logging.getLogger("demo.migrations")
 
 
 class DeliberateMigrationFailure(Exception):

@@ -2,9 +2,9 @@
 
 What is real and what is modelled:
 
-* Each worker's decisions are the library's own :class:`~hyperion_lock._policy.WaitPolicy`, restored from a frozen
-  snapshot before each step and snapshotted after it. Script arguments are built and replies parsed by the real
-  :class:`~hyperion_lock._redis_backend.RedisBackend` (``probe``, ``renew``, ``finish``, ``parse_event``), whose
+* Each worker's decisions are the library's own :class:`~hyperion_lock.runonce.policy.WaitPolicy`, restored from a
+  frozen snapshot before each step and snapshotted after it. Script arguments are built and replies parsed by the real
+  :class:`~hyperion_lock.runonce.redis_backend.RedisBackend` (``probe``, ``renew``, ``finish``, ``parse_event``), whose
   Redis round trips go to :class:`ModelOps`: the Lua scripts' semantics as transcribed in ``redis_model.Scripts``
   (held to the real scripts by ``tests/test_model_diff.py``).
 * The shell around them (``_core._Waiter`` and ``_leadership.Leadership``) is modelled: subscribe, then probe; wait
@@ -50,11 +50,11 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, NamedTuple, TypeVar
 
-from hyperion_lock._keys import JobKeys
-from hyperion_lock._model import Event, FinishResult, Holder, Lease, Outcome, Probe, RenewResult, Status
-from hyperion_lock._policy import Act, Next, WaitPolicy
-from hyperion_lock._redis_backend import RedisBackend
-from hyperion_lock._settings import Settings
+from hyperion_lock.runonce.keys import JobKeys
+from hyperion_lock.runonce.model import Event, FinishResult, Holder, Lease, Outcome, Probe, RenewResult, Status
+from hyperion_lock.runonce.policy import Act, Next, WaitPolicy
+from hyperion_lock.runonce.redis_backend import RedisBackend
+from hyperion_lock.settings import Settings
 
 from .redis_model import EMPTY, Db, Scripts
 

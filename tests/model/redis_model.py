@@ -1,4 +1,4 @@
-"""A model of what the run-once Lua scripts (``hyperion_lock/_scripts.py``) do to Redis, in plain Python.
+"""A model of what the run-once Lua scripts (``hyperion_lock/runonce/scripts.py``) do to Redis, in plain Python.
 
 :class:`Db` is an immutable, hashable picture of the handful of keys one job uses (string values with a remaining
 time to live in milliseconds), so a model checker can keep millions of them in a set. :class:`Scripts` holds one
@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from hyperion_lock import _scripts
+from hyperion_lock.runonce import scripts as _scripts
 
 Value = tuple[str, int | None]  # (string value, remaining TTL in ms or None for no expiry)
 
@@ -281,7 +281,7 @@ class Scripts:
         return [0, None]
 
     def by_text(self) -> dict[str, Script]:
-        """The transcription of each Lua text in ``hyperion_lock._scripts``."""
+        """The transcription of each Lua text in ``hyperion_lock.runonce.scripts``."""
         return {_scripts.PROBE: self.probe, _scripts.RENEW: self.renew, _scripts.FINISH: self.finish,
                 _scripts.RESET: self.reset}
 

@@ -1,4 +1,0 @@
-"""Reference app: FastAPI + SQLAlchemy 2 + Alembic, initialised exactly once per deploy through the Coordinator.
-
-Run it with ``gunicorn -c gunicorn.conf.py`` from the repository root (see ``hyperion_lock.demo.app``).
-"""
