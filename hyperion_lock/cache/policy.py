@@ -1,7 +1,7 @@
 """The cache's decisions as pure code: freshness, early refresh, the circuit breaker and the HTTP rules.
 
 Nothing here does I/O or reads a clock: callers pass ``now`` (monotonic seconds) and what the store replied, so
-every timing decision is tested with a fake clock (``tests/test_cache_policy.py``).
+every timing decision is tested with a fake clock (``tests/unit/test_cache_policy.py``).
 
 Freshness of an entry is judged from three numbers the store returns with it, all measured by the *store's*
 clock (Redis ``PTTL``; the memory store's monotonic clock), never by a host's wall clock:

@@ -17,7 +17,7 @@ and promote a replica (a few seconds more) -> the next connect reaches the new p
 old primary but not yet replicated are lost (replication is asynchronous). A manual failover that leaves the old
 primary running is different: connections opened before it stay on the old primary, which keeps answering as a
 primary until Sentinel reconfigures it (~10 s, Sentinel's INFO period), and whatever is written there meanwhile is
-discarded then (measured in tests/test_sentinel_failover.py).
+discarded then (measured in tests/integration/test_sentinel_failover.py).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 :class:`WaitPolicy` never does I/O and never reads a clock: the caller passes ``now`` (monotonic seconds) with
 every reply it got from the backend, and performs the :class:`Next` action it gets back. That makes every
-timing decision testable with a fake clock (``tests/test_policy.py``).
+timing decision testable with a fake clock (``tests/unit/test_policy.py``).
 
 Timeline of a waiter, and what happens if the holder dies at each point:
 

@@ -1,0 +1,1 @@
+"""Integration tier: real redis-server / PostgreSQL / processes, one area per module."""
