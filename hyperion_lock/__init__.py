@@ -15,6 +15,7 @@ OpenTelemetry itself, when installed).
 
 from typing import TYPE_CHECKING, Any
 
+from hyperion_lock._version import __version__ as __version__
 from hyperion_lock.cache.errors import CacheComputeError, CacheError, CacheSerializationError, CacheValueTooLargeError
 from hyperion_lock.cache.facade import Cache
 from hyperion_lock.cache.types import CacheSettings, CacheStatus
@@ -92,7 +93,6 @@ __all__ = [
     "stop_requested",
     "use_lock_for_workers",
 ]
-__version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from hyperion_lock.fastapi import OptionalRedis

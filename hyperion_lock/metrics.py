@@ -240,7 +240,7 @@ class Metrics:
             except ImportError:
                 self._tracer = None
             else:
-                from . import __version__
+                from hyperion_lock._version import __version__
 
                 self._tracer = trace.get_tracer("hyperion_lock", __version__)
             self._traced = True
