@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Workers
+from tests.support import Workers, tier_problem
 
 pytest_plugins = ["hyperion_lock.testing"]
 
@@ -19,3 +19,17 @@ def workers(tmp_path: Path) -> Iterator[Workers]:
         yield w
     finally:
         w.kill_all()
+
+
+# The tiers are directories (tests/unit, tests/integration, tests/e2e) and markers at once, so that
+# `pytest tests/unit` and `pytest -m "not integration"` select the same tests: a test in the wrong place is refused
+# at collection, as is a unit test that asks for a server.
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    problems = []
+    for item in items:
+        markers = {m.name for m in item.iter_markers()}
+        problem = tier_problem(Path(str(item.path)), markers, set(getattr(item, "fixturenames", ())))
+        if problem:
+            problems.append(f"{item.nodeid} {problem}")
+    if problems:
+        raise pytest.UsageError("tests in the wrong tier:\n" + "\n".join(problems))

@@ -142,3 +142,19 @@ class Workers:
             if proc.stdout is not None and not proc.stdout.closed:
                 out, _ = proc.communicate()
                 self.outputs.setdefault(proc.pid, out)
+
+
+SERVER_FIXTURES = frozenset({"redis_url", "redis_server", "postgres_url", "workers", "tls_redis"})
+
+
+def tier_problem(path: Path, markers: set[str], fixtures: set[str]) -> str | None:
+    tier = path.relative_to(ROOT / "tests").parts[0]
+    if tier == "unit" and ({"integration", "e2e"} & markers or SERVER_FIXTURES & fixtures):
+        return "is in tests/unit but is marked integration/e2e or uses a server fixture: move it to tests/integration"
+    if tier == "integration" and ("integration" not in markers or "e2e" in markers):
+        return "is in tests/integration: mark it pytest.mark.integration (an e2e test goes to tests/e2e)"
+    if tier == "e2e" and not {"integration", "e2e"} <= markers:
+        return "is in tests/e2e: mark it pytest.mark.e2e and pytest.mark.integration"
+    if tier not in ("unit", "integration", "e2e"):
+        return "is outside the tiers: put it under tests/unit, tests/integration or tests/e2e"
+    return None

@@ -3,13 +3,14 @@ they do catch a wrong import (a copy of the tree where the run-once policy impor
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.support import ROOT
+from tests.support import ROOT, tier_problem
 
 LINT = [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; "
         "sys.exit(lint_imports_command())"]
@@ -60,3 +61,29 @@ def test_the_library_importing_the_cli_is_refused(tmp_path: Path) -> None:
     result = lint(tree)
     assert result.returncode == 1, result.stdout
     assert "hyperion_lock.cache is not allowed to import hyperion_lock.cli" in result.stdout, result.stdout
+
+
+def test_a_test_in_the_wrong_tier_is_named() -> None:
+    unit, integration, e2e = (ROOT / "tests" / tier / "test_x.py" for tier in ("unit", "integration", "e2e"))
+    assert tier_problem(unit, set(), set()) is None
+    assert tier_problem(unit, set(), {"tmp_path", "redis_url"}) is not None
+    assert tier_problem(unit, {"integration"}, set()) is not None
+    assert tier_problem(integration, {"integration"}, {"redis_url"}) is None
+    assert tier_problem(integration, set(), set()) is not None
+    assert tier_problem(integration, {"integration", "e2e"}, set()) is not None
+    assert tier_problem(e2e, {"integration", "e2e"}, set()) is None
+    assert tier_problem(e2e, {"integration"}, set()) is not None
+    assert tier_problem(ROOT / "tests" / "test_x.py", set(), set()) is not None
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared helpers live in tests/support; a test module importing another one would run its tests twice."""
+    offenders = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                       else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(m.rsplit(".", 1)[-1].startswith(("test_", "conftest")) for m in modules):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert offenders == []
+    assert any((ROOT / "tests").rglob("test_*.py"))  # the scan saw the tests
