@@ -81,8 +81,9 @@ def test_no_test_module_imports_another() -> None:
     offenders = []
     for path in sorted((ROOT / "tests").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                       else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
             if any(m.rsplit(".", 1)[-1].startswith(("test_", "conftest")) for m in modules):
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert offenders == []
