@@ -994,48 +994,6 @@ class RedisStore:
             await _close_quietly(pool.disconnect)  # a pool passed in is not closed by the client
 
 
-# -- status (for the CLI; sync client) ------------------------------------------------------------------------------
-def cache_report(client: _redis.Redis, prefix: str, sample: int = 50) -> list[dict[str, Any]]:
-    """Per namespace listed in the registry: live entries (from its index, by the server's clock), memory used
-    (``MEMORY USAGE`` of up to ``sample`` entries, scaled to all), and the counters every process added. A handful
-    of commands per namespace; nothing is scanned."""
-    seconds, micros = client.time()
-    now_ms = int(seconds) * 1000 + int(micros) // 1000
-    report = []
-    for raw in sorted(client.smembers(CacheKeys.registry(prefix))):
-        namespace = as_text(raw) or ""
-        try:
-            keys = CacheKeys(prefix, namespace)
-        except ConfigurationError:
-            continue
-        live = int(client.zcount(keys.index, f"({now_ms}", "+inf"))
-        members = [as_text(m) or "" for m in client.zrangebyscore(keys.index, f"({now_ms}", "+inf", 0, sample)]
-        sizes = [int(client.memory_usage(keys.entry(m)) or 0) for m in members]
-        memory = int(sum(sizes) / len(sizes) * live) if sizes else 0
-        counters = {as_text(k) or "": float(as_text(v) or 0) for k, v in client.hgetall(keys.stats).items()}
-        report.append({"namespace": namespace, "keys": live, "memory_bytes": memory, "estimated": live > len(sizes),
-                       **{name: counters.get(name, 0) for name in ("hits", "misses", "stale", "bypass", "errors",
-                                                                   "computations", "compute_seconds")}})
-    return report
-
-
-def describe_report(rows: list[dict[str, Any]]) -> list[str]:
-    """The cache section of ``hyperion-lock status`` as text lines."""
-    if not rows:
-        return ["  no cache namespaces yet"]
-    lines = []
-    for r in rows:
-        computations = int(r["computations"])
-        average = r["compute_seconds"] / computations if computations else 0.0
-        memory = f"{'~' if r['estimated'] else ''}{r['memory_bytes'] / 1024:.1f} KiB"
-        lines.append(
-            f"  {r['namespace']:<20} keys={r['keys']} memory={memory} hits={int(r['hits'])} misses={int(r['misses'])} "
-            f"stale={int(r['stale'])} bypass={int(r['bypass'])} errors={int(r['errors'])} "
-            f"compute={r['compute_seconds']:.2f}s ({computations} runs, avg {average:.3f}s)"
-        )
-    return lines
-
-
 async def within(awaitable: Awaitable[T], timeout: float, alive: Callable[[float], bool] | None = None,
                  cap: float = 1.0) -> T:
     """Await in the calling task with a timeout that does not mistake a busy worker for a dead Redis.

@@ -37,8 +37,9 @@ from hyperion_lock.cache.facade import key_identity
 from hyperion_lock.cache.keys import CacheKeys
 from hyperion_lock.cache.near import NearCache
 from hyperion_lock.cache.policy import Health
-from hyperion_lock.cache.store import MemoryStore, Message, Read, RedisStore, cache_report, close_quietly
+from hyperion_lock.cache.store import MemoryStore, Message, Read, RedisStore, close_quietly
 from hyperion_lock.cli.main import main
+from hyperion_lock.cli.status import cache_report
 from hyperion_lock.testing import RedisServer
 from tests.support import ROOT, until
 
