@@ -10,7 +10,8 @@ import pytest
 
 from tests.support import Workers, tier_problem
 
-pytest_plugins = ["hyperion_lock.testing"]
+# Fixtures: the servers (the library's own plugin), a TLS-only redis-server, an in-memory span exporter.
+pytest_plugins = ["hyperion_lock.testing", "tests.support.tls", "tests.support.metrics"]
 
 @pytest.fixture
 def workers(tmp_path: Path) -> Iterator[Workers]:

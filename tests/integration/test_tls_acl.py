@@ -16,10 +16,9 @@ from hyperion_lock import Cache, Settings
 from hyperion_lock.connection.clients import _ACL_COMMANDS
 from tests.support import ROOT, Workers
 from tests.support.caching import Waits, computed_once
-from tests.support.tls import TlsRedis, tls_redis
+from tests.support.tls import TlsRedis
 
 pytestmark = pytest.mark.integration
-__all__ = ["tls_redis"]  # the fixture, shared with test_redis_errors
 
 
 def _grant(server: TlsRedis, *rules: str) -> None:
