@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Literal
@@ -12,7 +10,13 @@ from typing import Literal
 import redis.asyncio as aredis
 from fastapi import FastAPI
 
-from hyperion_lock.connection.clients import aclose, async_client_from_url, with_retries
+from hyperion_lock.connection.clients import (
+    RedisCall,
+    RetryPolicy,
+    aclose,
+    async_client_from_url,
+    with_retries,
+)
 from hyperion_lock.settings import Settings, redact_url
 
 logger = logging.getLogger(__name__)
@@ -56,8 +60,8 @@ class OptionalRedis:
         )
         try:
             await with_retries(
-                client.ping, budget=self.settings.connect_timeout, what="ping Redis", where=str(redact_url(self.url)),
-                clock=time.monotonic, sleep=asyncio.sleep,
+                client.ping, RedisCall("ping Redis", str(redact_url(self.url))),
+                RetryPolicy(self.settings.connect_timeout),
             )
         except Exception:
             await aclose(client)

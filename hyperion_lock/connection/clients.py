@@ -8,7 +8,9 @@ import functools
 import inspect
 import re
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from functools import cache
 from typing import Any, TypeVar
 
@@ -405,18 +407,17 @@ def _read_only_hint(last: BaseException | None) -> str:
 
 
 def _unavailable(
-    what: str, where: str, waited: float, attempts: int, last: BaseException | None, *, timed_out: bool,
-    key: str | None, generation: str | None,
+    call: RedisCall, waited: float, attempts: int, last: BaseException | None, *, timed_out: bool
 ) -> RedisUnavailableError:
     last_text = f"last error {type(last).__name__}: {last}" if last is not None else ""
     if timed_out:
         last_text = "no reply to the last attempt" + (f"; before it, {last_text}" if last_text else "")
     return RedisUnavailableError(
-        f"could not {what}: {_server(where)} did not answer for {waited:.1f} s "
+        f"could not {call.what}: {_server(call.where)} did not answer for {waited:.1f} s "
         f"({attempts} attempt{'' if attempts == 1 else 's'}; {last_text}).{_read_only_hint(last) or ' '}"
-        f"{unreachable_hints(where)}",
-        key=key,
-        generation=generation,
+        f"{unreachable_hints(call.where)}",
+        key=call.key,
+        generation=call.generation,
     )
 
 
@@ -442,64 +443,85 @@ async def _attempt(action: Callable[[], Awaitable[T]], remaining: float | None) 
         raise
 
 
+@dataclass(frozen=True)
+class RedisCall:
+    """What :func:`with_retries` tries, against which server, for which job: the words of the errors it raises.
+
+    ``where`` is a password-free description of the server (a redacted URL); ``prefix`` (the key prefix) only
+    makes an ACL error name the exact key and channel patterns to grant.
+    """
+
+    what: str
+    where: str
+    key: str | None = None
+    generation: str | None = None
+    prefix: str | None = None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long :func:`with_retries` keeps trying, and which failures it retries.
+
+    ``budget`` seconds, counted from the first failure or, with ``overall``, from the call's start (and then also
+    bounding the attempt in flight); backoff from 0.05 s doubling up to ``max_backoff``; ``transient`` says which
+    failures may pass (the rest raise at once); ``clock`` and ``sleep`` are injected for tests.
+    """
+
+    budget: float
+    overall: bool = False
+    max_backoff: float = 2.0
+    transient: Callable[[BaseException], bool] = is_transient
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+
+
 async def with_retries(
     action: Callable[[], Awaitable[T]],
-    *,
-    budget: float,
-    what: str,
-    where: str,
-    clock: Callable[[], float],
-    sleep: Callable[[float], Awaitable[None]],
-    key: str | None = None,
-    generation: str | None = None,
-    max_backoff: float = 2.0,
+    call: RedisCall,
+    policy: RetryPolicy,
     on_retry: Callable[[BaseException, int], None] | None = None,
-    overall: bool = False,
-    prefix: str | None = None,
 ) -> T:
     """Run ``action`` until it succeeds, retrying transient Redis errors with capped exponential backoff.
 
     Timeline: a failure that retrying cannot fix (see :func:`redis_error`: credentials, ACL, database index,
-    TLS) raises its specific error at once; any other non-transient error is re-raised as it is. Transient
-    failures are retried after 0.05 s, 0.1 s, ... up to ``max_backoff``. :class:`RedisUnavailableError` (naming
-    ``where`` and what to check) ends it once ``budget`` seconds have passed -- counted from the first failure,
-    or with ``overall=True`` from this call's start, and then also bounding the attempt in flight (it is
-    cancelled when the budget runs out), so a server that accepts connections and never answers costs
-    ``budget`` seconds, not the socket timeout times the attempts. ``prefix`` (the key prefix) only makes an
-    ACL error name the exact key and channel patterns to grant.
+    TLS) raises its specific error at once; any other failure that is not ``policy.transient`` is re-raised as
+    it is. Transient failures are retried after 0.05 s, 0.1 s, ... up to ``policy.max_backoff``
+    (``on_retry(error, attempt)`` is called before each wait). :class:`RedisUnavailableError` (naming
+    ``call.where`` and what to check) ends it once ``policy.budget`` seconds have passed -- counted from the first
+    failure, or with ``policy.overall`` from this call's start, and then also bounding the attempt in flight (it
+    is cancelled when the budget runs out), so a server that accepts connections and never answers costs
+    ``budget`` seconds, not the socket timeout times the attempts.
     """
+    budget, clock = policy.budget, policy.clock
     started = clock()
-    first_failure: float | None = started if overall else None
+    first_failure: float | None = started if policy.overall else None
     delay = 0.05
     attempt = 0
     last: BaseException | None = None
     while True:
-        remaining = budget - (clock() - started) if overall else None
+        remaining = budget - (clock() - started) if policy.overall else None
         if remaining is not None and remaining < _MIN_ATTEMPT and last is not None:
-            raise _unavailable(what, where, clock() - started, attempt, last, timed_out=False,
-                               key=key, generation=generation)
+            raise _unavailable(call, clock() - started, attempt, last, timed_out=False)
         attempt += 1
         try:
             return await _attempt(action, remaining)
         except _BudgetSpent:
-            raise _unavailable(what, where, clock() - started, attempt, last, timed_out=True,
-                               key=key, generation=generation) from None
+            raise _unavailable(call, clock() - started, attempt, last, timed_out=True) from None
         except Exception as exc:
-            error = redis_error(exc, where=where, key=key, generation=generation, prefix=prefix)
+            error = redis_error(exc, where=call.where, key=call.key, generation=call.generation, prefix=call.prefix)
             if error is not None:
                 raise error from None
-            if not is_transient(exc):
+            if not policy.transient(exc):
                 raise
             last = exc
         now = clock()
         first_failure = now if first_failure is None else first_failure
         if now - first_failure >= budget:
-            raise _unavailable(what, where, now - first_failure, attempt, last, timed_out=False,
-                               key=key, generation=generation) from None
+            raise _unavailable(call, now - first_failure, attempt, last, timed_out=False) from None
         if on_retry is not None:
             on_retry(last, attempt)
-        await sleep(min(delay, max(0.0, budget - (now - first_failure))))
-        delay = min(delay * 2, max_backoff)
+        await policy.sleep(min(delay, max(0.0, budget - (now - first_failure))))
+        delay = min(delay * 2, policy.max_backoff)
 
 
 def async_closer(resource: Any) -> Callable[[], Awaitable[object]]:

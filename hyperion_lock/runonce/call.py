@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from hyperion_lock.connection.clients import with_retries
+from hyperion_lock.connection.clients import RedisCall, RetryPolicy, with_retries
 from hyperion_lock.runonce.model import Event, FinishResult, Lease, Outcome, Probe, RenewResult
 from hyperion_lock.settings import Settings
 
@@ -90,7 +90,8 @@ class Call:
                 self.log.warning("%s: %s failed (%s: %s); retrying", self.key, what, type(exc).__name__, exc)
 
         return await with_retries(
-            attempt, budget=budget, what=what, where=self.where, clock=self.clock, sleep=self.sleep,
-            key=self.key, generation=self.generation, on_retry=on_retry, overall=overall,
-            prefix=self.settings.key_prefix,
+            attempt,
+            RedisCall(what, self.where, key=self.key, generation=self.generation, prefix=self.settings.key_prefix),
+            RetryPolicy(budget, overall=overall, clock=self.clock, sleep=self.sleep),
+            on_retry,
         )

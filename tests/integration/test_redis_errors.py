@@ -8,7 +8,6 @@ and a closed port. Wall-clock asserts use generous bounds (3x the budget); "at o
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -18,6 +17,8 @@ import pytest
 import redis.asyncio as aredis
 
 from hyperion_lock.connection.clients import (
+    RedisCall,
+    RetryPolicy,
     aclose,
     async_client_from_url,
     with_retries,
@@ -49,10 +50,10 @@ async def _retry(
     started = time.monotonic()
     try:
         result = await with_retries(
-            lambda: action(client), budget=budget, what="connect for job 'migrate'",
-            where=described.format(redact_url(url)),
-            clock=time.monotonic, sleep=asyncio.sleep, key="migrate", generation="g7", overall=overall,
-            prefix=prefix,
+            lambda: action(client),
+            RedisCall("connect for job 'migrate'", described.format(redact_url(url)), key="migrate", generation="g7",
+                      prefix=prefix),
+            RetryPolicy(budget, overall=overall),
         )
         return result, time.monotonic() - started
     finally:
