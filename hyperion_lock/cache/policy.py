@@ -283,7 +283,3 @@ def client_wants_fresh(cache_control: str | None, pragma: str | None = None) -> 
     """The request asks to bypass caches (``Cache-Control: no-cache`` / ``max-age=0``, ``Pragma: no-cache``)."""
     directives = {d.strip().lower() for d in (cache_control or "").split(",")}
     return bool({"no-cache", "max-age=0", "no-store"} & directives) or (pragma or "").strip().lower() == "no-cache"
-
-
-def cache_control(template: str, max_age: int) -> str:
-    return template.format(max_age=max_age)
