@@ -17,6 +17,9 @@ import hashlib
 import hmac
 import json
 import pickle
+import types
+import typing
+from collections.abc import Callable
 from functools import cache
 from typing import Any, Protocol
 
@@ -136,3 +139,17 @@ class PickleCodec:
 def etag_of(payload: bytes) -> str:
     """A strong ETag from the content alone: the same bytes give the same tag in every worker, host and restart."""
     return '"' + hashlib.sha256(payload).hexdigest()[:32] + '"'
+
+
+def return_type(fn: Callable[..., Any]) -> Any:
+    """``fn``'s resolved return annotation (``Any`` when it has none or it cannot be resolved: the value is then
+    checked to survive plain JSON on first use). Resolved on its own, so an unresolvable parameter annotation (a
+    class local to a function) does not lose it."""
+    annotation = getattr(fn, "__annotations__", {}).get("return", Any)
+    if not isinstance(annotation, str):
+        return annotation
+    holder = types.SimpleNamespace(__annotations__={"return": annotation})
+    try:
+        return typing.get_type_hints(holder, globalns=getattr(fn, "__globals__", None)).get("return", Any)
+    except Exception:
+        return Any

@@ -481,7 +481,7 @@ def cached_endpoint(
                 "`response: Response` parameter instead (they are cached with the answer)"
             )
         ns = namespace or fn.__name__
-        cache.spec(ns, ttl=ttl, decode=False, **options)  # every duration and size checked now, not per request
+        cache._spec(ns, ttl=ttl, decode=False, **options)  # every duration and size checked now, not per request
         cached = _CachedEndpoint(
             cache, fn, ns, sig.return_annotation, tags, allow_client_refresh, cache_control, {"ttl": ttl, **options},
             functools.partial(plan_for, vary=vary, query=query, host=host, shared=shared,
@@ -528,7 +528,7 @@ class _CachedEndpoint:
                 raise ConfigurationError(f"{where}: only GET endpoints are cached (other methods change state or "
                                          "read a body, which is not part of the key)")
             codec = _route_codec(route, self.annotation)
-            spec = self.cache.spec(self.namespace, ttl=self.options["ttl"], codec=codec, decode=False,
+            spec = self.cache._spec(self.namespace, ttl=self.options["ttl"], codec=codec, decode=False,
                                    name=getattr(route, "path", None) or self.name,
                                    **{k: v for k, v in self.options.items() if k != "ttl"})
             found = self.per_route[id(route)] = (spec, self.plan(getattr(route, "dependant", None), where), where)
@@ -550,14 +550,14 @@ class _CachedEndpoint:
             if credential is not None or secret_key is None:
                 if credential is not None:
                     _warn_bypass(self.cache, where, credential)
-                result = await self.cache.direct(spec, "", compute)
+                result = await self.cache._direct(spec, "", compute)
                 return response_for(result, request, cache_control="private, no-store", vary=plan.vary,
                                     status_code=status_code, sub=sub)
             ident = request_identity(request, plan, secret_key)
             tag_list = tuple(self.tags(**kwargs) if callable(self.tags) else self.tags)
             force = self.allow_client_refresh and client_wants_fresh(request.headers.get("cache-control"),
                                                                      request.headers.get("pragma"))
-            result = await self.cache.lookup(spec, ident, tag_list, compute, force=force)
+            result = await self.cache._lookup(spec, ident, tag_list, compute, force=force)
         except CacheComputeError as exc:
             if exc.status_code is not None:
                 raise HTTPException(exc.status_code, exc.detail) from exc

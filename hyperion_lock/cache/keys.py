@@ -153,6 +153,19 @@ def identity(endpoint: str, params: Iterable[tuple[str, str, str]]) -> str:
     return ident
 
 
+def key_identity(key: str | Mapping[str, Any]) -> str:
+    """The identity of an explicit key: a string as it is (encoded), a mapping by its sorted items (typed)."""
+    if isinstance(key, str):
+        return identity(key, [])
+    params = []
+    for name, value in key.items():
+        value_part = typed(value)
+        if value_part is None:
+            raise ConfigurationError(f"key item {name!r} ({type(value).__name__}) cannot be part of a cache key")
+        params.append(("a", str(name), value_part))
+    return identity("", params)
+
+
 @dataclass(frozen=True)
 class CacheKeys:
     """Names of one namespace's keys; see the module docstring."""

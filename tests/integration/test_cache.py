@@ -33,8 +33,8 @@ from hyperion_lock import (
     Settings,
 )
 from hyperion_lock.cache.codec import JsonCodec, PickleCodec
-from hyperion_lock.cache.facade import key_identity
-from hyperion_lock.cache.keys import CacheKeys
+from hyperion_lock.cache.engine import Engine
+from hyperion_lock.cache.keys import CacheKeys, key_identity
 from hyperion_lock.cache.near import NearCache
 from hyperion_lock.cache.policy import Health
 from hyperion_lock.cache.store import MemoryStore, Message, Read, RedisStore, close_quietly
@@ -96,7 +96,7 @@ class Spy:
 @pytest.fixture
 def spy(monkeypatch: pytest.MonkeyPatch) -> Spy:
     seen = Spy()
-    original, wait = RedisStore.read, Cache._wait
+    original, wait = RedisStore.read, Engine._wait
 
     async def read(self: RedisStore, *args: Any, **kwargs: Any) -> Read:
         seen.sent += 1
@@ -109,13 +109,13 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> Spy:
         return await wait(future, timeout)
 
     monkeypatch.setattr(RedisStore, "read", read)
-    monkeypatch.setattr(Cache, "_wait", staticmethod(waiting))
+    monkeypatch.setattr(Engine, "_wait", staticmethod(waiting))
     return seen
 
 
 def refreshing(*caches: Cache) -> bool:
     """Whether a background refresh of any of these caches is still running (computing or storing)."""
-    return any(ctx.refreshing for c in caches for ctx in c._loops.values())
+    return any(ctx.refreshing for c in caches for ctx in c._engine.loops.values())
 
 
 async def close(*caches: Cache) -> None:
@@ -342,7 +342,7 @@ async def test_invalidation_by_key_tag_and_namespace_is_seen_by_every_worker(red
 
 
 def near_of(cache: Cache) -> NearCache:
-    (ctx,) = cache._loops.values()
+    (ctx,) = cache._engine.loops.values()
     assert ctx.near is not None
     return ctx.near
 
@@ -359,8 +359,8 @@ async def test_fresh_hits_come_from_the_near_cache_until_the_channel_says_otherw
         async def run() -> str:
             runs[name] = runs.get(name, 0) + 1
             return f"{name}#{runs[name]}"
-        spec = c.spec("q", ttl=60, codec=JsonCodec(str))
-        return str(c.value_of(spec, await c.lookup(spec, key_identity({"k": name}), ("t",), run, force=force)))
+        spec = c._spec("q", ttl=60, codec=JsonCodec(str))
+        return str(c._value_of(spec, await c._lookup(spec, key_identity({"k": name}), ("t",), run, force=force)))
 
     async def kept(name: str, value: str) -> None:
         """b reads ``name`` again until it keeps it (a read that raced with a message on the channel, such as
@@ -378,7 +378,7 @@ async def test_fresh_hits_come_from_the_near_cache_until_the_channel_says_otherw
         await change
         await until(lambda: near_of(b).epoch(channel) != before, "b handled the channel's message")
 
-    channel = a.keys("q").channel
+    channel = a._keys("q").channel
     try:
         async with asyncio.timeout(30):
             assert await get(a, "k") == "k#1"
@@ -451,19 +451,19 @@ def _age_entry(url: str, prefix: str, namespace: str, left_ms: int) -> None:
 async def test_stale_entries_are_served_while_exactly_one_worker_refreshes(redis_url: str, prefix: str) -> None:
     workers = [make(redis_url, prefix) for _ in range(3)]
     compute = Counter()
-    spec = [w.spec("q", ttl=30, stale=60, codec=JsonCodec(Quote)) for w in workers]
+    spec = [w._spec("q", ttl=30, stale=60, codec=JsonCodec(Quote)) for w in workers]
     try:
         async with asyncio.timeout(10):
-            first = await workers[0].lookup(spec[0], "k", (), compute)
+            first = await workers[0]._lookup(spec[0], "k", (), compute)
             assert first.status is CacheStatus.MISS
             _age_entry(redis_url, prefix, "q", left_ms=30_000)  # 30 s past its TTL, 30 s of the stale period left
-            served = await asyncio.gather(*[w.lookup(s, "k", (), compute) for w, s in zip(workers, spec, strict=True)
+            served = await asyncio.gather(*[w._lookup(s, "k", (), compute) for w, s in zip(workers, spec, strict=True)
                                             for _ in range(4)])
             assert {r.status for r in served} == {CacheStatus.STALE} and {r.etag for r in served} == {first.etag}
             assert all(r.max_age == 0 and r.age >= 30 for r in served)
             await until(lambda: compute.runs == 2, "one background refresh")
             await until(lambda: not refreshing(*workers), "refresh stored")
-            after = await workers[2].lookup(spec[2], "k", (), compute)
+            after = await workers[2]._lookup(spec[2], "k", (), compute)
         assert after.status is CacheStatus.HIT and after.etag != first.etag and after.max_age >= 29
         assert compute.runs == 2
     finally:
@@ -473,17 +473,17 @@ async def test_stale_entries_are_served_while_exactly_one_worker_refreshes(redis
 async def test_hot_keys_are_refreshed_once_before_they_expire(redis_url: str, prefix: str) -> None:
     workers = [make(redis_url, prefix) for _ in range(3)]
     compute = Counter()
-    spec = [w.spec("q", ttl=30, refresh_ahead=10, codec=JsonCodec(Quote)) for w in workers]
+    spec = [w._spec("q", ttl=30, refresh_ahead=10, codec=JsonCodec(Quote)) for w in workers]
     try:
         async with asyncio.timeout(10):
-            first = await workers[0].lookup(spec[0], "k", (), compute)
+            first = await workers[0]._lookup(spec[0], "k", (), compute)
             _age_entry(redis_url, prefix, "q", left_ms=5_000)  # fresh for 5 s more: inside the refresh window
-            served = await asyncio.gather(*[w.lookup(s, "k", (), compute) for w, s in zip(workers, spec, strict=True)
+            served = await asyncio.gather(*[w._lookup(s, "k", (), compute) for w, s in zip(workers, spec, strict=True)
                                             for _ in range(4)])
             assert {r.status for r in served} == {CacheStatus.HIT} and {r.etag for r in served} == {first.etag}
             await until(lambda: compute.runs == 2, "one early refresh")
             await until(lambda: not refreshing(*workers), "stored")
-            after = await workers[1].lookup(spec[1], "k", (), compute)
+            after = await workers[1]._lookup(spec[1], "k", (), compute)
         assert after.status is CacheStatus.HIT and after.etag != first.etag and compute.runs == 2
     finally:
         await close(*workers)
@@ -494,22 +494,22 @@ async def test_memory_mode_has_the_same_semantics_inside_one_worker(prefix: str)
     cache = Cache(None, settings=Settings(redis_url=None, key_prefix=prefix), clock=lambda: now[0])
     assert not cache.uses_redis and "memory" in cache.describe()
     compute = Counter()
-    spec = cache.spec("q", ttl=30, stale=10, refresh_ahead=3, codec=JsonCodec(Quote))
+    spec = cache._spec("q", ttl=30, stale=10, refresh_ahead=3, codec=JsonCodec(Quote))
     try:
         async with asyncio.timeout(10):
-            results = await asyncio.gather(*[cache.lookup(spec, "k", ("t",), compute) for _ in range(8)])
+            results = await asyncio.gather(*[cache._lookup(spec, "k", ("t",), compute) for _ in range(8)])
             assert compute.runs == 1 and sorted(r.status for r in results).count(CacheStatus.MISS) == 1
             now[0] += 28  # 2 s fresh left: early refresh, once
-            assert (await cache.lookup(spec, "k", ("t",), compute)).status is CacheStatus.HIT
+            assert (await cache._lookup(spec, "k", ("t",), compute)).status is CacheStatus.HIT
             await until(lambda: compute.runs == 2 and not refreshing(cache), "early refresh")
             now[0] += 35  # past the refreshed entry's TTL, within its stale period
-            stale = await cache.lookup(spec, "k", ("t",), compute)
+            stale = await cache._lookup(spec, "k", ("t",), compute)
             assert stale.status is CacheStatus.STALE
             await until(lambda: compute.runs == 3 and not refreshing(cache), "stale refresh")
             now[0] += 100  # past the stale period: a miss
-            assert (await cache.lookup(spec, "k", ("t",), compute)).status is CacheStatus.MISS
+            assert (await cache._lookup(spec, "k", ("t",), compute)).status is CacheStatus.MISS
             assert await cache.invalidate_tag("q", "t") == 1
-            assert (await cache.lookup(spec, "k", ("t",), compute)).status is CacheStatus.MISS
+            assert (await cache._lookup(spec, "k", ("t",), compute)).status is CacheStatus.MISS
             assert await cache.invalidate_namespace("q") == 1
             assert compute.runs == 5
     finally:
@@ -568,8 +568,8 @@ async def test_signed_pickle_roundtrips_and_a_foreign_entry_is_recomputed(redis_
             (ident,) = [name.decode().split(":e2:", 1)[1]
                         for name in client.scan_iter(match=CacheKeys(prefix, "p").entry("*"))]
         assert await values.invalidate(1) == 1  # type: ignore[attr-defined]
-        spec = theirs.spec("p", ttl=30, codec=PickleCodec(b"z" * 32))
-        await theirs.lookup(spec, ident, (), forged)  # an entry under the same key, signed with another key
+        spec = theirs._spec("p", ttl=30, codec=PickleCodec(b"z" * 32))
+        await theirs._lookup(spec, ident, (), forged)  # an entry under the same key, signed with another key
         assert await values(1) == {1, 2} and runs == {"ours": 2, "theirs": 1}  # not unpickled: recomputed
         assert "cannot be decoded" in caplog.text and "signature does not match" in caplog.text
     finally:
@@ -632,6 +632,35 @@ def test_sync_functions_in_threads_of_many_workers_compute_once(redis_url: str, 
             w.close()
 
 
+def test_invalidate_sync_drops_exactly_one_entry_for_every_worker(redis_url: str, prefix: str) -> None:
+    """The blocking twin of ``invalidate``: the key exactly as given (a mapping here), in Redis and in the
+    near cache of the worker that invalidates; the other entry of the namespace stays."""
+    workers = [make(redis_url, prefix) for _ in range(2)]
+    runs = {"a": 0, "b": 0}
+
+    def compute(name: str) -> Callable[[], str]:
+        def run() -> str:
+            runs[name] += 1
+            return f"{name}{runs[name]}"
+        return run
+
+    try:
+        for w in workers:
+            assert w.get_or_compute_sync("inv", {"k": "a"}, compute("a"), ttl=30) == "a1"
+            assert w.get_or_compute_sync("inv", {"k": "b"}, compute("b"), ttl=30) == "b1"
+        assert workers[1].invalidate_sync("inv", {"k": "a"}) == 1
+        assert workers[1].invalidate_sync("inv", {"k": "a"}) == 0  # already gone
+        assert workers[1].invalidate_sync("inv", "a") == 0  # a string key is another entry than a mapping
+        assert workers[1].get_or_compute_sync("inv", {"k": "a"}, compute("a"), ttl=30) == "a2"
+        # Worker 0 computed "a" itself (a computed value is not kept in its near cache): read from Redis.
+        assert workers[0].get_or_compute_sync("inv", {"k": "a"}, compute("a"), ttl=30) == "a2"
+        assert workers[0].get_or_compute_sync("inv", {"k": "b"}, compute("b"), ttl=30) == "b1"
+        assert runs == {"a": 2, "b": 1}
+    finally:
+        for w in workers:
+            w.close()
+
+
 # -- Redis trouble ------------------------------------------------------------------------------------------------
 @pytest.fixture
 def server() -> Iterator[RedisServer]:
@@ -657,34 +686,34 @@ async def test_paused_redis_fails_open_logs_once_and_caching_resumes(server: Red
     caplog.set_level(logging.INFO, LOGGER)
     cache = make(server.url, prefix, op_timeout=0.05, breaker_retry=0.1, breaker_max_retry=0.2)
     compute = Counter()
-    spec = cache.spec("q", ttl=60, codec=JsonCodec(Quote))
+    spec = cache._spec("q", ttl=60, codec=JsonCodec(Quote))
     try:
         async with asyncio.timeout(30):
             assert await cache.connect()
-            assert (await cache.lookup(spec, "k", (), compute)).status is CacheStatus.MISS
+            assert (await cache._lookup(spec, "k", (), compute)).status is CacheStatus.MISS
             server.pause()  # SIGSTOP: connections stay open, nothing answers
             try:
                 late = make(server.url, prefix)  # a worker starting now: its warm-up fails open
                 assert not await late.connect(budget=0.2)
                 await late.aclose()
                 reads_before, sent = len(spy.reads), spy.sent
-                statuses = [(await cache.lookup(spec, "k", (), compute)).status]
+                statuses = [(await cache._lookup(spec, "k", (), compute)).status]
                 assert spy.sent == sent + 1  # a request waits for Redis once (its read), then computes directly
-                statuses += [(await cache.lookup(spec, "k", (), compute)).status for _ in range(2)]
-                statuses += [r.status for r in await asyncio.gather(*[cache.lookup(spec, f"k{i}", (), compute)
+                statuses += [(await cache._lookup(spec, "k", (), compute)).status for _ in range(2)]
+                statuses += [r.status for r in await asyncio.gather(*[cache._lookup(spec, f"k{i}", (), compute)
                                                                      for i in range(20)])]
                 # A timeout alone is not an outage: the liveness check sent after the first one is not answered
                 # either, and only then does the breaker open.
                 await until(lambda: len(failing_lines(caplog)) == 2, "the liveness check failed")
                 assert "liveness check got no answer" in failing_lines(caplog)[-1]
-                statuses += [(await cache.lookup(spec, "k", (), compute)).status for _ in range(3)]
+                statuses += [(await cache._lookup(spec, "k", (), compute)).status for _ in range(3)]
                 assert set(statuses) == {CacheStatus.BYPASS}
                 assert len(failing_lines(caplog)) == 2, failing_lines(caplog)  # once per worker, not per request
                 assert len(spy.reads) == reads_before  # no read ever completed; after the breaker opened, none tried
             finally:
                 server.resume()
             await until(lambda: resumed(caplog), "caching resumed", timeout=15)
-            assert (await cache.lookup(spec, "k", (), compute)).status is CacheStatus.HIT  # the entry survived
+            assert (await cache._lookup(spec, "k", (), compute)).status is CacheStatus.HIT  # the entry survived
         assert cache.stats()["q"]["bypass"] == 26
     finally:
         await close(cache)
@@ -709,15 +738,15 @@ async def test_a_busy_redis_is_not_taken_for_a_dead_one(server: RedisServer, pre
     # The check waits at least 5 s; every hit reads Redis (no near cache), so the timeout follows its replies.
     cache = make(server.url, prefix, op_timeout=0.05, op_timeout_max=10.0, near_max_entries=0)
     compute = Counter()
-    spec = cache.spec("q", ttl=60, codec=JsonCodec(Quote))
+    spec = cache._spec("q", ttl=60, codec=JsonCodec(Quote))
     admin = redis.Redis(port=server.port)
     try:
         async with asyncio.timeout(30):
             assert await cache.connect()
-            assert (await cache.lookup(spec, "k", (), compute)).status is CacheStatus.MISS
+            assert (await cache._lookup(spec, "k", (), compute)).status is CacheStatus.MISS
             for _ in range(20):  # fast replies: the timeout comes down to the floor
-                assert (await cache.lookup(spec, "k", (), compute)).status is CacheStatus.HIT
-            ctx = next(iter(cache._loops.values()))
+                assert (await cache._lookup(spec, "k", (), compute)).status is CacheStatus.HIT
+            ctx = next(iter(cache._engine.loops.values()))
             # Longer than the timeout (so calls time out; on a loaded machine replies are slower), shorter than
             # the check's bound.
             stall_ms = min(3000, max(600, int(3000 * ctx.guard.timeout)))
@@ -726,7 +755,7 @@ async def test_a_busy_redis_is_not_taken_for_a_dead_one(server: RedisServer, pre
             for _ in range(5):  # until a call timed out during a stall (the stall may begin after a lookup)
                 stall = asyncio.ensure_future(asyncio.to_thread(admin.eval, STALL, 0, stall_ms))
                 while not stall.done():
-                    during.append((await cache.lookup(spec, f"x{len(during)}", (), compute)).status)
+                    during.append((await cache._lookup(spec, f"x{len(during)}", (), compute)).status)
                 await stall
                 if timeouts(caplog):
                     break
@@ -735,8 +764,8 @@ async def test_a_busy_redis_is_not_taken_for_a_dead_one(server: RedisServer, pre
             assert not failing_lines(caplog), failing_lines(caplog)
             assert set(during) <= {CacheStatus.BYPASS, CacheStatus.MISS}
             # Caching goes on: a new entry is stored and then served.
-            assert (await cache.lookup(spec, "after", (), compute)).status is CacheStatus.MISS
-            assert (await cache.lookup(spec, "after", (), compute)).status is CacheStatus.HIT
+            assert (await cache._lookup(spec, "after", (), compute)).status is CacheStatus.MISS
+            assert (await cache._lookup(spec, "after", (), compute)).status is CacheStatus.HIT
             assert not failing_lines(caplog)
     finally:
         admin.close()
@@ -751,28 +780,28 @@ async def test_an_opened_breaker_drops_the_near_cache(server: RedisServer, prefi
     caplog.set_level(logging.INFO, LOGGER)
     cache = make(server.url, prefix, breaker_retry=0.1, breaker_max_retry=0.2)
     compute = Counter()
-    spec = cache.spec("q", ttl=60, codec=JsonCodec(Quote))
+    spec = cache._spec("q", ttl=60, codec=JsonCodec(Quote))
     ident = key_identity({"k": "k"})
     try:
         async with asyncio.timeout(30):
-            assert (await cache.lookup(spec, ident, (), compute)).status is CacheStatus.MISS
+            assert (await cache._lookup(spec, ident, (), compute)).status is CacheStatus.MISS
             near = near_of(cache)
             for _ in range(50):  # read until kept (the first reads come before the channel is confirmed)
-                assert (await cache.lookup(spec, ident, (), compute)).status is CacheStatus.HIT
+                assert (await cache._lookup(spec, ident, (), compute)).status is CacheStatus.HIT
                 if near.get(spec.keys.channel, ident, time.monotonic()) is not None:
                     break
             assert len(near) == 1
             server.pause()
             try:
-                assert (await cache.lookup(spec, ident, (), compute)).status is CacheStatus.HIT  # no Redis call
-                assert (await cache.lookup(spec, "other", (), compute)).status is CacheStatus.BYPASS
+                assert (await cache._lookup(spec, ident, (), compute)).status is CacheStatus.HIT  # no Redis call
+                assert (await cache._lookup(spec, "other", (), compute)).status is CacheStatus.BYPASS
                 await until(lambda: len(failing_lines(caplog)) == 1, "the breaker opened")
                 assert len(near) == 0
-                assert (await cache.lookup(spec, ident, (), compute)).status is CacheStatus.BYPASS
+                assert (await cache._lookup(spec, ident, (), compute)).status is CacheStatus.BYPASS
             finally:
                 server.resume()
             await until(lambda: resumed(caplog), "caching resumed")
-            assert (await cache.lookup(spec, ident, (), compute)).status is CacheStatus.HIT  # from Redis again
+            assert (await cache._lookup(spec, ident, (), compute)).status is CacheStatus.HIT  # from Redis again
     finally:
         await close(cache)
 
@@ -782,30 +811,30 @@ async def test_killed_and_restarted_redis_and_oom_fail_open(server: RedisServer,
     caplog.set_level(logging.INFO, LOGGER)
     cache = make(server.url, prefix, breaker_retry=0.1, breaker_max_retry=0.2)
     compute = Counter()
-    spec = cache.spec("q", ttl=60, codec=JsonCodec(Quote))
+    spec = cache._spec("q", ttl=60, codec=JsonCodec(Quote))
     try:
         async with asyncio.timeout(40):
-            assert (await cache.lookup(spec, "k", (), compute)).status is CacheStatus.MISS
+            assert (await cache._lookup(spec, "k", (), compute)).status is CacheStatus.MISS
             server.kill()
-            assert {(await cache.lookup(spec, "k", (), compute)).status for _ in range(5)} == {CacheStatus.BYPASS}
+            assert {(await cache._lookup(spec, "k", (), compute)).status for _ in range(5)} == {CacheStatus.BYPASS}
             server.start()  # same port, empty (no persistence)
             await until(lambda: resumed(caplog), "caching resumed after restart", timeout=15)
-            assert (await cache.lookup(spec, "k", (), compute)).status is CacheStatus.MISS
-            assert (await cache.lookup(spec, "k", (), compute)).status is CacheStatus.HIT
+            assert (await cache._lookup(spec, "k", (), compute)).status is CacheStatus.MISS
+            assert (await cache._lookup(spec, "k", (), compute)).status is CacheStatus.HIT
             caplog.clear()
             admin = redis.Redis(port=server.port)
             try:
                 admin.config_set("maxmemory-policy", "noeviction")
                 admin.config_set("maxmemory", 1)  # every write refused: OOM
-                statuses = {(await cache.lookup(spec, f"oom{i}", (), compute)).status for i in range(5)}
+                statuses = {(await cache._lookup(spec, f"oom{i}", (), compute)).status for i in range(5)}
                 assert statuses == {CacheStatus.BYPASS}
                 assert len(failing_lines(caplog)) == 1 and "out of memory" in failing_lines(caplog)[0]
                 admin.config_set("maxmemory", 0)
             finally:
                 admin.close()
             await until(lambda: resumed(caplog), "caching resumed after OOM", timeout=15)
-            assert (await cache.lookup(spec, "after", (), compute)).status is CacheStatus.MISS
-            assert (await cache.lookup(spec, "after", (), compute)).status is CacheStatus.HIT
+            assert (await cache._lookup(spec, "after", (), compute)).status is CacheStatus.MISS
+            assert (await cache._lookup(spec, "after", (), compute)).status is CacheStatus.HIT
     finally:
         await close(cache)
 

@@ -49,7 +49,7 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 
 def breaker_open(cache: Cache) -> bool:
-    return any(ctx.guard.is_open for ctx in cache._loops.values())
+    return any(ctx.guard.is_open for ctx in cache._engine.loops.values())
 
 
 def failing(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -367,10 +367,10 @@ async def until_waiting(cache: Cache) -> None:
     """Until a lookup of ``cache`` waits for another worker's lease (it listens on the namespace's channel)."""
     from tests.support import until
 
-    await until(lambda: any(ctx.flights for ctx in cache._loops.values())
+    await until(lambda: any(ctx.flights for ctx in cache._engine.loops.values())
                 and any(getattr(ctx.store, "_listener", None) is not None
                         and ctx.store._listener._waiting  # type: ignore[attr-defined]
-                        for ctx in cache._loops.values()), "a waiter in the other worker", 10)
+                        for ctx in cache._engine.loops.values()), "a waiter in the other worker", 10)
 
 
 def test_an_oversized_sync_function_value_is_returned_uncached(redis_url: str, prefix: str,

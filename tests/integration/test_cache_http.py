@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from hyperion_lock import Cache, Settings
+from hyperion_lock.cache.engine import Engine
 from hyperion_lock.cache.store import Message
 from tests.support import until
 
@@ -157,13 +158,13 @@ async def test_client_no_cache_is_ignored_unless_the_endpoint_allows_it(redis_ur
     strict_runs: dict[str, int] = {}
     lenient_runs: dict[str, int] = {}
     forced = [0]  # lookups that asked to recompute (a client's no-cache, allowed)
-    lookup = Cache.lookup
+    lookup = Cache._lookup
 
     async def counting(self: Cache, *args: Any, **kwargs: Any) -> Any:
         forced[0] += bool(kwargs.get("force"))
         return await lookup(self, *args, **kwargs)
 
-    monkeypatch.setattr(Cache, "lookup", counting)
+    monkeypatch.setattr(Cache, "_lookup", counting)
     try:
         async with client(build(strict, strict_runs)) as c:
             await c.get("/items/a")
@@ -228,13 +229,13 @@ async def test_workers_share_entries_etags_and_http_errors(redis_url: str, prefi
 def spy_waits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the callers that began waiting for another worker's computation (listening for its message)."""
     count = [0]
-    original = Cache._wait
+    original = Engine._wait
 
     async def spy(future: asyncio.Future[Message] | None, timeout: float) -> Message | None:
         count[0] += future is not None
         return await original(future, timeout)
 
-    monkeypatch.setattr(Cache, "_wait", staticmethod(spy))
+    monkeypatch.setattr(Engine, "_wait", staticmethod(spy))
     return count
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from hyperion_lock import Cache
+from hyperion_lock.cache.engine import Engine
 from hyperion_lock.cache.store import Message
 
 
@@ -18,13 +19,13 @@ class Waits:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.count = 0
-        wait = Cache._wait
+        wait = Engine._wait
 
         async def waiting(future: asyncio.Future[Message] | None, timeout: float) -> Message | None:
             self.count += future is not None
             return await wait(future, timeout)
 
-        monkeypatch.setattr(Cache, "_wait", staticmethod(waiting))
+        monkeypatch.setattr(Engine, "_wait", staticmethod(waiting))
 
 
 async def computed_once(caches: list[Cache], waits: Waits, namespace: str, key: str, value: Any,

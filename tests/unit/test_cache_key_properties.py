@@ -20,9 +20,8 @@ from hypothesis import strategies as st
 from starlette.requests import Request
 
 from hyperion_lock import Cache, Settings
-from hyperion_lock.cache.facade import key_identity
 from hyperion_lock.cache.http import KeyPlan, plan_for, request_identity
-from hyperion_lock.cache.keys import digest
+from hyperion_lock.cache.keys import digest, key_identity
 
 CACHE = Cache(None, settings=Settings(redis_url=None, key_prefix="props"))
 SECRET = b"s" * 32

@@ -16,8 +16,7 @@ from redis.crc import key_slot
 
 from hyperion_lock import CacheSerializationError, ConfigurationError
 from hyperion_lock.cache.codec import JsonCodec, PickleCodec, etag_of
-from hyperion_lock.cache.facade import key_identity
-from hyperion_lock.cache.keys import CacheKeys, identity, text, typed
+from hyperion_lock.cache.keys import CacheKeys, identity, key_identity, text, typed
 from hyperion_lock.cache.near import NearCache, NearEntry
 from hyperion_lock.cache.policy import (
     Action,
