@@ -56,7 +56,7 @@ import httpx
 
 from hyperion_lock.testing import RedisServer, free_port
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parent.parent
 IMPLS = ("hyperion", "hyperion-15ms", "hyperion-nonear", "fastapi-cache2", "cashews", "aiocache", "none")
 SAT_CLIENTS, SAT_TTL, SAT_SECONDS = 64, 2.0, 7.0
 PEERS = {"fastapi-cache2": "fastapi-cache2", "cashews": "cashews", "aiocache": "aiocache"}

@@ -71,7 +71,7 @@ import redis
 
 from hyperion_lock.testing import RedisServer, free_port
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parent.parent
 IMPLS = ("hyperion", "polling", "redis-py-lock", "python-redis-lock")
 ADMIN_COMMANDS = {"info", "config|resetstat", "config", "echo", "monitor", "ping", "client|setinfo",
                   "pubsub", "pubsub|numsub"}  # PUBSUB NUMSUB: the release barrier of benchmarks/worker.py
