@@ -19,6 +19,7 @@ from hyperion_lock._version import __version__ as __version__
 from hyperion_lock.cache.errors import CacheComputeError, CacheError, CacheSerializationError, CacheValueTooLargeError
 from hyperion_lock.cache.facade import Cache
 from hyperion_lock.cache.types import CacheSettings, CacheStatus
+from hyperion_lock.connection.urls import redact_url
 from hyperion_lock.errors import (
     ConfigurationError,
     CorruptStateError,
@@ -48,7 +49,7 @@ from hyperion_lock.runonce.dropin import use_lock_for_workers
 from hyperion_lock.runonce.keys import JobKeys
 from hyperion_lock.runonce.model import Holder, Lease, Outcome, Status
 from hyperion_lock.runonce.signals import stop_requested
-from hyperion_lock.settings import Settings, redact_url
+from hyperion_lock.settings import Settings
 
 __all__ = [
     "Cache",

@@ -17,7 +17,8 @@ from hyperion_lock.connection.clients import (
     async_client_from_url,
     with_retries,
 )
-from hyperion_lock.settings import Settings, redact_url
+from hyperion_lock.connection.urls import redact_url
+from hyperion_lock.settings import Settings
 
 logger = logging.getLogger(__name__)
 

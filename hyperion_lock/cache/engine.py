@@ -89,8 +89,9 @@ from hyperion_lock.cache.types import (
     Spec,
 )
 from hyperion_lock.connection.clients import describe_client, redis_error
+from hyperion_lock.connection.urls import redact_url
 from hyperion_lock.metrics import metrics
-from hyperion_lock.settings import Settings, redact_url
+from hyperion_lock.settings import Settings
 
 T = TypeVar("T")
 RedisLike = aredis.Redis | _redis.Redis

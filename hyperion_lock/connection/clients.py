@@ -25,14 +25,23 @@ from hyperion_lock.connection.cluster import (
     is_cluster_client,
     sync_cluster_client,
 )
-from hyperion_lock.connection.cluster_url import CLUSTER_SCHEMES, parse_cluster_url
 from hyperion_lock.connection.sentinel import (
     async_sentinel_client,
     describe_sentinel_pool,
     is_sentinel_pool,
     sync_sentinel_client,
 )
-from hyperion_lock.connection.sentinel_url import SENTINEL_SCHEMES, parse_sentinel_url
+from hyperion_lock.connection.urls import (
+    CLUSTER_SCHEMES,
+    SENTINEL_SCHEMES,
+    URL_FORMS,
+    is_cluster_url,
+    is_sentinel_url,
+    parse_cluster_url,
+    parse_sentinel_url,
+    redact_url,
+    redis_url_problem,
+)
 from hyperion_lock.errors import (
     ConfigurationError,
     HyperionLockError,
@@ -42,7 +51,6 @@ from hyperion_lock.errors import (
     RedisTLSError,
     RedisUnavailableError,
 )
-from hyperion_lock.settings import URL_FORMS, is_cluster_url, is_sentinel_url, redact_url, redis_url_problem
 
 T = TypeVar("T")
 

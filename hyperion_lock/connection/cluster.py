@@ -27,7 +27,7 @@ import redis.asyncio.cluster as async_cluster
 import redis.cluster as sync_cluster
 from redis import exceptions as rexc
 
-from hyperion_lock.connection.cluster_url import ClusterURL
+from hyperion_lock.connection.urls import ClusterURL
 
 #: The first redis-py whose asyncio cluster client has sharded pub/sub (``ClusterPubSub.ssubscribe``).
 MIN_REDIS_PY = "8.0"

@@ -34,7 +34,7 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry as SyncRetry
 
-from hyperion_lock.connection.sentinel_url import SentinelURL, host_text
+from hyperion_lock.connection.urls import SentinelURL, host_text
 
 _AUTH_FAILURE = re.compile(r"AuthenticationError|NOAUTH|WRONGPASS|invalid password|invalid username")
 

@@ -26,6 +26,7 @@ import redis.asyncio as aredis
 from hyperion_lock._aio import to_the_end
 from hyperion_lock.connection.clients import async_client_from_url, describe_client
 from hyperion_lock.connection.cluster import is_cluster_client
+from hyperion_lock.connection.urls import is_cluster_url
 from hyperion_lock.errors import ConfigurationError, JobFailedError, WaitInterruptedError, WaitTimeoutError
 from hyperion_lock.metrics import metrics
 from hyperion_lock.runonce.call import Backend, Call
@@ -36,7 +37,7 @@ from hyperion_lock.runonce.model import Holder, Lease, Outcome, Probe
 from hyperion_lock.runonce.policy import TERMINAL, Act, Next, Notice, WaitPolicy
 from hyperion_lock.runonce.redis_backend import MIN_REPLICAS_ON_CLUSTER, AsyncOps, ClusterOps, RedisBackend, SyncOps
 from hyperion_lock.runonce.signals import stop_requested
-from hyperion_lock.settings import Settings, is_cluster_url
+from hyperion_lock.settings import Settings
 
 P = ParamSpec("P")
 T = TypeVar("T")

@@ -23,6 +23,7 @@ from hyperion_lock.connection.clients import (
     async_client_from_url,
     with_retries,
 )
+from hyperion_lock.connection.urls import redact_url
 from hyperion_lock.errors import (
     ConfigurationError,
     RedisAuthError,
@@ -31,7 +32,6 @@ from hyperion_lock.errors import (
     RedisTLSError,
     RedisUnavailableError,
 )
-from hyperion_lock.settings import redact_url
 from hyperion_lock.testing import RedisServer, free_port
 from tests.support.tls import TlsRedis
 

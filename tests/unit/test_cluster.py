@@ -24,7 +24,7 @@ from hyperion_lock import (
 from hyperion_lock.cache.store import _Listener
 from hyperion_lock.connection.clients import async_client_from_url, is_transient, sync_client_from_url
 from hyperion_lock.connection.cluster import MIN_REDIS_PY
-from hyperion_lock.connection.cluster_url import parse_cluster_url
+from hyperion_lock.connection.urls import parse_cluster_url
 from hyperion_lock.testing import free_port
 from tests.support import refusals
 from tests.support.cluster import PW, SUPPORTED, _refused

@@ -21,7 +21,7 @@ from hyperion_lock.connection.clients import (
     sync_client_from_url,
 )
 from hyperion_lock.connection.sentinel import master_not_found
-from hyperion_lock.connection.sentinel_url import parse_sentinel_url
+from hyperion_lock.connection.urls import parse_sentinel_url
 from hyperion_lock.runonce.redis_backend import replicas_short
 from hyperion_lock.settings import replica_wait_ms
 from tests.support import refusals
