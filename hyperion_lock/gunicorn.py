@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import socket
 import time
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 from hyperion_lock.errors import ConfigurationError
-from hyperion_lock.settings import ENV_PREFIX, validate_name
+from hyperion_lock.settings import ENV_PREFIX, generation_of, validate_name
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +89,8 @@ def gunicorn_bind(environ: Mapping[str, str] | None = None) -> str:
 
 def new_generation(pid: int | None = None, now: float | None = None, host: str | None = None) -> str:
     """``host:pid:start-time``: unique per master start (a valid key name: other characters become '-')."""
-    name = re.sub(r"[^A-Za-z0-9_.\-]", "-", host or socket.gethostname())[:100] or "host"
     stamp = int((time.time() if now is None else now) * 1000)
-    return validate_name(f"{name}:{pid or os.getpid()}:{stamp}", "generation")
+    return validate_name(generation_of(pid or os.getpid(), stamp, host or None), "generation")
 
 
 def prepare_master_env(workers: int, environ: MutableMapping[str, str] | None = None) -> str:

@@ -23,6 +23,12 @@ ENV_PREFIX = "HYPERION_LOCK_"
 _KEY_RE = re.compile(r"[A-Za-z0-9_.\-:/]{1,200}")
 
 
+def name_part(text: str, limit: int, *, keep: str = "") -> str:
+    """``text`` made fit for a name (:func:`validate_name`): every character other than a letter, a digit,
+    ``_ . -`` or one of ``keep`` becomes ``-``; at most ``limit`` characters (possibly none)."""
+    return re.sub(rf"[^A-Za-z0-9_.\-{re.escape(keep)}]", "-", text)[:limit]
+
+
 def validate_name(value: str, what: str) -> str:
     """Check a key name or prefix: 1-200 chars of letters, digits and ``_ . - : /`` (no spaces or braces).
 
@@ -146,7 +152,12 @@ def _fallback_start() -> str:
 
 def host_label(host: str | None = None) -> str:
     """The host name as a valid name part: characters outside ``A-Z a-z 0-9 _ . -`` become ``-``."""
-    return re.sub(r"[^A-Za-z0-9_.\-]", "-", host if host is not None else socket.gethostname())[:100] or "host"
+    return name_part(host if host is not None else socket.gethostname(), 100) or "host"
+
+
+def generation_of(pid: int, start: str | int, host: str | None = None) -> str:
+    """``host:pid:start``: the generation of one start of process ``pid`` (the host as :func:`host_label`)."""
+    return f"{host_label(host)}:{pid}:{start}"
 
 
 def default_generation(
@@ -173,7 +184,7 @@ def default_generation(
         if parent.exe == me.exe:
             chosen = parent
     start = chosen.start_ticks or (_fallback_start() if chosen is me else "0")
-    return f"{host_label(host)}:{chosen.pid}:{start}"
+    return generation_of(chosen.pid, start, host)
 
 
 # --- default lock directory ----------------------------------------------------------------------------------
@@ -204,7 +215,7 @@ def default_lock_dir(cwd: str | None = None, tmp: str | None = None, uid: int | 
     except OSError:  # the working directory was deleted
         real = "/"
     digest = hashlib.sha256(os.fsencode(real)).hexdigest()[:8]
-    base = re.sub(r"[^A-Za-z0-9_.\-]", "-", os.path.basename(real))[:60].lstrip(".") or "root"
+    base = name_part(os.path.basename(real), 60).lstrip(".") or "root"
     runtime = os.environ.get("XDG_RUNTIME_DIR", "") if tmp is None else ""
     if os.path.isabs(runtime) and _runtime_dir_is_ours(runtime):
         return os.path.join(runtime, "hyperion_lock", f"{base}-{digest}")

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -67,7 +66,7 @@ from typing import Any, Self
 
 import pytest
 
-from hyperion_lock.settings import validate_name
+from hyperion_lock.settings import name_part, validate_name
 
 __all__ = [
     "ClusterSet",
@@ -712,7 +711,7 @@ class Isolation:
 
 def _xdist_worker() -> str:
     """``gw0``, ``gw1``, ... under pytest-xdist (``PYTEST_XDIST_WORKER``), else ``main``; as a valid name part."""
-    worker = re.sub(r"[^A-Za-z0-9_.\-]", "-", os.environ.get("PYTEST_XDIST_WORKER", ""))[:40]
+    worker = name_part(os.environ.get("PYTEST_XDIST_WORKER", ""), 40)
     return worker or "main"
 
 

@@ -32,7 +32,7 @@ from hyperion_lock.cache.types import (
     Spec,
 )
 from hyperion_lock.errors import ConfigurationError
-from hyperion_lock.settings import ENV_PREFIX, Settings
+from hyperion_lock.settings import ENV_PREFIX, Settings, name_part
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -217,7 +217,7 @@ class Cache:
         returns = return_type(fn)
         chosen: Codec = PickleCodec(signing_key) if codec == "pickle" else JsonCodec(returns)
         endpoint = f"{fn.__module__}.{fn.__qualname__}"
-        ns = namespace or re.sub(r"[^A-Za-z0-9_.\-/]", "-", fn.__qualname__)[:200]
+        ns = namespace or name_part(fn.__qualname__, 200, keep="/")
         spec = self._spec(ns, ttl=ttl, codec=chosen, name=endpoint, **options)
         only, skip = (set(key_args) if key_args is not None else None), set(exclude)
         unknown = ((only or set()) | skip) - set(sig.parameters)

@@ -20,7 +20,8 @@ from hyperion_lock import (
     Settings,
     redact_url,
 )
-from hyperion_lock.settings import ProcessInfo, default_generation, default_lock_dir
+from hyperion_lock.gunicorn import new_generation
+from hyperion_lock.settings import ProcessInfo, default_generation, default_lock_dir, name_part
 from tests.support import noop
 
 
@@ -197,6 +198,23 @@ def test_default_generation_sanitises_the_host_name(host: str) -> None:
     generation = default_generation(pid=200, ppid=100, host=host, inspect=inspect)
     assert Settings(generation=generation).generation == generation
     assert generation.endswith(":200:555")
+
+
+@pytest.mark.parametrize("host", ["web 1.example", "héllo", "a{b}/c", "", "x" * 300])
+def test_both_generation_rules_label_the_host_alike(host: str) -> None:
+    """The gunicorn master's generation and the default one name the host the same way (one rule)."""
+    inspect = _procs({200: ProcessInfo(200, PY, "555")})
+    label = default_generation(pid=200, ppid=100, host=host or None, inspect=inspect).rsplit(":", 2)[0]
+    assert new_generation(pid=7, now=1.5, host=host) == f"{label}:7:1500"
+    if host:  # none: both take this machine's host name
+        assert label == name_part(host, 100)
+
+
+def test_name_part_replaces_what_a_name_cannot_hold_and_cuts() -> None:
+    assert name_part("web 1.example:{x}/é", 100) == "web-1.example--x---"
+    assert name_part("Cls.<locals>.fn/x", 100, keep="/") == "Cls.-locals-.fn/x"
+    assert name_part("abcdef", 3) == "abc"
+    assert name_part("", 10) == ""
 
 
 def test_default_lock_dir_is_per_app_directory(tmp_path: Path) -> None:
