@@ -24,8 +24,8 @@ _KEY_RE = re.compile(r"[A-Za-z0-9_.\-:/]{1,200}")
 
 
 def name_part(text: str, limit: int, *, keep: str = "") -> str:
-    """``text`` made fit for a name (:func:`validate_name`): every character other than a letter, a digit,
-    ``_ . -`` or one of ``keep`` becomes ``-``; at most ``limit`` characters (possibly none)."""
+    """``text`` made fit for a name (:func:`validate_name`): every character other than a letter, a
+    digit, ``_ . -`` or one of ``keep`` becomes ``-``; at most ``limit`` characters (maybe none)."""
     return re.sub(rf"[^A-Za-z0-9_.\-{re.escape(keep)}]", "-", text)[:limit]
 
 
@@ -156,7 +156,8 @@ def host_label(host: str | None = None) -> str:
 
 
 def generation_of(pid: int, start: str | int, host: str | None = None) -> str:
-    """``host:pid:start``: the generation of one start of process ``pid`` (the host as :func:`host_label`)."""
+    """``host:pid:start``: the generation of one start of process ``pid`` (the host as
+    :func:`host_label`)."""
     return f"{host_label(host)}:{pid}:{start}"
 
 

@@ -36,7 +36,12 @@ from hyperion_lock.connection.clients import as_text, async_client_from_url, asy
 from hyperion_lock.connection.clients import close_quietly as _close_quietly
 from hyperion_lock.connection.cluster import is_cluster_client, next_sharded, sharded_script, sharded_subscribe
 from hyperion_lock.connection.sentinel import is_sentinel_pool
-from hyperion_lock.connection.urls import is_cluster_url, is_sentinel_url, redact_url, redis_url_problem
+from hyperion_lock.connection.urls import (
+    is_cluster_url,
+    is_sentinel_url,
+    redact_url,
+    redis_url_problem,
+)
 from hyperion_lock.errors import ConfigurationError
 
 T = TypeVar("T")

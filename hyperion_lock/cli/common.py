@@ -1,5 +1,5 @@
-"""What every ``hyperion-lock`` command shares: the exit codes, the settings and client it works with, and how it
-says that Redis or the lock directory could not be used."""
+"""What every ``hyperion-lock`` command shares: the exit codes, the settings and client it works
+with, and how it says that Redis or the lock directory could not be used."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def client_of(settings: Settings) -> redis.Redis:
 
 
 def unreachable(settings: Settings, exc: Exception) -> int:
-    print(f"hyperion-lock: cannot use Redis at {settings.describe_target()}: {type(exc).__name__}: {exc}",
+    where = settings.describe_target()
+    print(f"hyperion-lock: cannot use Redis at {where}: {type(exc).__name__}: {exc}",
           file=sys.stderr)
     return EXIT_UNREACHABLE
 

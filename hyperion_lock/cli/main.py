@@ -11,8 +11,9 @@ Where the state lives: ``--url`` or ``HYPERION_LOCK_REDIS_URL``; without either,
 Exit codes (usable by a health check) and what ``status`` judges: :data:`EXIT_CODES_HELP`, printed at the end of
 ``hyperion-lock --help``.
 
-This module is the console entry point (the parser and the exit code of a bad configuration); each command lives
-in its own module: :mod:`.status`, :mod:`.reset`, :mod:`.run` (``run`` and ``wait``), sharing :mod:`.common`.
+This module is the console entry point (the parser and the exit code of a bad configuration); each
+command lives in its own module: :mod:`.status`, :mod:`.reset`, :mod:`.run` (``run`` and ``wait``),
+sharing :mod:`.common`.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""``hyperion-lock run`` (a shell command as a run-once job) and ``hyperion-lock wait`` (wait for a job run
-elsewhere, never running it)."""
+"""``hyperion-lock run`` (a shell command as a run-once job) and ``hyperion-lock wait`` (wait for a
+job run elsewhere, never running it)."""
 
 from __future__ import annotations
 
@@ -164,7 +164,8 @@ def _exit_for(exc: HyperionLockError, settings: Settings, name: str) -> int:
     """The exit code of ``run``/``wait`` for an error of the coordinator (configuration errors go to main)."""
     if isinstance(exc, RedisUnavailableError | RedisAuthError | RedisPermissionError | RedisTLSError
                   | RedisDatabaseIndexError):
-        return unreachable(settings, exc)  # the same code as status/reset: Redis cannot be used as configured
+        # the same code as status/reset: Redis cannot be used as configured
+        return unreachable(settings, exc)
     code = next((code for kind, code in _EXIT_FOR if isinstance(exc, kind)), None)
     if code is None:
         raise exc

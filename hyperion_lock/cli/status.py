@@ -1,9 +1,9 @@
-"""``hyperion-lock status``: gather (one read of Redis or the lock directory), select (which jobs, judged for which
-generation) and render (text or JSON).
+"""``hyperion-lock status``: gather (one read of Redis or the lock directory), select (which jobs,
+judged for which generation) and render (text or JSON).
 
-:func:`gather` is the only step that does I/O; :func:`select`, :func:`render_text` and :func:`render_json` are
-pure functions of what it read, so the rules of the report (which generation counts, what a missing ``--key``
-means, the exit code) are tested without a server.
+:func:`gather` is the only step that does I/O; :func:`select`, :func:`render_text` and
+:func:`render_json` are pure functions of what it read, so the rules of the report (which generation
+counts, what a missing ``--key`` means, the exit code) are tested without a server.
 """
 
 from __future__ import annotations
@@ -67,13 +67,14 @@ class Found:
     holder: Holder | None = None
     lease_left: float | None = None  # seconds (Redis only)
     outcomes: tuple[Outcome, ...] = ()
-    corrupt: str | None = None  # why its lease is not a lease this package wrote (then nothing else counts)
+    # why its lease is not a lease this package wrote (then nothing else counts)
+    corrupt: str | None = None
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Everything ``status`` read, in one pass: the jobs and, with Redis, the cache section (None: no shared
-    cache, or not readable -- ``cache_error`` says which)."""
+    """Everything ``status`` read, in one pass: the jobs and, with Redis, the cache section (None:
+    no shared cache, or not readable -- ``cache_error`` says which)."""
 
     where: str
     prefix: str
@@ -96,7 +97,7 @@ class StatusView:
     cache_error: str | None
 
 
-# -- judging (pure) ------------------------------------------------------------------------------------------
+# -- judging (pure) --------------------------------------------------------------------------------
 def _outcome_row(o: Outcome) -> dict[str, Any]:
     return {"generation": o.generation, "status": str(o.status), "runner": o.runner, "fencing_token": o.fencing_token,
             "finished_at": o.finished_at, "duration_s": round(o.duration_s, 3),
@@ -122,7 +123,8 @@ def judge(key: str, holder: Holder | None, lease_left: float | None, outcomes: l
 
 
 def judge_found(found: Found, generation: str | None) -> JobState:
-    """:func:`judge` for what :func:`gather` read; a corrupt lease is reported as such, whatever else was found."""
+    """:func:`judge` for what :func:`gather` read; a corrupt lease is reported as such, whatever
+    else was found."""
     if found.corrupt is not None:
         return JobState(key=found.key, state="corrupt", last_error=found.corrupt)
     return judge(found.key, found.holder, found.lease_left, list(found.outcomes), generation)
@@ -147,8 +149,8 @@ def exit_code(jobs: Sequence[JobState]) -> int:
 
 
 def only_keys(jobs: Sequence[JobState], keys: Sequence[str]) -> list[JobState]:
-    """The jobs named with ``--key``, in the order found, then the named ones not found; a named job that has no
-    outcome is ``pending`` (required, not done yet), not ``idle``."""
+    """The jobs named with ``--key``, in the order found, then the named ones not found; a named job
+    that has no outcome is ``pending`` (required, not done yet), not ``idle``."""
     names = {j.key for j in jobs}
     listed = [*jobs, *(JobState(key=k, state="idle") for k in keys if k not in names)]
     return [dataclasses.replace(j, state="pending" if j.state == "idle" else j.state)
@@ -156,8 +158,8 @@ def only_keys(jobs: Sequence[JobState], keys: Sequence[str]) -> list[JobState]:
 
 
 def select(snapshot: Snapshot, generation: str | None, keys: Sequence[str] | None) -> StatusView:
-    """Judge the jobs for ``generation``, else for the current one (:func:`newest_generation`), keep those named
-    in ``keys`` (all without), and compute the exit code."""
+    """Judge the jobs for ``generation``, else for the current one (:func:`newest_generation`), keep
+    those named in ``keys`` (all without), and compute the exit code."""
     chosen = "given" if generation else "newest"
     jobs = [judge_found(f, generation) for f in snapshot.jobs]
     if not generation:  # judge the current generation: the newest one seen (see newest_generation)
@@ -166,11 +168,12 @@ def select(snapshot: Snapshot, generation: str | None, keys: Sequence[str] | Non
             jobs = [judge_found(f, generation) for f in snapshot.jobs]
     if keys:
         jobs = only_keys(jobs, keys)
-    return StatusView(where=snapshot.where, prefix=snapshot.prefix, generation=generation, chosen=chosen, jobs=jobs,
-                      code=exit_code(jobs), cache=snapshot.cache, cache_error=snapshot.cache_error)
+    return StatusView(where=snapshot.where, prefix=snapshot.prefix, generation=generation,
+                      chosen=chosen, jobs=jobs, code=exit_code(jobs), cache=snapshot.cache,
+                      cache_error=snapshot.cache_error)
 
 
-# -- rendering (pure) ----------------------------------------------------------------------------------------
+# -- rendering (pure) ------------------------------------------------------------------------------
 def describe_report(rows: list[dict[str, Any]]) -> list[str]:
     """The cache section of ``hyperion-lock status`` as text lines."""
     if not rows:
@@ -196,7 +199,7 @@ def _job_line(j: JobState) -> str:
 
 
 def render_text(view: StatusView) -> str:
-    """The report for a person: where, which generation, one line per job, then the cache section."""
+    """The report for a person: where, which generation, one line per job, then the cache."""
     lines = [f"{view.where}, prefix {view.prefix!r}" + (
         f", generation {view.generation}" + (" (the newest seen; --generation to choose)"
                                              if view.chosen == "newest" else "")
@@ -221,9 +224,10 @@ def render_json(view: StatusView) -> str:
                        "cache_error": view.cache_error}, indent=2)
 
 
-# -- gathering: Redis ----------------------------------------------------------------------------------------
+# -- gathering: Redis ------------------------------------------------------------------------------
 def _outcome_keys(client: redis.Redis, prefix: str) -> dict[str, list[str]]:
-    """Every job of ``prefix`` with a key in Redis (lease or outcome), and the names of its outcome keys."""
+    """Every job of ``prefix`` with a key in Redis (lease or outcome), and the names of its outcome
+    keys."""
     found: dict[str, list[str]] = {}
     for raw in client.scan_iter(match=JobKeys.scan_pattern(prefix), count=500):
         parsed = JobKeys.parse(prefix, as_text(raw) or "")
@@ -263,7 +267,8 @@ def redis_found(client: redis.Redis, prefix: str) -> list[Found]:
                 f"the lease {keys.lease} is not a lease this package wrote (corrupt); `hyperion-lock reset {key}` "
                 "clears it")))
             continue
-        jobs.append(Found(key, holder, pttl / 1000.0 if holder and pttl > 0 else None, tuple(outcomes)))
+        lease_left = pttl / 1000.0 if holder and pttl > 0 else None
+        jobs.append(Found(key, holder, lease_left, tuple(outcomes)))
     return jobs
 
 
@@ -303,7 +308,7 @@ def _cache_section(client: redis.Redis, prefix: str) -> tuple[list[dict[str, Any
         return None, why
 
 
-# -- gathering: file locks (no Redis) ------------------------------------------------------------------------
+# -- gathering: file locks (no Redis) --------------------------------------------------------------
 def _file_outcomes(files: FileLayout, generation: str | None) -> list[Outcome]:
     found = []
     for path in sorted(files.dir.glob(files.outcome_glob(generation))):
@@ -317,8 +322,8 @@ def _file_outcomes(files: FileLayout, generation: str | None) -> list[Outcome]:
 
 
 def file_found(lock_dir: Path, prefix: str) -> list[Found]:
-    """What the lock directory holds for every job of ``prefix``: whether its lock is held (and by whom, as far
-    as the holder file says) and its outcomes."""
+    """What the lock directory holds for every job of ``prefix``: whether its lock is held (and by
+    whom, as far as the holder file says) and its outcomes."""
     if not verify_lock_dir(lock_dir, create=False):
         return []  # nothing ever ran here
     jobs = []
@@ -332,7 +337,8 @@ def file_found(lock_dir: Path, prefix: str) -> list[Found]:
 
 
 def gather(settings: Settings) -> Snapshot:
-    """Read the jobs (and, with Redis, the cache section) once: the only step of ``status`` that does I/O."""
+    """Read the jobs (and, with Redis, the cache section) once: the only step of ``status`` that
+    does I/O."""
     where, prefix = settings.describe_target(), settings.key_prefix
     if not settings.redis_url:
         return Snapshot(where, prefix, tuple(file_found(Path(settings.lock_dir), prefix)))

@@ -453,10 +453,11 @@ async def _attempt(action: Callable[[], Awaitable[T]], remaining: float | None) 
 
 @dataclass(frozen=True)
 class RedisCall:
-    """What :func:`with_retries` tries, against which server, for which job: the words of the errors it raises.
+    """What :func:`with_retries` tries, against which server, for which job: the words of the errors
+    it raises.
 
-    ``where`` is a password-free description of the server (a redacted URL); ``prefix`` (the key prefix) only
-    makes an ACL error name the exact key and channel patterns to grant.
+    ``where`` is a password-free description of the server (a redacted URL); ``prefix`` (the key
+    prefix) only makes an ACL error name the exact key and channel patterns to grant.
     """
 
     what: str
@@ -470,9 +471,10 @@ class RedisCall:
 class RetryPolicy:
     """How long :func:`with_retries` keeps trying, and which failures it retries.
 
-    ``budget`` seconds, counted from the first failure or, with ``overall``, from the call's start (and then also
-    bounding the attempt in flight); backoff from 0.05 s doubling up to ``max_backoff``; ``transient`` says which
-    failures may pass (the rest raise at once); ``clock`` and ``sleep`` are injected for tests.
+    ``budget`` seconds, counted from the first failure or, with ``overall``, from the call's start
+    (and then also bounding the attempt in flight); backoff from 0.05 s doubling up to
+    ``max_backoff``; ``transient`` says which failures may pass (the rest raise at once); ``clock``
+    and ``sleep`` are injected for tests.
     """
 
     budget: float
@@ -489,16 +491,18 @@ async def with_retries(
     policy: RetryPolicy,
     on_retry: Callable[[BaseException, int], None] | None = None,
 ) -> T:
-    """Run ``action`` until it succeeds, retrying transient Redis errors with capped exponential backoff.
+    """Run ``action`` until it succeeds, retrying transient Redis errors with capped exponential
+    backoff.
 
-    Timeline: a failure that retrying cannot fix (see :func:`redis_error`: credentials, ACL, database index,
-    TLS) raises its specific error at once; any other failure that is not ``policy.transient`` is re-raised as
-    it is. Transient failures are retried after 0.05 s, 0.1 s, ... up to ``policy.max_backoff``
-    (``on_retry(error, attempt)`` is called before each wait). :class:`RedisUnavailableError` (naming
-    ``call.where`` and what to check) ends it once ``policy.budget`` seconds have passed -- counted from the first
-    failure, or with ``policy.overall`` from this call's start, and then also bounding the attempt in flight (it
-    is cancelled when the budget runs out), so a server that accepts connections and never answers costs
-    ``budget`` seconds, not the socket timeout times the attempts.
+    Timeline: a failure that retrying cannot fix (see :func:`redis_error`: credentials, ACL,
+    database index, TLS) raises its specific error at once; any other failure that is not
+    ``policy.transient`` is re-raised as it is. Transient failures are retried after 0.05 s, 0.1 s,
+    ... up to ``policy.max_backoff`` (``on_retry(error, attempt)`` is called before each wait).
+    :class:`RedisUnavailableError` (naming ``call.where`` and what to check) ends it once
+    ``policy.budget`` seconds have passed -- counted from the first failure, or with
+    ``policy.overall`` from this call's start, and then also bounding the attempt in flight (it is
+    cancelled when the budget runs out), so a server that accepts connections and never answers
+    costs ``budget`` seconds, not the socket timeout times the attempts.
     """
     budget, clock = policy.budget, policy.clock
     started = clock()
@@ -516,7 +520,8 @@ async def with_retries(
         except _BudgetSpent:
             raise _unavailable(call, clock() - started, attempt, last, timed_out=True) from None
         except Exception as exc:
-            error = redis_error(exc, where=call.where, key=call.key, generation=call.generation, prefix=call.prefix)
+            error = redis_error(exc, where=call.where, key=call.key, generation=call.generation,
+                                prefix=call.prefix)
             if error is not None:
                 raise error from None
             if not policy.transient(exc):

@@ -1,28 +1,32 @@
-"""Redis URLs, every form in one parser: what a client is built from, checked before it is built, and described
-without ever echoing a secret (:func:`redact_url`).
+"""Redis URLs, every form in one parser: what a client is built from, checked before it is built,
+and described without ever echoing a secret (:func:`redact_url`).
 
 Forms::
 
-    redis://[[user]:password@]host[:port][/db][?query]     rediss://... (TLS)     unix:///path/to/socket[?db=N]
+    redis://[[user]:password@]host[:port][/db][?query]      rediss://... (TLS)
+    unix:///path/to/socket[?db=N]
     redis+sentinel://[[user]:password@]host:port[,host:port...]/service_name[/db][?query]
     rediss+sentinel://...                       (or ?ssl=true): TLS to the data nodes
     redis+cluster://[[user]:password@]host:port[,host:port...][/0][?query]
     rediss+cluster://...                        (or ?ssl=true): TLS to every node
 
-``redis://``, ``rediss://`` and ``unix://`` are parsed by redis-py's own parser, after the checks it lacks (an
-ambiguous split, unknown query parameters, a database that is not a number). redis-py has no parser for the other
-two, so these are ours:
+``redis://``, ``rediss://`` and ``unix://`` are parsed by redis-py's own parser, after the checks it
+lacks (an ambiguous split, unknown query parameters, a database that is not a number). redis-py has
+no parser for the other two, so these are ours:
 
-- Sentinel: the userinfo is for the data nodes (the primary and its replicas); the Sentinels get credentials only
-  from the query, ``sentinel_username`` / ``sentinel_password``. A Sentinel without a port listens on 26379. Query
-  parameters: ``db``, ``ssl``, ``sentinel_username``, ``sentinel_password`` and, with TLS, ``ssl_ca_certs``,
-  ``ssl_certfile``, ``ssl_keyfile``, ``ssl_cert_reqs`` (none/optional/required), ``ssl_check_hostname``.
-- Cluster: the addresses are startup nodes: the client asks the first that answers for the cluster's slot map and
-  then talks to whichever node owns a slot. A node without a port listens on 6379. A cluster has only database 0,
-  so the path is empty, ``/`` or ``/0``. Query parameters: ``ssl`` and the TLS ones above.
+- Sentinel: the userinfo is for the data nodes (the primary and its replicas); the Sentinels get
+  credentials only from the query, ``sentinel_username`` / ``sentinel_password``. A Sentinel
+  without a port listens on 26379. Query parameters: ``db``, ``ssl``, ``sentinel_username``,
+  ``sentinel_password`` and, with TLS, ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``,
+  ``ssl_cert_reqs`` (none/optional/required), ``ssl_check_hostname``.
+- Cluster: the addresses are startup nodes: the client asks the first that answers for the
+  cluster's slot map and then talks to whichever node owns a slot. A node without a port listens on
+  6379. A cluster has only database 0, so the path is empty, ``/`` or ``/0``. Query parameters:
+  ``ssl`` and the TLS ones above.
 
-Anything else in the query is refused. Every ``ValueError`` raised here has a message that quotes nothing from the
-URL (a piece of a badly encoded password can end up anywhere in it), so callers may show it as it is.
+Anything else in the query is refused. Every ``ValueError`` raised here has a message that quotes
+nothing from the URL (a piece of a badly encoded password can end up anywhere in it), so callers may
+show it as it is.
 """
 
 from __future__ import annotations
@@ -92,7 +96,7 @@ class DatabaseIndexError(ValueError):
     """The URL names a database index no server can have (negative, or beyond what Redis can configure)."""
 
 
-# --- what every form shares --------------------------------------------------------------------------------
+# --- what every form shares -----------------------------------------------------------------------
 def _scheme_of(url: str) -> str | None:
     """The scheme, only when the text really starts with ``scheme://`` (``secret:pw@host`` has none)."""
     match = _SCHEME_RE.match(url)
@@ -108,14 +112,15 @@ def is_cluster_url(url: str) -> bool:
 
 
 def split_url(url: str, *, nodes: bool = False) -> ParseResult:
-    """``urlparse(url)``, refusing splits in which the userinfo leaked past the authority (the one splitter of every
-    URL form).
+    """``urlparse(url)``, refusing splits in which the userinfo leaked past the authority (the one
+    splitter of every URL form).
 
-    A password with an unencoded ``/``, ``?`` or ``#`` ends the authority early: ``redis://:a/b@host`` becomes
-    host ``""``, port ``a`` and path ``/b@host``, so host, port, path, query or fragment may all be pieces of the
-    secret. An ``@`` after the authority, or any fragment, is the sign; such URLs are refused whole
-    (:class:`AmbiguousURLError`, with a message that quotes nothing from the URL). A URL of one host must have a
-    port urllib can read; a URL of a node list (``nodes``: Sentinel, Cluster), whose addresses are split by
+    A password with an unencoded ``/``, ``?`` or ``#`` ends the authority early:
+    ``redis://:a/b@host`` becomes host ``""``, port ``a`` and path ``/b@host``, so host, port, path,
+    query or fragment may all be pieces of the secret. An ``@`` after the authority, or any
+    fragment, is the sign; such URLs are refused whole (:class:`AmbiguousURLError`, with a message
+    that quotes nothing from the URL). A URL of one host must have a port urllib can read; a URL of
+    a node list (``nodes``: Sentinel, Cluster), whose addresses are split by
     :func:`split_nodes_url`, is refused for any ``#`` at all.
     """
     try:
@@ -247,12 +252,13 @@ def split_nodes_url(url: str, kind: str, noun: str, default_port: int) -> NodesU
     return NodesURL(scheme, parts, username, password, nodes)
 
 
-# --- redis://, rediss://, unix:// -------------------------------------------------------------------------
+# --- redis://, rediss://, unix:// -----------------------------------------------------------------
 def parse_redis_url(url: str) -> dict[str, Any]:
     """What redis-py will connect to for ``url``, parsed by redis-py's own parser.
 
     Raises ValueError with a message that never quotes the URL when redis-py rejects it, or when the split is
-    ambiguous (see :func:`split_url`), and :class:`DatabaseIndexError` for a database index out of range.
+    ambiguous (see :func:`split_url`), and :class:`DatabaseIndexError` for a database index out of
+    range.
     """
     scheme = _scheme_of(url)
     if scheme not in _REDIS_SCHEMES:
@@ -306,7 +312,7 @@ def _describe_redis(scheme: str, kwargs: Mapping[str, Any]) -> str:
     return f"{scheme}://{auth}{host}:{kwargs.get('port', 6379)}/{db}"
 
 
-# --- redis+sentinel:// ------------------------------------------------------------------------------------
+# --- redis+sentinel:// ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SentinelURL:
     """What a ``redis+sentinel://`` URL asks for. Secrets are kept out of ``repr``."""
@@ -378,7 +384,7 @@ def parse_sentinel_url(url: str) -> SentinelURL:
     )
 
 
-# --- redis+cluster:// -------------------------------------------------------------------------------------
+# --- redis+cluster:// -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ClusterURL:
     """What a ``redis+cluster://`` URL asks for. Secrets are kept out of ``repr``."""
@@ -417,7 +423,7 @@ def parse_cluster_url(url: str) -> ClusterURL:
     return ClusterURL(nodes=nodes, username=username, password=password, tls=tls, tls_options=tls_options)
 
 
-# --- any URL: checked, and described without ever echoing a secret -----------------------------------------
+# --- any URL: checked, and described without ever echoing a secret --------------------------------
 def _parse_any_url(url: str) -> None:
     """Parse ``url`` with the parser its client is built from; ValueError (text naming no secret) if it is bad."""
     if is_sentinel_url(url):
@@ -473,7 +479,8 @@ def redact_url(url: str | None) -> str | None:
     """A description of ``url`` that is safe for logs, reprs, errors and status output.
 
     Redis URLs are parsed by redis-py's own parser (Sentinel URLs by the one their client is built from, see
-    :func:`parse_sentinel_url`, shown with both passwords as ``***``; Cluster URLs by :func:`parse_cluster_url`) and
+    :func:`parse_sentinel_url`, shown with both passwords as ``***``; Cluster URLs by
+    :func:`parse_cluster_url`) and
     rebuilt from what it found: scheme, ``user:***@`` (``:***@`` when there is only a password, from the userinfo or
     a ``?password=`` parameter), host, port and database, or the socket path for ``unix://``. Nothing of the raw
     text is echoed, so query parameters never appear. Other URLs

@@ -91,7 +91,8 @@ class Call:
 
         return await with_retries(
             attempt,
-            RedisCall(what, self.where, key=self.key, generation=self.generation, prefix=self.settings.key_prefix),
+            RedisCall(what, self.where, key=self.key, generation=self.generation,
+                      prefix=self.settings.key_prefix),
             RetryPolicy(budget, overall=overall, clock=self.clock, sleep=self.sleep),
             on_retry,
         )

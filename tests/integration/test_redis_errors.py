@@ -51,8 +51,8 @@ async def _retry(
     try:
         result = await with_retries(
             lambda: action(client),
-            RedisCall("connect for job 'migrate'", described.format(redact_url(url)), key="migrate", generation="g7",
-                      prefix=prefix),
+            RedisCall("connect for job 'migrate'", described.format(redact_url(url)), key="migrate",
+                      generation="g7", prefix=prefix),
             RetryPolicy(budget, overall=overall),
         )
         return result, time.monotonic() - started

@@ -202,9 +202,10 @@ def test_default_generation_sanitises_the_host_name(host: str) -> None:
 
 @pytest.mark.parametrize("host", ["web 1.example", "héllo", "a{b}/c", "", "x" * 300])
 def test_both_generation_rules_label_the_host_alike(host: str) -> None:
-    """The gunicorn master's generation and the default one name the host the same way (one rule)."""
+    """The gunicorn master's generation and the default one name the host alike (one rule)."""
     inspect = _procs({200: ProcessInfo(200, PY, "555")})
-    label = default_generation(pid=200, ppid=100, host=host or None, inspect=inspect).rsplit(":", 2)[0]
+    generation = default_generation(pid=200, ppid=100, host=host or None, inspect=inspect)
+    label = generation.rsplit(":", 2)[0]
     assert new_generation(pid=7, now=1.5, host=host) == f"{label}:7:1500"
     if host:  # none: both take this machine's host name
         assert label == name_part(host, 100)

@@ -1,5 +1,5 @@
-"""``with_retries`` driven by a fake clock: the backoff schedule, where the budget is counted from, what is
-retried, and what the errors say (no server, no real waiting)."""
+"""``with_retries`` driven by a fake clock: the backoff schedule, where the budget is counted from,
+what is retried, and what the errors say (no server, no real waiting)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from redis import exceptions as rexc
 from hyperion_lock.connection.clients import RedisCall, RetryPolicy, with_retries
 from hyperion_lock.errors import RedisAuthError, RedisUnavailableError
 
-CALL = RedisCall("connect for job 'migrate'", "redis://127.0.0.1:6379/0", key="migrate", generation="g7")
+CALL = RedisCall(
+    "connect for job 'migrate'", "redis://127.0.0.1:6379/0", key="migrate", generation="g7"
+)
 
 
 class FakeClock:
@@ -28,9 +30,11 @@ class FakeClock:
         self.now += seconds
 
 
-def failing(errors: list[BaseException], cost: float = 0.0, clock: FakeClock | None = None
-            ) -> Callable[[], Awaitable[str]]:
-    """An action that raises ``errors`` one per call (each taking ``cost`` seconds), then returns "ok"."""
+def failing(
+    errors: list[BaseException], cost: float = 0.0, clock: FakeClock | None = None
+) -> Callable[[], Awaitable[str]]:
+    """An action that raises ``errors`` one per call (each taking ``cost`` seconds), then returns
+    "ok"."""
     pending = list(errors)
 
     async def action() -> str:
@@ -51,8 +55,12 @@ async def test_transient_failures_back_off_exponentially_up_to_the_cap() -> None
     clock = FakeClock()
     seen: list[int] = []
     errors: list[BaseException] = [rexc.ConnectionError("refused")] * 7
-    result = await with_retries(failing(errors), CALL, policy(clock, max_backoff=0.5),
-                                on_retry=lambda exc, n: seen.append(n))
+    result = await with_retries(
+        failing(errors),
+        CALL,
+        policy(clock, max_backoff=0.5),
+        on_retry=lambda exc, n: seen.append(n),
+    )
     assert result == "ok"
     assert clock.slept == [0.05, 0.1, 0.2, 0.4, 0.5, 0.5, 0.5]
     assert seen == [1, 2, 3, 4, 5, 6, 7]
@@ -66,7 +74,9 @@ async def test_the_budget_counts_from_the_first_failure() -> None:
     # the first failure at 101 starts the budget; failures at 102.05, 103.15, then 104.35: past it
     assert clock.slept == [0.05, 0.1, 0.2]
     text = str(info.value)
-    assert re.search(r"could not connect for job 'migrate': .* did not answer for 3\.[34] s", text), text
+    assert re.search(
+        r"could not connect for job 'migrate': .* did not answer for 3\.[34] s", text
+    ), text
     assert "(4 attempts; last error ConnectionError: refused)" in text
     assert (info.value.key, info.value.generation) == ("migrate", "g7")
 
@@ -76,7 +86,10 @@ async def test_overall_counts_from_the_start_of_the_call() -> None:
     action = failing([rexc.ConnectionError("refused")] * 100, cost=1.0, clock=clock)
     with pytest.raises(RedisUnavailableError, match=r"\(3 attempts; last error ConnectionError"):
         await with_retries(action, CALL, policy(clock, budget=3.0, overall=True))
-    assert clock.slept == [0.05, 0.1]  # the call started at 100: the failure at 103.15 is past the budget
+    assert clock.slept == [
+        0.05,
+        0.1,
+    ]  # the call started at 100: the failure at 103.15 is past the budget
 
 
 async def test_the_last_wait_is_cut_to_what_is_left_of_the_budget() -> None:
@@ -84,7 +97,11 @@ async def test_the_last_wait_is_cut_to_what_is_left_of_the_budget() -> None:
     action = failing([rexc.ConnectionError("refused")] * 100, cost=0.25, clock=clock)
     with pytest.raises(RedisUnavailableError, match=r"\(4 attempts"):
         await with_retries(action, CALL, policy(clock, budget=0.8))
-    assert clock.slept == [0.05, 0.1, 0.15]  # failures at 100.25, 100.55, 100.9: 0.15 s of the budget left
+    assert clock.slept == [
+        0.05,
+        0.1,
+        0.15,
+    ]  # failures at 100.25, 100.55, 100.9: 0.15 s of the budget left
 
 
 async def test_a_failure_retrying_cannot_fix_raises_its_own_error_at_once() -> None:
