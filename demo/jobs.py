@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 SEED_ITEMS = ("alpha", "beta", "gamma")
 SEED_GATE_ENV = "HYPERION_DEMO_SEED_GATE"  # test hook: a file the seed waits for before its fenced write
 SEED_GATE_LIMIT = 600.0  # seconds; then the seed goes on without it
+# test hook: seconds the seed sleeps before its fenced write
+SEED_DELAY_ENV = "HYPERION_DEMO_SEED_DELAY"
 
 
 def migrate(url: str) -> bool:
@@ -80,6 +82,9 @@ def seed(engine: Engine, lease: Lease | None = None, *, name: str = "seed") -> i
     lease cannot write after its successor did. Outside a run-once job (no lease) the token is 0.
     ``HYPERION_DEMO_SEED_GATE=<file>`` (a test hook) waits, up to 10 minutes, until that file exists before the
     write: a slow or partitioned leader that writes exactly when the test says so.
+    ``HYPERION_DEMO_SEED_DELAY=<seconds>`` (a test hook) sleeps that long before the write, after
+    the gate: a slow job that faults can hit while it holds the lease (the fault campaign,
+    benchmarks/fault_campaign.py).
     """
     lease = lease if lease is not None else current_lease()
     token = lease.fencing_token if lease else 0
@@ -88,6 +93,11 @@ def seed(engine: Engine, lease: Lease | None = None, *, name: str = "seed") -> i
     gate = os.environ.get(SEED_GATE_ENV, "")
     if gate:
         _wait_for_gate(Path(gate), token)
+    delay = float(os.environ.get(SEED_DELAY_ENV, "0") or 0)
+    if delay > 0:
+        logger.warning("seed: pid %d sleeping %.1f s with fencing token %d (%s)", os.getpid(),
+                       delay, token, SEED_DELAY_ENV)
+        time.sleep(delay)
     inserted = _fenced_write_retrying(engine, name, token, generation, since, lease)
     logger.info("seed: pid %d inserted %d item(s) with fencing token %d", os.getpid(), inserted, token)
     return inserted

@@ -108,6 +108,28 @@ def test_the_same_token_from_another_run_is_refused(tmp_path: Path) -> None:
         engine.dispose()
 
 
+def test_the_seed_delay_sleeps_before_the_write_and_names_the_token(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """HYPERION_DEMO_SEED_DELAY (the fault campaign's slow job): the sleep comes before the fenced
+    write, and its log line names the pid and the fencing token, which is how the campaign finds the
+    leader to hit."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    upgrade_to_head(url)
+    engine = make_engine(url)
+    rows_while_sleeping: list[Any] = []
+    monkeypatch.setenv(jobs.SEED_DELAY_ENV, "2.5")
+    monkeypatch.setattr(time, "sleep", lambda seconds: rows_while_sleeping.append(
+        (seconds, sqlite_query(tmp_path / "db.sqlite3", "SELECT count(*) FROM seed_runs"))))
+    try:
+        with caplog.at_level("INFO", logger="demo.jobs"):
+            assert jobs.seed(engine, lease(7, since=time.time())) == 3
+    finally:
+        engine.dispose()
+    assert rows_while_sleeping == [(2.5, [(0,)])]
+    assert f"seed: pid {os.getpid()} sleeping 2.5 s with fencing token 7" in caplog.text
+    assert sqlite_query(tmp_path / "db.sqlite3", "SELECT fencing_token FROM seed_runs") == [(7,)]
+
+
 _MIGRATOR = """
 import sys
 from demo.db import upgrade_to_head
