@@ -36,7 +36,7 @@ import httpx
 import psycopg
 import redis
 
-from hyperion_lock.testing import PostgresServer
+from hyperion_lock.testing import PostgresServer, RedisServer, SentinelSet, _redis_call
 from tests.support.deploy import ROOT, Gunicorn, pg_query
 
 T = TypeVar("T")
@@ -195,6 +195,99 @@ class NetnsRedis:
         _stop(self.proc, signal.SIGTERM)
 
 
+class NetnsSentinelSet(SentinelSet):
+    """:class:`~hyperion_lock.testing.SentinelSet` (a primary, a replica, three Sentinels) in the
+    server namespace: every server listens on the bridge address (for the hosts) and on the
+    namespace's own loopback (for the set's own checks), and names itself by the bridge address,
+    so a Sentinel hands the hosts an address they reach.
+
+    Every method that starts a server or talks to one runs in a thread of the server namespace
+    (``net.run``): a process started from there is born in that namespace, and 127.0.0.1 there is
+    the namespace's loopback. After :meth:`start` the replica's ``--replicaof`` is dropped from its
+    arguments: a node restarted later comes back as an empty primary, and the Sentinels turn it
+    into a replica if another node is the primary by then.
+    """
+
+    def __init__(self, net: Network, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.net = net
+        addresses = ("--bind", SERVER_ADDR, "127.0.0.1", "--replica-announce-ip", SERVER_ADDR)
+        self.primary.extra_args += addresses
+        self.replica.extra_args = tuple(
+            SERVER_ADDR if a == "127.0.0.1" else a for a in self.replica.extra_args)
+        self.replica.extra_args += addresses
+
+    def url(self, *, scheme: str = "redis+sentinel", db: int = 0, password: str | None = None,
+            sentinel_password: str | None = None) -> str:
+        loopback = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        bridge = ",".join(f"{SERVER_ADDR}:{port}" for port in self.sentinel_ports)
+        return super().url(scheme=scheme, db=db, password=password,
+                           sentinel_password=sentinel_password).replace(loopback, bridge)
+
+    def _sentinel_conf(self, port: int) -> str:
+        path = Path(super()._sentinel_conf(port))
+        text = path.read_text().replace("bind 127.0.0.1", f"bind {SERVER_ADDR} 127.0.0.1")
+        text = text.replace(f"monitor {self.service} 127.0.0.1 ",
+                            f"monitor {self.service} {SERVER_ADDR} ")
+        path.write_text(text + f"sentinel announce-ip {SERVER_ADDR}\n")
+        return str(path)
+
+    def start(self, timeout: float = 30.0) -> NetnsSentinelSet:
+        self.net.run(super().start, timeout)
+        replicaof = self.replica.extra_args.index("--replicaof")
+        args = self.replica.extra_args
+        self.replica.extra_args = args[:replicaof] + args[replicaof + 3:]
+        return self
+
+    def stop(self) -> None:
+        self.net.run(super().stop)
+
+    def call(self, port: int, *args: str) -> Any:
+        """One command to the server or Sentinel on ``port``."""
+        return self.net.run(_redis_call, port, *args, password=self.password)
+
+    def primary_port(self) -> int:
+        return self.net.run(self.primary_address)[1]
+
+    def kill_primary(self) -> RedisServer:
+        return self.net.run(super().kill_primary)
+
+    def start_node(self, node: RedisServer, *, replica_of: int | None = None) -> None:
+        """Start a node again, empty (nothing is persisted): as a primary, or as a replica of the
+        node on port ``replica_of`` (what an operator does with a failed-over primary; the
+        Sentinels alone take ~10 s)."""
+        base = node.extra_args
+        if replica_of is not None:
+            node.extra_args = (*base, "--replicaof", SERVER_ADDR, str(replica_of))
+        try:
+            self.net.run(node.start)
+        finally:
+            node.extra_args = base
+
+    def wait_failover(self, old_port: int, timeout: float = 60.0) -> int:
+        return self.net.run(super().wait_failover, old_port, timeout)
+
+    def healthy(self) -> bool:
+        """Every Sentinel names one primary, which says it is one, and the other node replicates it
+        (link up)."""
+        def check() -> bool:
+            ports = {self.primary_address(i)[1] for i in range(len(self.sentinel_ports))}
+            if len(ports) != 1:
+                return False
+            (primary,) = ports
+            replica = next(n.port for n in self.nodes if n.port != primary)
+            role = _redis_call(primary, "ROLE", password=self.password)
+            info = _redis_call(replica, "INFO", "replication", password=self.password)
+            return bool(role[0] == b"master" and info.get("role") == "slave"
+                        and info.get("master_port") == primary
+                        and info.get("master_link_status") == "up"
+                        and all(self._sees_everyone(i) for i in range(len(self.sentinel_ports))))
+        try:
+            return self.net.run(check)
+        except (redis.RedisError, OSError, KeyError, ValueError):
+            return False
+
+
 class NetnsPostgres(PostgresServer):
     """PostgreSQL 15 in the server namespace, listening on the bridge address, run as ``postgres`` (``setpriv``
     changes the user and execs, so the process we hold is the postmaster itself)."""
@@ -261,10 +354,11 @@ class HostGunicorn(Gunicorn):
     """``gunicorn -c gunicorn.conf.py`` inside one host's namespace, bound to that host's address; the test's
     HTTP requests go through the server namespace (over the bridge), like a load balancer's would."""
 
-    def __init__(self, net: Network, host: str, tmp_path: Path, **env: str) -> None:
+    def __init__(self, net: Network, host: str, tmp_path: Path, workers: int = 4, /,
+                 **env: str) -> None:
         directory = tmp_path / f"host-{host}"
         directory.mkdir()
-        super().__init__(directory, workers=4, **env)
+        super().__init__(directory, workers=workers, **env)
         self.net = net
         self.host = host
         self.address = net.addresses[host]
