@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tomllib
 from collections.abc import Callable, Coroutine, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -295,7 +296,9 @@ def _jobs_done_for_the_cli(run: DocRun) -> None:
 
 
 def _cli_migrated(run: DocRun) -> None:
-    with sqlite3.connect(run.tmp / "cli.sqlite3") as db:
+    # closing(): a sqlite3 connection's own context manager commits but does not close (Python 3.13
+    # reports the unclosed connection as an unraisable ResourceWarning, which fails the run).
+    with closing(sqlite3.connect(run.tmp / "cli.sqlite3")) as db:
         revisions = db.execute("SELECT version_num FROM alembic_version").fetchall()
     assert len(revisions) == 1, revisions  # `run ... -- alembic upgrade head` really ran
 
