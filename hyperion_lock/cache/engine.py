@@ -656,7 +656,7 @@ class Engine:
         while not lead.stopped:
             await asyncio.sleep(renewal.delay())
             try:
-                held = await within(ctx.store.renew(lead.spec.keys, lead.ident, lead.token, lease_ms),
+                held = await within(ctx.store.renew(lead.spec.keys, lead.ident, lead.tags, lead.token, lease_ms),
                                     renewal.bound, ctx.store.replied_since)
             except Exception as exc:
                 self.log.debug("cache: renewing the lease of %s %s failed (%s: %s)", lead.spec.namespace,

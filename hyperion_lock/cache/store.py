@@ -50,6 +50,26 @@ T = TypeVar("T")
 # Every script touches the keys of one namespace only (one hash tag, one Cluster slot). The tag-invalidation
 # script builds entry and lease names from the namespace's own prefix (ARGV), so they are in that slot too.
 
+# A tag index (ZSET: entry id -> when it may last matter, in Redis ms) registers live entries and taken compute
+# leases, so that tag invalidation can drop the one and fence the other. The index key lives as long as its
+# latest member: a shorter life (an earlier entry's) would let it expire, registration and all, while a
+# computation of an entry of that tag still runs, and that computation's value would then be stored after an
+# invalidation of the tag had returned.
+# KEEP(index, id, expiry, now): register id until expiry (never earlier than it already was), and keep the key.
+KEEP = """
+local function keep(index, id, expiry, now)
+  redis.call('ZADD', index, 'GT', expiry, id)
+  local top = redis.call('ZRANGE', index, -1, -1, 'WITHSCORES')
+  local want = math.ceil(tonumber(top[2]) - now)
+  local left = redis.call('PTTL', index)
+  if want > 0 and left < want then redis.call('PEXPIRE', index, want) end
+end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
 # Read an entry; take its compute lease when there is no valid entry (or always, for a forced refresh).
 # KEYS[1] entry (HASH h = header JSON, v = payload, n = namespace version it was written under; a key of another
 #         type is deleted: nothing this cache wrote)
@@ -67,7 +87,7 @@ T = TypeVar("T")
 #         [5] remaining life of the lease (ms; -2 when there is none)
 #         [6] namespace version now (the fence a later PUT is checked against)
 #         [7] why the entry's key was deleted as unreadable (another Redis type), or false
-READ = """
+READ = KEEP + """
 local version = redis.call('GET', KEYS[2]) or '0'
 local e = redis.pcall('HMGET', KEYS[1], 'h', 'v', 'n')
 local wrong = false
@@ -90,9 +110,8 @@ if holder == ARGV[1] then state = 1 elseif holder then state = 0 end
 if state == -1 and (ARGV[3] == '2' or (ARGV[3] == '1' and not header)) then
   redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
   state = 1
-  local t = redis.call('TIME')
-  local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
-  for i = 4, #KEYS do redis.call('ZADD', KEYS[i], 'GT', expiry, ARGV[4]) end
+  local now = now_ms()
+  for i = 4, #KEYS do keep(KEYS[i], ARGV[4], now + tonumber(ARGV[2]), now) end
 end
 return {header, payload, left, state, redis.call('PTTL', KEYS[3]), tonumber(version), wrong}
 """
@@ -104,28 +123,31 @@ return {header, payload, left, state, redis.call('PTTL', KEYS[3]), tonumber(vers
 # ARGV[2] lease TTL (ms)
 # ARGV[3] the entry's id
 # returns 1 held by this token (taken now, or by an earlier call with it), 0 held by another
-TAKE = """
+TAKE = KEEP + """
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then return 1 end
 if holder then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-local t = redis.call('TIME')
-local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
-for i = 2, #KEYS do redis.call('ZADD', KEYS[i], 'GT', expiry, ARGV[3]) end
+local now = now_ms()
+for i = 2, #KEYS do keep(KEYS[i], ARGV[3], now + tonumber(ARGV[2]), now) end
 return 1
 """
 
-# Keep the lease while the computation runs. It is never re-created: an invalidation deletes it on purpose.
+# Keep the lease while the computation runs, and its registration in the entry's tag indexes with it (a
+# registration that ran out with the first TTL was trimmed by the next PUT of the tag, and a tag invalidation then
+# missed this computation). It is never re-created: an invalidation deletes it on purpose.
 # KEYS[1] compute lease
+# KEYS[2..] tag indexes of this entry
 # ARGV[1] owner token
 # ARGV[2] lease TTL (ms)
+# ARGV[3] the entry's id
 # returns 1 renewed, 0 lost (invalidated, or expired and taken by another worker; nothing changed)
-RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
+RENEW = KEEP + """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local now = now_ms()
+for i = 2, #KEYS do keep(KEYS[i], ARGV[3], now + tonumber(ARGV[2]), now) end
+return 1
 """
 
 # Store a computed value: only while this token holds the lease, and only if the namespace was not invalidated
@@ -148,7 +170,7 @@ return 0
 #         0 fenced: the namespace was invalidated meanwhile; nothing stored, lease dropped, waiters told to read again
 #         2 lease lost: invalidated by key or tag, or expired and taken by another worker; nothing stored or
 #           published (the invalidation told the waiters, or the new holder will)
-PUT = """
+PUT = KEEP + """
 local holder = redis.call('GET', KEYS[3])
 if holder ~= ARGV[1] then
   local h = redis.pcall('HGET', KEYS[1], 'h')
@@ -166,13 +188,14 @@ end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'h', ARGV[2], 'v', ARGV[3], 'n', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local life = tonumber(ARGV[4])
-for i = 4, #KEYS do
-  redis.call('ZADD', KEYS[i], now + life, ARGV[9])
+redis.call('ZADD', KEYS[4], now + life, ARGV[9])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+for i = 5, #KEYS do
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
-  if i > 4 and redis.call('PTTL', KEYS[i]) < life then redis.call('PEXPIRE', KEYS[i], life) end
+  redis.call('ZADD', KEYS[i], now + life, ARGV[9])
+  keep(KEYS[i], ARGV[9], now + life, now)
 end
 redis.call('PUBLISH', ARGV[6], ARGV[7])
 return 1
@@ -427,7 +450,7 @@ class Store(Protocol):
 
     async def take(self, keys: CacheKeys, ident: str, tags: tuple[str, ...], token: str, lease_ms: int) -> bool: ...
 
-    async def renew(self, keys: CacheKeys, ident: str, token: str, lease_ms: int) -> bool: ...
+    async def renew(self, keys: CacheKeys, ident: str, tags: tuple[str, ...], token: str, lease_ms: int) -> bool: ...
 
     async def put(self, keys: CacheKeys, ident: str, tags: tuple[str, ...], token: str, header: Header,
                   payload: bytes, seen_version: int) -> PutResult: ...
@@ -579,7 +602,7 @@ class MemoryStore:
             self._take(space, ident, tags, token, now + lease_ms / 1000)
             return True
 
-    async def renew(self, keys: CacheKeys, ident: str, token: str, lease_ms: int) -> bool:
+    async def renew(self, keys: CacheKeys, ident: str, tags: tuple[str, ...], token: str, lease_ms: int) -> bool:
         now = self._clock()
         with self._lock:
             space = self._space(keys)
@@ -945,8 +968,9 @@ class RedisStore:
                                 [token, lease_ms, ident])
         return bool(int(taken))
 
-    async def renew(self, keys: CacheKeys, ident: str, token: str, lease_ms: int) -> bool:
-        return bool(int(await self._run(RENEW, [keys.lease(ident)], [token, lease_ms])))
+    async def renew(self, keys: CacheKeys, ident: str, tags: tuple[str, ...], token: str, lease_ms: int) -> bool:
+        return bool(int(await self._run(RENEW, [keys.lease(ident), *(keys.tag_index(t) for t in tags)],
+                                        [token, lease_ms, ident])))
 
     async def put(self, keys: CacheKeys, ident: str, tags: tuple[str, ...], token: str, header: Header,
                   payload: bytes, seen_version: int) -> PutResult:

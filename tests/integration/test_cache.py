@@ -437,6 +437,60 @@ async def test_invalidation_during_a_computation_fences_its_write(redis_url: str
         await close(a, b)
 
 
+
+def _redis_ms(client: redis.Redis) -> float:
+    seconds, micros = client.time()
+    return seconds * 1000 + micros / 1000
+
+
+async def _redis_clock_passes(client: redis.Redis, when_ms: float) -> None:
+    """Until Redis's own clock (the one the scripts' expiries use) is past ``when_ms``; bounded."""
+    await until(lambda: _redis_ms(client) > when_ms, f"Redis's clock past {when_ms:.0f} ms", timeout=10)
+
+
+@pytest.mark.parametrize("how", ["another entry of the tag stored later", "the tag index outlived by the lease"])
+async def test_a_tag_invalidation_fences_a_computation_that_outlived_its_first_lease(
+    redis_url: str, prefix: str, how: str
+) -> None:
+    """A computation longer than its lease TTL keeps renewing its lease; a tag invalidation during it must still
+    fence its write. It once did not: the lease's registration in the tag index (what tag invalidation reads to
+    find computations in flight) carried the first TTL's expiry and was never renewed, so the next PUT of any
+    entry of that tag trimmed it; and the index key itself kept the life of an earlier, shorter entry and expired
+    with the registration in it. Either way the old value was stored after the invalidation returned, and served.
+    """
+    lease_ttl = 0.3
+    a, b = make(redis_url, prefix, lease_ttl=lease_ttl), make(redis_url, prefix, lease_ttl=lease_ttl)
+    client = redis.Redis.from_url(redis_url)
+    data = {"v": "old"}
+    started, gate = asyncio.Event(), asyncio.Event()
+
+    async def slow() -> str:
+        seen = data["v"]  # what the computation read: the data before the change below
+        started.set()
+        await gate.wait()
+        return seen
+
+    try:
+        async with asyncio.timeout(30):
+            if how == "the tag index outlived by the lease":  # an entry of the tag whose life ends first
+                await b.get_or_compute("n", "short", lambda: "s", ttl=0.2, tags=("t",))
+            task = asyncio.create_task(a.get_or_compute("n", "k", slow, ttl=60, tags=("t",)))
+            await started.wait()
+            # Past the first lease TTL (and the short entry's life) by Redis's clock: the lease was renewed.
+            await _redis_clock_passes(client, _redis_ms(client) + 3 * lease_ttl * 1000)
+            if how == "another entry of the tag stored later":
+                await b.get_or_compute("n", "other", lambda: "o", ttl=60, tags=("t",))
+            data["v"] = "new"
+            await b.invalidate_tag("n", "t")
+            gate.set()
+            assert await task == "old"  # its caller still gets the value it computed...
+            served = await b.get_or_compute("n", "k", lambda: data["v"], ttl=60, tags=("t",))
+            assert served == "new", "a value computed before the invalidation was stored and served after it"
+    finally:
+        client.close()
+        await close(a, b)
+
+
 # -- freshness ----------------------------------------------------------------------------------------------------
 def _age_entry(url: str, prefix: str, namespace: str, left_ms: int) -> None:
     """Move every entry of a namespace to a point of its life: ``left_ms`` of life remaining (Redis's clock)."""
