@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from sqlalchemy import Engine, select
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from hyperion_lock import Lease, LeaseLostError, current_lease
@@ -103,25 +103,40 @@ def seed(engine: Engine, lease: Lease | None = None, *, name: str = "seed") -> i
     return inserted
 
 
-SEED_WRITE_TRIES = 3  # a dropped connection is retried; the fence is checked again in each new transaction
+SEED_WRITE_TRIES = 3  # a dropped connection or a failed connect is retried; the fence is checked again each time
+SEED_RETRY_PAUSE = 1.0  # seconds before the second try, twice that before the third
+
+
+def _connection_trouble(exc: DBAPIError) -> str | None:
+    """What went wrong with the connection itself, or ``None`` when the database answered (a refusal, a
+    constraint): a dropped connection, or a connect that failed (no statement was sent)."""
+    if exc.connection_invalidated:
+        return "the database dropped the connection"
+    if isinstance(exc, OperationalError) and exc.statement is None:
+        return "connecting to the database failed"
+    return None
 
 
 def _fenced_write_retrying(engine: Engine, name: str, token: int, generation: str, since: float,
                            lease: Lease | None) -> int:
-    """Run :func:`_fenced_write`, again on a new connection when the database dropped ours.
+    """Run :func:`_fenced_write`, again on a new connection when the connection failed.
 
     A leader cut off from the network can find its connection gone when the link comes back (the server reset
-    it, or a pooled one died while the job waited): that is not an answer to "may I write?". The transaction is
-    retried on a fresh connection, where the fence gives the answer (a successor's higher token: LeaseLostError).
+    it, or a pooled one died while the job waited), or its first connect failing while the link is still coming
+    up: neither is an answer to "may I write?". The transaction is retried on a fresh connection (up to
+    :data:`SEED_WRITE_TRIES` tries, pausing in between), where the fence gives the answer (a successor's higher
+    token: LeaseLostError). If the database stays unreachable, the last error is the job's failure.
     """
     for attempt in range(1, SEED_WRITE_TRIES + 1):
         try:
             return _fenced_write(engine, name, token, generation, since, lease)
         except DBAPIError as exc:
-            if not exc.connection_invalidated or attempt == SEED_WRITE_TRIES:
+            trouble = _connection_trouble(exc)
+            if trouble is None or attempt == SEED_WRITE_TRIES:
                 raise
-            logger.info("%s: the database dropped the connection (%s); trying again on a new one (%d/%d)", name,
-                        type(exc.orig).__name__, attempt, SEED_WRITE_TRIES)
+            logger.info("%s: %s (%s); trying again on a new connection (%d/%d)", name, trouble,
+                        type(exc.orig).__name__, attempt + 1, SEED_WRITE_TRIES)
+            time.sleep(SEED_RETRY_PAUSE * attempt)
     raise AssertionError("unreachable")
 
 

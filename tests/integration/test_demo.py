@@ -4,6 +4,7 @@ helpers, compose file."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -84,6 +85,40 @@ def test_a_dropped_connection_is_retried_and_the_fence_still_decides(postgres_ur
         finally:
             engine.dispose()
 
+
+
+def test_a_failed_connect_is_retried_and_the_fence_still_decides(postgres_url: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seed's first connect fails (here: refused by the kernel, as on a link that is still coming up): the
+    write is tried again after a pause, on a new connection, where the fence answers. Before, the connect error
+    was the job's failure: every worker failed its boot for a blip."""
+    monkeypatch.setattr(jobs, "SEED_RETRY_PAUSE", 0.01)
+    with fresh_database(postgres_url) as url:
+        assert upgrade_to_head(url) is True
+        engine = make_engine(url)
+        refused: list[int] = []
+
+        @event.listens_for(engine, "do_connect")
+        def refuse_the_first_connect(dialect: Any, conn_rec: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+            if not refused:
+                with socket.socket() as closed:  # a port nothing listens on: the kernel refuses the connect
+                    closed.bind(("127.0.0.1", 0))
+                    refused.append(closed.getsockname()[1])
+                cparams["port"] = refused[0]
+
+        try:
+            before = time.time()
+            assert jobs.seed(engine, lease(5, since=before - 1)) == 3
+            assert len(refused) == 1
+            assert pg_query(url, "SELECT fencing_token FROM job_fences") == [(5,)]
+            engine.dispose()
+            refused.clear()
+            with pytest.raises(LeaseLostError, match="refusing to write"):  # a stale leader: refused by the fence
+                jobs.seed(engine, lease(4, since=before - 2))
+            assert len(refused) == 1
+            assert pg_query(url, "SELECT fencing_token, count(*) FROM job_fences GROUP BY 1") == [(5, 1)]
+        finally:
+            engine.dispose()
 
 def test_the_same_token_from_another_run_is_refused(tmp_path: Path) -> None:
     """Redis lost the fencing counter and handed token 1 to two leaders (the model checker's shortest trace): the
