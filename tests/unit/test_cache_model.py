@@ -107,7 +107,7 @@ def test_the_version_check_of_put_is_not_what_keeps_values_fresh() -> None:
     assert not report.violations, report.summary()
 
 
-@pytest.mark.skipif(not os.environ.get("HYPERION_LOCK_CACHE_MODEL_BIG"), reason="minutes: run on demand")
+@pytest.mark.skipif(not os.environ.get("HYPERION_LOCK_CACHE_MODEL_BIG"), reason="half a minute or more: run on demand")
 def test_the_scripts_hold_in_a_bigger_configuration() -> None:
     report = check(CacheScripts(), BIG)
     assert not report.violations and report.frontier == 0, report.summary()

@@ -96,7 +96,7 @@ class Config:
 
     def describe(self) -> str:
         b = self.budget
-        return (f"scripts {self.scripts.name}; {self.workers} workers, depth {self.depth}; {b.invalidations} "
+        return (f"scripts {self.scripts.name}; {self.workers} workers, depth bound {self.depth}; {b.invalidations} "
                 f"invalidation ({'/'.join(k.value for k in self.kinds)}), {b.others} store of {K2}, {b.crashes} crash, "
                 f"{b.replies} lost reply; lease {LEASE_MS // TICK_MS} s, life {LIFE_MS // TICK_MS} s ({K}), "
                 f"{OTHER_LIFE_MS // TICK_MS} s ({K2})")
@@ -336,7 +336,7 @@ class Report:
 
     def summary(self) -> str:
         lines = [f"model check of the cache: {self.config.describe()}",
-                 f"  {self.states} states explored to depth {self.depth} ({self.frontier} at the bound), "
+                 f"  {self.states} states explored, {self.depth} levels deep ({self.frontier} left at the bound), "
                  f"{self.transitions} transitions, {self.seconds:.1f} s"]
         if not self.violations:
             lines.append("  no invariant violated")
