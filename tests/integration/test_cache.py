@@ -456,8 +456,9 @@ async def test_a_tag_invalidation_fences_a_computation_that_outlived_its_first_l
     fence its write. It once did not: the lease's registration in the tag index (what tag invalidation reads to
     find computations in flight) carried the first TTL's expiry and was never renewed, so the next PUT of any
     entry of that tag trimmed it; and the index key itself kept the life of an earlier, shorter entry and expired
-    with the registration in it. Either way the old value was stored after the invalidation returned, and served.
-    """
+    with the registration in it (that half needs no renewal: an index key created by a lease, then given a shorter
+    entry's life by its PUT). Either way the old value was stored after the invalidation returned, and served. The
+    cache model (tests/unit/test_cache_model.py) finds both with the scripts as they were."""
     lease_ttl = 0.3
     a, b = make(redis_url, prefix, lease_ttl=lease_ttl), make(redis_url, prefix, lease_ttl=lease_ttl)
     client = redis.Redis.from_url(redis_url)
