@@ -48,6 +48,7 @@ from typing import Any, NamedTuple
 from hyperion_lock.cache import store as _store
 from hyperion_lock.cache.keys import CacheKeys
 
+from . import search
 from .cache_model import EMPTY, CacheScripts, Db, Hash
 
 KEYS = CacheKeys("model", "ns")
@@ -315,24 +316,8 @@ class Model:
 
 # -- the search -------------------------------------------------------------------------------------------------
 @dataclass
-class Violation:
-    invariant: Invariant
-    what: str
-    trace: list[str]
-
-    def timeline(self) -> str:
-        return f"VIOLATED {self.invariant.value}: {self.what}\n" + "\n".join(self.trace)
-
-
-@dataclass
-class Report:
-    config: Config
-    states: int = 0
-    transitions: int = 0
-    frontier: int = 0  # states at the depth bound (not expanded)
+class Report(search.Report[Config, Invariant]):
     depth: int = 0  # the deepest level expanded
-    violations: dict[Invariant, Violation] = field(default_factory=dict)
-    seconds: float = 0.0
 
     def summary(self) -> str:
         lines = [f"model check of the cache: {self.config.describe()}",
@@ -344,66 +329,21 @@ class Report:
         return "\n".join(lines)
 
 
-def timeline(labels: Sequence[str]) -> list[str]:
-    """Step labels as a readable timeline: the time (in seconds) before each step, ticks folded in."""
-    out, t = [], 0
-    for label in labels:
-        if label == "tick":
-            t += 1
-            continue
-        out.append(f"  t={t} {label}")
-    return out
-
-
-class Checker:
+class Checker(search.Search[World, Invariant, Step]):
     def __init__(self, config: Config) -> None:
+        super().__init__(config)
         self.config = config
         self.model = Model(config)
+
+    def initial(self) -> World:
+        return self.model.initial()
+
+    def successors(self, state: World) -> list[Step]:
+        return self.model.successors(state)
 
     def run(self) -> Report:
         start = time.monotonic()
         report = Report(self.config)
-        init = self.model.initial()
-        parent: dict[World, tuple[World, str] | None] = {init: None}
-        frontier = [init]
-        for level in range(self.config.depth):
-            frontier = self.expand(frontier, parent, report)
-            report.depth = level + 1
-            if not frontier or len(parent) > self.config.max_states:
-                break
-            if report.violations and self.config.stop_at_first:
-                break
-        report.states = len(parent)
-        report.frontier = len(frontier)
+        _, report.depth = self.search(report)
         report.seconds = time.monotonic() - start
         return report
-
-    def expand(self, frontier: list[World], parent: dict[World, tuple[World, str] | None],
-               report: Report) -> list[World]:
-        nxt: list[World] = []
-        for world in frontier:
-            for step in self.model.successors(world):
-                report.transitions += 1
-                if step.violation is not None:
-                    name, what = step.violation
-                    if name not in report.violations:
-                        labels = [*self.path(world, parent), step.label]
-                        report.violations[name] = Violation(name, what, timeline(labels))
-                    continue  # a violating state is not explored further
-                if step.world not in parent:
-                    parent[step.world] = (world, step.label)
-                    nxt.append(step.world)
-        return nxt
-
-    @staticmethod
-    def path(world: World, parent: dict[World, tuple[World, str] | None]) -> list[str]:
-        """The labels of the steps from the initial state to ``world`` (at most one per level explored)."""
-        labels: list[str] = []
-        link = parent[world]
-        for _ in range(len(parent)):
-            if link is None:
-                break
-            world, label = link
-            labels.append(label)
-            link = parent[world]
-        return labels[::-1]

@@ -56,7 +56,9 @@ from hyperion_lock.runonce.policy import Act, Next, WaitPolicy
 from hyperion_lock.runonce.redis_backend import RedisBackend
 from hyperion_lock.settings import Settings
 
+from . import search
 from .redis_model import EMPTY, Db, Scripts
+from .search import Violation, timeline
 
 T = TypeVar("T")
 
@@ -635,24 +637,8 @@ def describe_event(event: Event) -> str:
 
 # -- the search -------------------------------------------------------------------------------------------------
 @dataclass
-class Violation:
-    invariant: str
-    what: str
-    trace: list[str]
-
-    def timeline(self) -> str:
-        return f"VIOLATED {self.invariant}: {self.what}\n" + "\n".join(self.trace)
-
-
-@dataclass
-class Report:
-    config: Config
-    states: int = 0
-    transitions: int = 0
-    frontier: int = 0  # states at the depth bound (not expanded)
+class Report(search.Report[Config, str]):
     terminal: int = 0  # explored states in which every caller that did not crash has ended
-    violations: dict[str, Violation] = field(default_factory=dict)
-    seconds: float = 0.0
     liveness_checked: int = 0
 
     def summary(self) -> str:
@@ -669,73 +655,33 @@ class Report:
         return "\n".join(lines)
 
 
-def timeline(labels: Sequence[str]) -> list[str]:
-    """Step labels as a readable timeline: the time (in ticks) before each step, ticks folded in."""
-    out, t = [], 0
-    for label in labels:
-        if label.startswith("tick"):
-            t += 1
-            continue
-        out.append(f"  t={t} {label}")
-    return out
-
-
-class Checker:
+class Checker(search.Search[World, str, Step]):
     def __init__(self, config: Config) -> None:
+        super().__init__(config)
         self.config = config
         self.model = Model(config)
         self.next_free: dict[World, World] = {}  # the greedy schedule's step from each expanded state
 
+    def initial(self) -> World:
+        return self.model.initial()
+
+    def successors(self, state: World) -> list[Step]:
+        return self.model.successors(state)
+
+    def explored(self, state: World, steps: Sequence[Step]) -> None:
+        free = next((step for step in steps if not step.fault), None)
+        if free is not None and free.violation is None:
+            self.next_free[state] = free.world
+
     def run(self) -> Report:
         start = time.monotonic()
         report = Report(self.config)
-        init = self.model.initial()
-        parent: dict[World, tuple[World, str] | None] = {init: None}
-        frontier = [init]
-        for _ in range(self.config.depth):
-            frontier = self.expand(frontier, parent, report)
-            if not frontier or len(parent) > self.config.max_states:
-                break
-            if report.violations and self.config.stop_at_first:
-                break
-        report.states = len(parent)
-        report.frontier = len(frontier)
+        parent, _ = self.search(report)
         report.terminal = sum(1 for s in parent if Model.finished(s))
         if self.config.liveness and not (report.violations and self.config.stop_at_first):
             self.check_liveness(list(parent), parent, report)
         report.seconds = time.monotonic() - start
         return report
-
-    def expand(self, frontier: list[World], parent: dict[World, tuple[World, str] | None],
-               report: Report) -> list[World]:
-        nxt: list[World] = []
-        for world in frontier:
-            steps = self.model.successors(world)
-            free = next((step for step in steps if not step.fault), None)
-            if free is not None and free.violation is None:
-                self.next_free[world] = free.world
-            for step in steps:
-                report.transitions += 1
-                if step.violation is not None:
-                    name, what = step.violation
-                    if name not in report.violations:
-                        labels = [*self.path(world, parent), step.label]
-                        report.violations[name] = Violation(name, what, timeline(labels))
-                    continue  # a violating state is not explored further
-                if step.world not in parent:
-                    parent[step.world] = (world, step.label)
-                    nxt.append(step.world)
-        return nxt
-
-    @staticmethod
-    def path(world: World, parent: dict[World, tuple[World, str] | None]) -> list[str]:
-        labels: list[str] = []
-        link = parent[world]
-        while link is not None:
-            world, label = link
-            labels.append(label)
-            link = parent[world]
-        return labels[::-1]
 
     # -- liveness -----------------------------------------------------------------------------------------------
     def check_liveness(self, states: list[World], parent: dict[World, tuple[World, str] | None],
