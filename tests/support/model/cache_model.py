@@ -22,10 +22,11 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from hyperion_lock.cache import store as _store
+
+from .keyspace import KeySpace, pttl_in, run_script, value_in
 
 WRONGTYPE = "WRONGTYPE Operation against a key holding the wrong kind of value"
 
@@ -54,20 +55,14 @@ class Db(NamedTuple):
     keys: tuple[tuple[str, Value, int | None], ...] = ()
 
     def value(self, key: str) -> Value | None:
-        for name, value, _ in self.keys:
-            if name == key:
-                return value
-        return None
+        return value_in(self.keys, key)
 
     def get(self, key: str) -> str | None:
         value = self.value(key)
         return value if isinstance(value, str) else None
 
     def pttl(self, key: str) -> int:
-        for name, _, ttl in self.keys:
-            if name == key:
-                return -1 if ttl is None else ttl
-        return -2
+        return pttl_in(self.keys, key)
 
     def elapse(self, ms: int, floor: int | None = None) -> Db:
         """``ms`` pass: every TTL shrinks by ``ms`` (a key whose TTL reaches 0 is gone, as Redis expires it), and so
@@ -93,19 +88,15 @@ class ScriptError(Exception):
     """A command inside a script failed (``redis.call`` raised): the script ends with an error reply."""
 
 
-@dataclass
-class Redis:
+class Redis(KeySpace[Value]):
     """A mutable scratch copy of a :class:`Db` that one script runs on; ``published`` collects its messages."""
-
-    data: dict[str, tuple[Value, int | None]]
-    published: list[tuple[str, str]] = field(default_factory=list)
 
     @classmethod
     def of(cls, db: Db) -> Redis:
         return cls({name: (value, ttl) for name, value, ttl in db.keys})
 
     def freeze(self) -> Db:
-        return Db(tuple(sorted((name, value, ttl) for name, (value, ttl) in self.data.items())))
+        return Db(self.rows())
 
     def _typed(self, key: str, kind: type) -> Any:
         entry = self.data.get(key)
@@ -128,25 +119,6 @@ class Redis:
         new = int(value or "0") + 1
         self.data[key] = (str(new), self.data[key][1] if key in self.data else None)  # INCR keeps the TTL
         return new
-
-    # keys
-    def delete(self, key: str) -> int:
-        return 1 if self.data.pop(key, None) is not None else 0
-
-    def pexpire(self, key: str, ms: int) -> int:
-        if key not in self.data:
-            return 0
-        if ms <= 0:
-            del self.data[key]
-        else:
-            self.data[key] = (self.data[key][0], ms)
-        return 1
-
-    def pttl(self, key: str) -> int:
-        entry = self.data.get(key)
-        if entry is None:
-            return -2
-        return -1 if entry[1] is None else entry[1]
 
     # hashes
     def hmget(self, key: str, *names: str) -> list[str | None]:
@@ -203,8 +175,6 @@ class Redis:
         """``ZCOUNT key (above +inf``."""
         return sum(1 for s in self._zset(key).values() if s > above)
 
-    def publish(self, channel: str, message: str) -> None:
-        self.published.append((channel, message))
 
 
 Reply = Any
@@ -398,11 +368,8 @@ class CacheScripts:
     ) -> tuple[Db, Reply, list[tuple[str, str]]]:
         """Run ``script`` (a Lua text of ``hyperion_lock.cache.store``) on ``db``. A script that raises changes
         nothing (``ScriptError`` propagates; the cache's scripts only raise on a key of a wrong type)."""
-        fn = self.by_text().get(script)
-        if fn is None:
-            raise KeyError(f"the model has no transcription of this script:\n{script}")
         r = Redis.of(db)
-        reply = fn(r, [str(k) for k in keys], [_arg(a) for a in args])
+        reply = run_script(self.by_text(), r, script, keys, args)
         return r.freeze(), reply, r.published
 
 
@@ -501,8 +468,3 @@ BROKEN: tuple[type[CacheScripts], ...] = (PutWithoutHolderCheck, PutWithoutVersi
                                           BeforeTagFix, RenewKeepsFirstRegistration, ReadIgnoresHolder)
 
 
-def _arg(value: Any) -> str:
-    """An argument as redis-py sends it."""
-    if isinstance(value, bytes):
-        return value.decode()
-    return str(value)

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from hyperion_lock.runonce import scripts as _scripts
+
+from .keyspace import KeySpace, pttl_in, run_script, value_in
 
 Value = tuple[str, int | None]  # (string value, remaining TTL in ms or None for no expiry)
 
@@ -31,16 +32,10 @@ class Db(NamedTuple):
     entries: tuple[tuple[str, str, int | None], ...] = ()
 
     def get(self, key: str) -> str | None:
-        for name, value, _ in self.entries:
-            if name == key:
-                return value
-        return None
+        return value_in(self.entries, key)
 
     def pttl(self, key: str) -> int:
-        for name, _, ttl in self.entries:
-            if name == key:
-                return -1 if ttl is None else ttl
-        return -2
+        return pttl_in(self.entries, key)
 
     def elapse(self, ms: int) -> Db:
         """Time passes: every TTL shrinks by ``ms``; keys whose TTL reaches 0 are gone (Redis expires them)."""
@@ -60,19 +55,15 @@ class Db(NamedTuple):
 EMPTY = Db()
 
 
-@dataclass
-class Redis:
+class Redis(KeySpace[str]):
     """A mutable scratch copy of a :class:`Db` that one script runs on; ``published`` collects its messages."""
-
-    data: dict[str, Value]
-    published: list[tuple[str, str]] = field(default_factory=list)
 
     @classmethod
     def of(cls, db: Db) -> Redis:
         return cls(db.as_dict())
 
     def freeze(self) -> Db:
-        return Db(tuple(sorted((name, value, ttl) for name, (value, ttl) in self.data.items())))
+        return Db(self.rows())
 
     def get(self, key: str) -> str | None:
         entry = self.data.get(key)
@@ -83,36 +74,11 @@ class Redis:
             raise ValueError("invalid expire time in 'set' command")
         self.data[key] = (value, px)  # SET without PX clears any TTL, as in Redis
 
-    def pexpire(self, key: str, ms: int) -> int:
-        if key not in self.data:
-            return 0
-        if ms <= 0:
-            del self.data[key]
-        else:
-            self.data[key] = (self.data[key][0], ms)
-        return 1
-
-    def pttl(self, key: str) -> int:
-        entry = self.data.get(key)
-        if entry is None:
-            return -2
-        return -1 if entry[1] is None else entry[1]
-
     def incr(self, key: str) -> int:
         value, ttl = self.data.get(key, ("0", None))
         new = int(value) + 1  # INCR keeps the key's TTL
         self.data[key] = (str(new), ttl)
         return new
-
-    def delete(self, *keys: str) -> int:
-        n = 0
-        for key in keys:
-            if self.data.pop(key, None) is not None:
-                n += 1
-        return n
-
-    def publish(self, channel: str, message: str) -> None:
-        self.published.append((channel, message))
 
 
 def tonumber(value: Any) -> float | None:
@@ -289,11 +255,8 @@ class Scripts:
         self, db: Db, script: str, keys: Sequence[Any], args: Sequence[Any]
     ) -> tuple[Db, Reply, list[tuple[str, str]]]:
         """Run ``script`` (a Lua text from ``_scripts``) on ``db``; arguments are stringified as redis-py does."""
-        fn = self.by_text().get(script)
-        if fn is None:
-            raise KeyError(f"the model has no transcription of this script:\n{script}")
         r = Redis.of(db)
-        reply = fn(r, [str(k) for k in keys], [_arg(a) for a in args])
+        reply = run_script(self.by_text(), r, script, keys, args)
         return r.freeze(), reply, r.published
 
 
@@ -315,10 +278,3 @@ def _num(value: str) -> float:
     return n
 
 
-def _arg(value: Any) -> str:
-    """An argument as redis-py sends it (ints and floats as their text; bytes as UTF-8)."""
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
