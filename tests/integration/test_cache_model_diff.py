@@ -44,6 +44,7 @@ from tests.support.model.cache_model import (
     ZSet,
 )
 from tests.support.model.checker import drive
+from tests.support.model.diff import AGE, ScriptFailed, model_reply
 
 pytestmark = pytest.mark.integration
 
@@ -56,20 +57,6 @@ TAGS = ("t", "u")
 TOKENS = ("a", "b")
 HOLDER = "holder"  # the token that holds the entry's lease in the model now ("a" if none)
 NOW = "now"  # PUT with the namespace version the model holds now
-AGE = """
-local a = tonumber(ARGV[1])
-for _, k in ipairs(KEYS) do
-  if redis.call('TYPE', k)['ok'] == 'zset' then
-    local m = redis.call('ZRANGE', k, 0, -1, 'WITHSCORES')
-    for i = 1, #m, 2 do redis.call('ZADD', k, tonumber(m[i + 1]) - a, m[i]) end
-  end
-  local t = redis.call('PTTL', k)
-  if t > 0 then
-    if t - a <= 0 then redis.call('DEL', k) else redis.call('PEXPIRE', k, t - a) end
-  end
-end
-return 0
-"""
 SNAPSHOT = """
 local t = redis.call('TIME')
 local out = {t[1], t[2]}
@@ -194,17 +181,11 @@ class TeeStore(RedisStore):
             with pytest.raises(ScriptError):
                 self.model.run(self.db, script, keys, args)
             raise ScriptFailed(f"{what} raised in Redis ({exc}) and in the model") from exc
-        try:
-            self.db, reply, published = self.model.run(self.db, script, keys, args)
-        except (ScriptError, ValueError, KeyError, TypeError) as exc:
-            raise AssertionError(f"{what}: the model raised {exc!r}, Redis replied {real!r}") from exc
-        self.published.extend(message for _, message in published)
+        self.db, reply, published = model_reply(self.model, self.db, script, keys, args, real, what,
+                                                (ScriptError, ValueError, KeyError, TypeError))
+        self.published.extend(published)
         same_reply(real, reply, f"{what} reply", script)
         return real
-
-
-class ScriptFailed(Exception):
-    """A script raised on both sides alike."""
 
 
 def script_name(script: str) -> str:

@@ -33,6 +33,7 @@ from hyperion_lock.runonce.keys import JobKeys
 from hyperion_lock.runonce.model import Holder, Lease, Outcome, Status
 from hyperion_lock.runonce.redis_backend import AsyncOps, RedisBackend
 from hyperion_lock.settings import Settings
+from tests.support.model.diff import AGE, ScriptFailed, model_reply
 from tests.support.model.redis_model import EMPTY, Db, FinishIgnoresToken, Redis, ScriptError, Scripts
 
 pytestmark = pytest.mark.integration
@@ -41,15 +42,6 @@ GENS = ("g0", "g1")
 TOKENS = ("a", "b")
 SLACK_MS = 30_000
 EXAMPLES = int(os.environ.get("HYPERION_LOCK_DIFF_EXAMPLES", "100"))
-AGE = """
-for _, k in ipairs(KEYS) do
-  local t = redis.call('PTTL', k)
-  if t > 0 then
-    if t - tonumber(ARGV[1]) <= 0 then redis.call('DEL', k) else redis.call('PEXPIRE', k, t - tonumber(ARGV[1])) end
-  end
-end
-return 0
-"""
 _prefixes = itertools.count()
 
 
@@ -145,17 +137,11 @@ class TeeOps(AsyncOps):
             if isinstance(model_error.value, ScriptError):  # an error reply of its own: the same words
                 assert str(model_error.value) in str(exc), f"{what}: Redis said {exc}, the model {model_error.value}"
             raise ScriptFailed(f"{what} raised in Redis ({exc}) and in the model") from exc
-        try:
-            self.db, reply, published = self.model.run(self.db, script, keys, args)
-        except (ScriptError, ValueError, KeyError, TypeError) as exc:
-            raise AssertionError(f"{what}: the model raised {exc!r}, Redis replied {real!r}") from exc
-        self.published.extend(message for _, message in published)
+        self.db, reply, published = model_reply(self.model, self.db, script, keys, args, real, what,
+                                                (ScriptError, ValueError, KeyError, TypeError))
+        self.published.extend(published)
         same_reply(real, reply, f"{what} reply")
         return real
-
-
-class ScriptFailed(Exception):
-    """A script raised on both sides alike (the library would report it as an error)."""
 
 
 def script_name(script: str) -> str:
