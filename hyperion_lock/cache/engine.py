@@ -52,7 +52,7 @@ from typing import Any, TypeVar
 import redis as _redis
 import redis.asyncio as aredis
 
-from hyperion_lock._aio import cancel_and_wait
+from hyperion_lock._aio import cancel_and_wait, within
 from hyperion_lock.cache.codec import JsonCodec, etag_of
 from hyperion_lock.cache.errors import CacheComputeError, CacheError
 from hyperion_lock.cache.keys import CacheKeys
@@ -77,7 +77,6 @@ from hyperion_lock.cache.store import (
     Store,
     TakeMode,
     client_for_cache,
-    within,
 )
 from hyperion_lock.cache.types import (
     _UNSET,

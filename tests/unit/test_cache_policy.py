@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from redis.crc import key_slot
 
 from hyperion_lock import CacheSerializationError, ConfigurationError
+from hyperion_lock._aio import within
 from hyperion_lock.cache.codec import JsonCodec, PickleCodec, etag_of
 from hyperion_lock.cache.keys import CacheKeys, identity, key_identity, text, typed
 from hyperion_lock.cache.near import NearCache, NearEntry
@@ -30,7 +31,6 @@ from hyperion_lock.cache.policy import (
     freshness,
     wait_for,
 )
-from hyperion_lock.cache.store import within
 from hyperion_lock.cache.types import CacheSettings
 
 

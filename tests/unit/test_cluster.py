@@ -21,7 +21,7 @@ from hyperion_lock import (
     Settings,
     redact_url,
 )
-from hyperion_lock.cache.store import _Listener
+from hyperion_lock.cache.store.redis import _Listener
 from hyperion_lock.connection.clients import async_client_from_url, is_transient, sync_client_from_url
 from hyperion_lock.connection.cluster import MIN_REDIS_PY
 from hyperion_lock.connection.urls import parse_cluster_url

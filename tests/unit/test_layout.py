@@ -56,7 +56,7 @@ def test_the_reference_app_reaching_into_a_private_module_is_refused(tmp_path: P
 
 def test_the_library_importing_the_cli_is_refused(tmp_path: Path) -> None:
     tree = copy_tree(tmp_path)
-    store = tree / "hyperion_lock" / "cache" / "store.py"
+    store = tree / "hyperion_lock" / "cache" / "store" / "redis.py"
     store.write_text(store.read_text() + "\nfrom hyperion_lock.cli import main  # noqa: E402\n")
     result = lint(tree)
     assert result.returncode == 1, result.stdout
