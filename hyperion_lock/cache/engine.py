@@ -414,14 +414,7 @@ class Engine:
 
     async def direct(self, spec: Spec, ident: str, compute: Callable[[], Awaitable[Any]]) -> Result:
         """Compute without the store: neither served from nor written to it (``BYPASS``)."""
-        lead = _Lead(None, spec, ident, ())
-        started = self._clock()
-        try:
-            value = await compute()
-        except Exception as exc:
-            await self._fail(lead, exc, self._clock() - started)
-            raise
-        result = await self._finish(lead, value, self._clock() - started)
+        result = await self._compute(_Lead(None, spec, ident, ()), compute)
         self.count(spec.namespace, result.status)
         return result
 
@@ -543,16 +536,20 @@ class Engine:
         begun = _Lead(None, spec, ident, tags) if direct else await self._begin(spec, ident, tags, compute, force)
         if isinstance(begun, Result):
             return begun
+        return await self._compute(begun, compute)
+
+    async def _compute(self, lead: _Lead, compute: Callable[[], Awaitable[Any]]) -> Result:
+        """Run the computation this call leads (or makes directly), and store, release or abandon after it."""
         started = self._clock()
         try:
             value = await compute()
         except Exception as exc:
-            await self._fail(begun, exc, self._clock() - started)
+            await self._fail(lead, exc, self._clock() - started)
             raise
         except BaseException:
-            await self._abandon(begun)
+            await self._abandon(lead)
             raise
-        return await self._finish(begun, value, self._clock() - started)
+        return await self._finish(lead, value, self._clock() - started)
 
     async def _begin(self, spec: Spec, ident: str, tags: tuple[str, ...],
                      refresher: Callable[[], Awaitable[Any]], force: bool) -> Result | _Lead:
