@@ -492,6 +492,34 @@ async def test_a_tag_invalidation_fences_a_computation_that_outlived_its_first_l
         await close(a, b)
 
 
+
+@pytest.mark.parametrize("index", ["tag", "namespace"])
+async def test_a_foreign_value_at_an_index_key_is_dropped_not_a_failing_redis(
+    redis_url: str, prefix: str, index: str
+) -> None:
+    """Someone wrote a string where the cache keeps a tag's or the namespace's index (a sorted set). Every script
+    that touched it failed with WRONGTYPE: the breaker took that for a failing Redis and the worker stopped
+    caching every namespace, and invalidating the tag raised. The scripts now drop such a key, as they drop an
+    unreadable entry: the entry is cached once, and the tag invalidation finds it."""
+    cache = make(redis_url, prefix)
+    client = redis.Redis.from_url(redis_url)
+    keys = CacheKeys(prefix, "n")
+    foreign = keys.tag_index("t") if index == "tag" else keys.index
+    client.set(foreign, "not a sorted set")
+    runs = Counter()
+    try:
+        for _ in range(3):
+            await cache.get_or_compute("n", "k", runs, ttl=60, tags=("t",), returns=Quote)
+        assert runs.runs == 1  # cached: neither computed directly nor refused by a breaker
+        assert client.type(foreign) == b"zset"
+        assert await cache.invalidate_tag("n", "t") == 1
+        await cache.get_or_compute("n", "k", runs, ttl=60, tags=("t",), returns=Quote)
+        assert runs.runs == 2
+    finally:
+        client.close()
+        await close(cache)
+
+
 # -- freshness ----------------------------------------------------------------------------------------------------
 def _age_entry(url: str, prefix: str, namespace: str, left_ms: int) -> None:
     """Move every entry of a namespace to a point of its life: ``left_ms`` of life remaining (Redis's clock)."""

@@ -131,9 +131,11 @@ class AgeStep:
 
 @dataclass(frozen=True)
 class CorruptStep:
-    """Someone wrote a string where the entry's hash belongs: READ drops it, PUT's retry check reads past it."""
+    """Someone wrote a string where the cache keeps a hash or a sorted set: READ drops a stray entry, PUT's retry
+    check reads past it, and every script drops a stray tag or namespace index before using it."""
 
-    ident: str
+    kind: str  # "entry" (``name`` is its ident), "tag" (``name`` is the tag) or "index" (the namespace's)
+    name: str
 
 
 idents = st.sampled_from(sorted(IDENTS))
@@ -151,7 +153,9 @@ steps = st.one_of(
     st.builds(InvalidateTagStep, st.sampled_from(TAGS)),
     st.just(InvalidateNamespaceStep()),
     st.builds(AgeStep, st.sampled_from((100_000, 100_000, 200_000, 300_000))),
-    st.builds(CorruptStep, idents),
+    st.builds(CorruptStep, st.just("entry"), idents),
+    st.builds(CorruptStep, st.just("tag"), st.sampled_from(TAGS)),
+    st.builds(CorruptStep, st.just("index"), st.just("")),
 )
 sequences = st.lists(steps, min_size=8, max_size=24)
 
@@ -280,7 +284,8 @@ class Run:
             self.client.eval(AGE, len(self.names), *self.names, step.ms)
             self.store.db = self.store.db.elapse(step.ms)
             return
-        name = self.keys.entry(step.ident)
+        name = {"entry": self.keys.entry, "tag": self.keys.tag_index}.get(step.kind, lambda _: self.keys.index)(
+            step.name)
         self.client.set(name, "stray")
         scratch = Redis.of(self.store.db)
         scratch.data[name] = ("stray", None)

@@ -9,14 +9,22 @@ call (:mod:`.redis` runs them; ``tests/support/model/cache_model.py`` transcribe
 # latest member: a shorter life (an earlier entry's) would let it expire, registration and all, while a
 # computation of an entry of that tag still runs, and that computation's value would then be stored after an
 # invalidation of the tag had returned.
-# KEEP(index, id, expiry, now): register id until expiry (never earlier than it already was), and keep the key.
+# keep(index, id, expiry, now): register id until expiry (never earlier than it already was), and keep the key.
+# index(key): the key, after dropping it if it holds another Redis type (nothing this cache wrote: dropped like an
+# unreadable entry, so that one foreign key cannot fail every script that touches the index, and with them the
+# whole worker's cache, through the breaker).
 KEEP = """
-local function keep(index, id, expiry, now)
-  redis.call('ZADD', index, 'GT', expiry, id)
-  local top = redis.call('ZRANGE', index, -1, -1, 'WITHSCORES')
+local function index(key)
+  local t = redis.call('TYPE', key).ok
+  if t ~= 'zset' and t ~= 'none' then redis.call('DEL', key) end
+  return key
+end
+local function keep(key, id, expiry, now)
+  redis.call('ZADD', index(key), 'GT', expiry, id)
+  local top = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
   local want = math.ceil(tonumber(top[2]) - now)
-  local left = redis.call('PTTL', index)
-  if want > 0 and left < want then redis.call('PEXPIRE', index, want) end
+  local left = redis.call('PTTL', key)
+  if want > 0 and left < want then redis.call('PEXPIRE', key, want) end
 end
 local function now_ms()
   local t = redis.call('TIME')
@@ -144,10 +152,10 @@ redis.call('HSET', KEYS[1], 'h', ARGV[2], 'v', ARGV[3], 'n', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 local now = now_ms()
 local life = tonumber(ARGV[4])
-redis.call('ZADD', KEYS[4], now + life, ARGV[9])
+redis.call('ZADD', index(KEYS[4]), now + life, ARGV[9])
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
 for i = 5, #KEYS do
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', index(KEYS[i]), '-inf', now)
   redis.call('ZADD', KEYS[i], now + life, ARGV[9])
   keep(KEYS[i], ARGV[9], now + life, now)
 end
@@ -178,11 +186,11 @@ return 1
 # ARGV[2] message "read again"
 # ARGV[3] the entry's id
 # returns 1 an entry was dropped, 0 there was none
-INVALIDATE_KEY = """
+INVALIDATE_KEY = KEEP + """
 local n = redis.call('DEL', KEYS[1])
 redis.call('DEL', KEYS[2])
 redis.call('PUBLISH', ARGV[1], ARGV[2])
-redis.call('ZREM', KEYS[3], ARGV[3])
+redis.call('ZREM', index(KEYS[3]), ARGV[3])
 return n
 """
 
@@ -194,9 +202,10 @@ return n
 # ARGV[2] lease name prefix of the namespace
 # ARGV[3] channel
 # returns the number of entries dropped
-INVALIDATE_TAG = """
+INVALIDATE_TAG = KEEP + """
 local n = 0
-for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+index(KEYS[2])
+for _, id in ipairs(redis.call('ZRANGE', index(KEYS[1]), 0, -1)) do
   n = n + redis.call('DEL', ARGV[1] .. id)
   redis.call('DEL', ARGV[2] .. id)
   redis.call('PUBLISH', ARGV[3], cjson.encode({k = id, o = 'retry'}))
@@ -213,10 +222,9 @@ return n
 # ARGV[1] channel
 # ARGV[2] message about the whole namespace (entry id ""): every near cache drops the namespace's entries
 # returns the number of live entries dropped
-INVALIDATE_NAMESPACE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local n = redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf')
+INVALIDATE_NAMESPACE = KEEP + """
+local now = now_ms()
+local n = redis.call('ZCOUNT', index(KEYS[2]), '(' .. now, '+inf')
 redis.call('INCR', KEYS[1])
 redis.call('DEL', KEYS[2])
 redis.call('PUBLISH', ARGV[1], ARGV[2])

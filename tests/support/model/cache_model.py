@@ -191,7 +191,8 @@ def tonumber(value: str | None) -> float | None:
 
 
 class CacheScripts:
-    """One method per Lua script of ``hyperion_lock.cache.store``, and ``keep``/``now_ms`` of its ``KEEP`` prelude.
+    """One method per Lua script of ``hyperion_lock.cache.store``, and ``index``/``keep``/``now_ms`` of its ``KEEP``
+    prelude.
 
     A broken variant overrides one of the small hooks (``read_holder``, ``put_holder``, ``put_fenced``,
     ``put_stamp``, ``invalidate_key_lease``) or the index handling (``register``, ``renew``, ``put_indexes``), so
@@ -203,8 +204,15 @@ class CacheScripts:
     def now_ms(self) -> int:
         return 0  # the model's clock: every TTL and score is counted from now
 
+    def index(self, r: Redis, key: str) -> str:
+        """``index(key)``: a key of another type than a sorted set is dropped first."""
+        entry = r.data.get(key)
+        if entry is not None and not isinstance(entry[0], ZSet):
+            r.delete(key)
+        return key
+
     def keep(self, r: Redis, index: str, ident: str, expiry: int, now: int) -> None:
-        r.zadd(index, expiry, ident, gt=True)
+        r.zadd(self.index(r, index), expiry, ident, gt=True)
         top = r.zrange_top(index)
         want = math.ceil(float(top[1]) - now)
         left = r.pttl(index)
@@ -297,10 +305,10 @@ class CacheScripts:
         return argv[4]
 
     def put_indexes(self, r: Redis, keys: Sequence[str], argv: Sequence[str], now: int, life: int) -> None:
-        r.zadd(keys[3], now + life, argv[8])
+        r.zadd(self.index(r, keys[3]), now + life, argv[8])
         r.zremrangebyscore(keys[3], now)
         for index in keys[4:]:
-            r.zremrangebyscore(index, now)
+            r.zremrangebyscore(self.index(r, index), now)
             r.zadd(index, now + life, argv[8])
             self.keep(r, index, argv[8], now + life, now)
 
@@ -335,12 +343,13 @@ class CacheScripts:
         n = r.delete(keys[0])
         self.invalidate_key_lease(r, keys[1])
         r.publish(argv[0], argv[1])
-        r.zrem(keys[2], argv[2])
+        r.zrem(self.index(r, keys[2]), argv[2])
         return n
 
     def invalidate_tag(self, r: Redis, keys: Sequence[str], argv: Sequence[str]) -> Reply:
         n = 0
-        for ident in r.zrange(keys[0]):
+        self.index(r, keys[1])
+        for ident in r.zrange(self.index(r, keys[0])):
             n += r.delete(argv[0] + ident)
             r.delete(argv[1] + ident)
             r.publish(argv[2], json.dumps({"k": ident, "o": "retry"}))
@@ -350,7 +359,7 @@ class CacheScripts:
 
     def invalidate_namespace(self, r: Redis, keys: Sequence[str], argv: Sequence[str]) -> Reply:
         now = self.now_ms()
-        n = r.zcount_above(keys[1], now)
+        n = r.zcount_above(self.index(r, keys[1]), now)
         r.incr(keys[0])
         r.delete(keys[1])
         r.publish(argv[0], argv[1])
