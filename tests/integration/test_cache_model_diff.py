@@ -284,8 +284,12 @@ class Run:
             self.client.eval(AGE, len(self.names), *self.names, step.ms)
             self.store.db = self.store.db.elapse(step.ms)
             return
-        name = {"entry": self.keys.entry, "tag": self.keys.tag_index}.get(step.kind, lambda _: self.keys.index)(
-            step.name)
+        if step.kind == "entry":
+            name = self.keys.entry(step.name)
+        elif step.kind == "tag":
+            name = self.keys.tag_index(step.name)
+        else:
+            name = self.keys.index
         self.client.set(name, "stray")
         scratch = Redis.of(self.store.db)
         scratch.data[name] = ("stray", None)
