@@ -211,13 +211,16 @@ class CacheScripts:
             r.delete(key)
         return key
 
-    def keep(self, r: Redis, index: str, ident: str, expiry: int, now: int) -> None:
-        r.zadd(self.index(r, index), expiry, ident, gt=True)
+    def stretch(self, r: Redis, index: str, now: int) -> None:
         top = r.zrange_top(index)
         want = math.ceil(float(top[1]) - now)
         left = r.pttl(index)
         if want > 0 and left < want:
             r.pexpire(index, want)
+
+    def keep(self, r: Redis, index: str, ident: str, expiry: int, now: int) -> None:
+        r.zadd(self.index(r, index), expiry, ident, gt=True)
+        self.stretch(r, index, now)
 
     def register(self, r: Redis, index: str, ident: str, expiry: int, now: int) -> None:
         """How READ and TAKE register a taken lease in a tag index (``keep``)."""
@@ -310,7 +313,7 @@ class CacheScripts:
         for index in keys[4:]:
             r.zremrangebyscore(self.index(r, index), now)
             r.zadd(index, now + life, argv[8])
-            self.keep(r, index, argv[8], now + life, now)
+            self.stretch(r, index, now)
 
     def put(self, r: Redis, keys: Sequence[str], argv: Sequence[str]) -> Reply:
         lost = self.put_holder(r, keys, argv)
