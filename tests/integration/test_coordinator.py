@@ -115,8 +115,11 @@ def test_same_generation_skips_new_generation_reruns(redis_url: str, workers: Wo
 
 
 def test_redis_restart_mid_job_completes_with_one_runner(workers: Workers) -> None:
+    """Waiters that find the lease gone after the restart give the leader a third of the TTL to re-create it at its
+    next renewal. With a 2 s TTL that head start (0.67 s) was shorter than a late renewal on a loaded CI machine
+    once: a waiter took over, the leader exited 3 (the takeover the protocol allows). 6 s gives it 2 s."""
     with RedisServer() as server:
-        workers.spawn(8, url=server.url, job="sleep:6", ttl=2.0, generation="restart")
+        workers.spawn(8, url=server.url, job="sleep:10", ttl=6.0, generation="restart")
         workers.wait_for("ran")
         time.sleep(0.5)
         server.restart()  # no persistence: the lease and the fencing counter are gone
